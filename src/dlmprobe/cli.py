@@ -1,0 +1,221 @@
+"""The ``dlmprobe`` command line.
+
+Bad input of any kind ends in a one-line ``dlmprobe <command>: error: …`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+EXIT_BAD_INPUT = 2
+
+
+class UsageError(Exception):
+    """Bad input detected by dlmprobe itself."""
+
+
+def _task_params(pairs: Sequence[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--task-param expects KEY=VALUE, got {pair!r}")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def _sampler(args: argparse.Namespace, kind: str):
+    from dlmprobe.sampling import AutoregressiveSamplerConfig, DiffusionSamplerConfig
+
+    if kind == "diffusion":
+        return DiffusionSamplerConfig(steps=args.steps, block_length=args.block_length,
+                                      temperature=args.temperature, order=args.order, seed=args.seed)
+    return AutoregressiveSamplerConfig(temperature=args.temperature, seed=args.seed)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dlmprobe.models import ModelConfig
+    from dlmprobe.training import TrainConfig, train
+    from dlmprobe.training.trainer import command_line
+
+    _set_threads(args.threads)
+    model = ModelConfig(task=args.task, kind=args.kind, task_params=_task_params(args.task_param),
+                        n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads,
+                        d_mlp=args.d_mlp, seed=args.seed)
+    config = TrainConfig(model, steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
+                         warmup=args.warmup, eval_every=args.eval_every, eval_n=args.eval_n,
+                         seed=args.seed, command=command_line())
+    out = args.out or f"runs/{args.task}-{args.kind}"
+    train(config, out, resume=args.resume, overwrite=args.overwrite)
+    print(f"checkpoint written to {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dlmprobe.models import load_model
+    from dlmprobe.sampling import evaluate
+
+    _set_threads(args.threads)
+    if args.n < 1:
+        raise UsageError(f"--n must be >= 1, got {args.n}")
+    ckpt = load_model(args.model)
+    start = time.perf_counter()
+    accuracy = evaluate(ckpt.model, ckpt.task, ckpt.kind, n=args.n, seed=args.seed,
+                        sampler=_sampler(args, ckpt.kind), progress=True)
+    result = {"model": args.model, "task": repr(ckpt.task), "kind": ckpt.kind, "n": args.n,
+              "seed": args.seed, "accuracy": accuracy, "seconds": round(time.perf_counter() - start, 1)}
+    print(json.dumps(result) if args.json else
+          f"{args.model}: exact-solve {accuracy:.3f} on {args.n} held-out {ckpt.task.name} puzzles")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from dlmprobe.models import load_model
+    from dlmprobe.sampling import generate, solved
+
+    if args.n < 1:
+        raise UsageError(f"--n must be >= 1, got {args.n}")
+    ckpt = load_model(args.model)
+    examples = ckpt.task.sample(args.n, split="eval", seed=args.seed)
+    trajectory = generate(ckpt.model, ckpt.task, examples, ckpt.kind, _sampler(args, ckpt.kind))
+    for i, (ex, ok) in enumerate(zip(examples, solved(ckpt.task, examples, trajectory))):
+        print(f"--- example {i} ({'solved' if ok else 'wrong'})")
+        print(ckpt.task.render(ex.prompt, trajectory.output[i].tolist()))
+        if args.trajectory:
+            order = trajectory.target_commit_step[i].tolist()
+            print("commit step of each target position:", order)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dlmprobe.models import load_model, shipped_checkpoints
+    from dlmprobe.sampling import evaluate
+
+    _set_threads(args.threads)
+    names = shipped_checkpoints()
+    if not names:
+        raise UsageError("no shipped checkpoints found in the installed package")
+    print(f"{'model':<28} {'params':>8} {'exact-solve':>12} {'n':>5}")
+    for name in names:
+        ckpt = load_model(name)
+        accuracy = evaluate(ckpt.model, ckpt.task, ckpt.kind, n=args.n, seed=args.seed, progress=True)
+        print(f"{name:<28} {ckpt.n_params:>8,} {accuracy:>12.3f} {args.n:>5}")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from dlmprobe.datasets import TASKS, get_task
+
+    for name in sorted(TASKS):
+        task = get_task(name)
+        ex = task.sample(1, split="eval", seed=args.seed)[0]
+        print(f"== {task!r}: prompt {task.prompt_length} tokens, target {task.target_length}, "
+              f"labels {list(ex.labels)}")
+        print(task.render(ex.prompt, ex.target))
+    return 0
+
+
+def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    from dlmprobe.sampling import ORDERS
+
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: one token per step)")
+    p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block length (default: whole target)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = argmax, else Gumbel noise")
+    p.add_argument("--order", choices=ORDERS, default="confidence", help="which masked tokens to commit first")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dlmprobe import __version__
+    from dlmprobe.datasets import TASKS
+    from dlmprobe.models import KINDS
+
+    parser = argparse.ArgumentParser(prog="dlmprobe", description="Probe kit for diffusion language models.")
+    parser.add_argument("--version", action="version", version=f"dlmprobe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the main job on the built-in default: evaluate every shipped model")
+    p.add_argument("--n", type=int, default=100, help="held-out puzzles per model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a diffusion denoiser or its autoregressive twin on a task")
+    p.add_argument("--task", choices=sorted(TASKS), required=True)
+    p.add_argument("--kind", choices=KINDS, required=True)
+    p.add_argument("--task-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="task option, e.g. size=6 or blanks=16 (repeatable)")
+    p.add_argument("--out", help="checkpoint folder (default runs/<task>-<kind>)")
+    p.add_argument("--train-steps", type=int, default=4000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-n", type=int, default=200)
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--d-mlp", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    mode.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="exact-solve rate of a model on held-out puzzles")
+    p.add_argument("model", help="shipped model name (e.g. arith-diffusion) or checkpoint folder")
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    _add_sampler_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="sample and print a few held-out puzzles")
+    p.add_argument("model")
+    p.add_argument("--n", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trajectory", action="store_true", help="also print the commit step of each position")
+    _add_sampler_args(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("tasks", help="show one example of every task")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tasks)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"dlmprobe {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"dlmprobe {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Multi-step modular arithmetic, evaluated left to right, every intermediate result written out.
+
+Prompt: ``a0 op1 a1 op2 a2 … opk ak`` with operands in ``0..modulus-1``. Target: ``r1 r2 … rk``
+with ``r1 = a0 op1 a1 (mod m)`` and ``ri = r(i-1) opi ai (mod m)``; ``rk`` is the answer. Labels:
+``answer`` (the last target token), ``intermediate`` (all the others) and ``step{i}`` (each result
+alone), so analyses can corrupt one intermediate result and watch the answer.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Sequence
+
+from dlmprobe.datasets.task import LabelSpan, Task, Vocab
+
+OPERATIONS = {
+    "+": lambda a, b, m: (a + b) % m,
+    "-": lambda a, b, m: (a - b) % m,
+    "*": lambda a, b, m: (a * b) % m,
+}
+
+
+class Arith(Task):
+    name = "arith"
+
+    def __init__(self, n_ops: int = 4, modulus: int = 10, ops: str = "+-*"):
+        if n_ops < 1:
+            raise ValueError(f"arith n_ops must be >= 1, got {n_ops!r}")
+        if modulus < 2:
+            raise ValueError(f"arith modulus must be >= 2, got {modulus!r}")
+        if not ops or any(o not in OPERATIONS for o in ops) or len(set(ops)) != len(ops):
+            raise ValueError(f"arith ops must be distinct characters of {''.join(OPERATIONS)!r}, got {ops!r}")
+        self.n_ops, self.modulus, self.ops = n_ops, modulus, ops
+        self.vocab = Vocab([str(v) for v in range(modulus)] + list(ops))
+        self._num_ids = [self.vocab.id(str(v)) for v in range(modulus)]
+
+    @property
+    def prompt_length(self) -> int:
+        return 2 * self.n_ops + 1
+
+    @property
+    def target_length(self) -> int:
+        return self.n_ops
+
+    def params(self) -> dict[str, Any]:
+        return {"n_ops": self.n_ops, "modulus": self.modulus, "ops": self.ops}
+
+    def evaluate(self, prompt: Sequence[int]) -> list[int]:
+        """The intermediate results and answer (as numbers) of a prompt."""
+        words = self.vocab.decode(prompt)
+        value, results = int(words[0]), []
+        for op, operand in zip(words[1::2], words[2::2]):
+            value = OPERATIONS[op](value, int(operand), self.modulus)
+            results.append(value)
+        return results
+
+    def _generate(self, rng: random.Random) -> tuple[list[int], list[int], dict[str, LabelSpan]]:
+        operands = [rng.randrange(self.modulus) for _ in range(self.n_ops + 1)]
+        ops = [rng.choice(self.ops) for _ in range(self.n_ops)]
+        prompt = [self._num_ids[operands[0]]]
+        for op, operand in zip(ops, operands[1:]):
+            prompt += [self.vocab.id(op), self._num_ids[operand]]
+        target = [self._num_ids[v] for v in self.evaluate(prompt)]
+        k = self.n_ops
+        labels = {
+            "answer": LabelSpan((k - 1,), (target[-1],)),
+            "intermediate": LabelSpan(tuple(range(k - 1)), tuple(target[:-1])),
+            **{f"step{i + 1}": LabelSpan((i,), (target[i],)) for i in range(k)},
+        }
+        return prompt, target, labels
+
+    def verify(self, prompt: Sequence[int], output: Sequence[int]) -> bool:
+        expected = [self._num_ids[v] for v in self.evaluate(prompt)]
+        return [int(t) for t in output] == expected
+
+    def render(self, prompt: Sequence[int], output: Sequence[int] | None = None) -> str:
+        text = " ".join(self.vocab.decode(prompt)) + f"  (mod {self.modulus})"
+        if output is not None:
+            text += "  =>  " + " ".join(self.vocab.decode(output))
+        return text

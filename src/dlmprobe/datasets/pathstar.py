@@ -1,0 +1,84 @@
+"""Path-star planning (Bachmann & Nagarajan 2024).
+
+A centre node has ``arms`` arms of ``arm_length`` nodes each, labelled with distinct random node
+names out of ``n_nodes``. The prompt is the shuffled list of directed edges (parent, child), then
+``/``, the start (the centre) and the goal (the end of one arm). The target is the path from start
+to goal. Its first step, the arm, depends only on the far-away goal: next-token training stays near
+``1/arms`` on it. Labels: ``arm`` (the first node after the centre) and ``path`` (every node after
+the centre).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Sequence
+
+from dlmprobe.datasets.task import LabelSpan, Task, Vocab
+
+
+class PathStar(Task):
+    name = "pathstar"
+
+    def __init__(self, arms: int = 3, arm_length: int = 4, n_nodes: int = 20):
+        if arms < 2:
+            raise ValueError(f"pathstar needs at least 2 arms, got {arms!r}")
+        if arm_length < 2:
+            raise ValueError(f"pathstar arm_length must be >= 2, got {arm_length!r}")
+        if n_nodes < arms * arm_length + 1:
+            raise ValueError(
+                f"pathstar n_nodes must be >= arms*arm_length+1 = {arms * arm_length + 1}, got {n_nodes!r}"
+            )
+        self.arms, self.arm_length, self.n_nodes = arms, arm_length, n_nodes
+        self.vocab = Vocab([f"n{i}" for i in range(n_nodes)] + ["/"])
+        self._node_ids = [self.vocab.id(f"n{i}") for i in range(n_nodes)]
+
+    @property
+    def prompt_length(self) -> int:
+        return 2 * self.arms * self.arm_length + 3
+
+    @property
+    def target_length(self) -> int:
+        return self.arm_length + 1
+
+    def params(self) -> dict[str, Any]:
+        return {"arms": self.arms, "arm_length": self.arm_length, "n_nodes": self.n_nodes}
+
+    def _generate(self, rng: random.Random) -> tuple[list[int], list[int], dict[str, LabelSpan]]:
+        nodes = rng.sample(self._node_ids, self.arms * self.arm_length + 1)
+        centre, rest = nodes[0], nodes[1:]
+        arms = [rest[a * self.arm_length : (a + 1) * self.arm_length] for a in range(self.arms)]
+        edges = [(([centre] + arm)[i], arm[i]) for arm in arms for i in range(self.arm_length)]
+        rng.shuffle(edges)
+        goal_arm = arms[rng.randrange(self.arms)]
+        prompt = [tok for edge in edges for tok in edge] + [self.vocab.id("/"), centre, goal_arm[-1]]
+        target = [centre] + goal_arm
+        labels = {
+            "arm": LabelSpan((1,), (goal_arm[0],)),
+            "path": LabelSpan(tuple(range(1, len(target))), tuple(goal_arm)),
+        }
+        return prompt, target, labels
+
+    def _edges(self, prompt: Sequence[int]) -> set[tuple[int, int]]:
+        flat = [int(t) for t in prompt[: 2 * self.arms * self.arm_length]]
+        return set(zip(flat[0::2], flat[1::2]))
+
+    def verify(self, prompt: Sequence[int], output: Sequence[int]) -> bool:
+        output = [int(t) for t in output]
+        if len(output) != self.target_length:
+            return False
+        start, goal = int(prompt[-2]), int(prompt[-1])
+        edges = self._edges(prompt)
+        return (
+            output[0] == start
+            and output[-1] == goal
+            and all((a, b) in edges for a, b in zip(output, output[1:]))
+        )
+
+    def render(self, prompt: Sequence[int], output: Sequence[int] | None = None) -> str:
+        words = self.vocab.decode(prompt)
+        n_edge_tokens = 2 * self.arms * self.arm_length
+        edges = " ".join(f"{a}>{b}" for a, b in zip(words[0:n_edge_tokens:2], words[1:n_edge_tokens:2]))
+        text = f"edges: {edges}\nstart: {words[-2]}  goal: {words[-1]}"
+        if output is not None:
+            text += "\npath:  " + " -> ".join(self.vocab.decode(output))
+        return text

@@ -1,0 +1,77 @@
+"""Configuration of dlmprobe's built-in models: one transformer, two attention directions.
+
+A diffusion denoiser (bidirectional attention, trained to unmask) and its autoregressive twin
+(causal attention, trained on next tokens) share every other field, so they have the same
+architecture and parameter count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+ModelKind = Literal["diffusion", "autoregressive"]
+KINDS: tuple[str, ...] = ("diffusion", "autoregressive")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and task of a built-in model.
+
+    ``d_vocab`` and ``n_ctx`` are derived from the task in ``__post_init__`` when left at 0.
+    """
+
+    task: str
+    kind: ModelKind = "diffusion"
+    task_params: dict[str, Any] = field(default_factory=dict)
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int = 512
+    d_vocab: int = 0
+    n_ctx: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"model kind must be one of {KINDS}, got {self.kind!r}")
+        for name in ("n_layers", "d_model", "n_heads", "d_mlp"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"model {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        task = self.build_task()
+        self.task_params = task.params()
+        if not self.d_vocab:
+            self.d_vocab = len(task.vocab)
+        if not self.n_ctx:
+            self.n_ctx = task.sequence_length
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def attention_dir(self) -> str:
+        return "bidirectional" if self.kind == "diffusion" else "causal"
+
+    def build_task(self):
+        from dlmprobe.datasets import get_task
+
+        return get_task(self.task, **self.task_params)
+
+    def twin(self) -> "ModelConfig":
+        """The same architecture with the other attention direction."""
+        other = "autoregressive" if self.kind == "diffusion" else "diffusion"
+        return ModelConfig.from_dict({**self.to_dict(), "kind": other})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+        return cls(**data)

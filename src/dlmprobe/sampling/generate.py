@@ -1,0 +1,100 @@
+"""Task-level sampling: examples in, a Trajectory out, whatever the model kind."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from dlmprobe.datasets import Example, Task
+from dlmprobe.sampling.autoregressive import AutoregressiveSamplerConfig, sample_autoregressive
+from dlmprobe.sampling.diffusion import DiffusionSamplerConfig, sample_diffusion
+from dlmprobe.sampling.trajectory import StepCallback, Trajectory
+
+SamplerConfig = DiffusionSamplerConfig | AutoregressiveSamplerConfig
+
+
+def default_sampler(kind: str) -> SamplerConfig:
+    """LLaDA-style pure diffusion (one token a step, max-probability order) or greedy decoding."""
+    return DiffusionSamplerConfig() if kind == "diffusion" else AutoregressiveSamplerConfig()
+
+
+def prefixes(task: Task, examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``<bos> prompt <sep>`` and ``<eos>`` of every example, as (batch, len) id tensors."""
+    vocab = task.vocab
+    lengths = {len(ex.prompt) for ex in examples}
+    if len(lengths) > 1:
+        raise ValueError(f"all prompts in a batch must have the same length, got lengths {sorted(lengths)}")
+    prefix = torch.tensor([[vocab.bos_id, *ex.prompt, vocab.sep_id] for ex in examples], dtype=torch.long)
+    suffix = torch.full((len(examples), 1), vocab.eos_id, dtype=torch.long)
+    return prefix, suffix
+
+
+def check_context(task: Task, n_ctx: int, prompt_length: int) -> None:
+    needed = prompt_length + task.target_length + 3
+    if needed > n_ctx:
+        raise ValueError(
+            f"prompt of {prompt_length} tokens plus a target of {task.target_length} needs a context of "
+            f"{needed} tokens; the model's context is {n_ctx}"
+        )
+
+
+def generate(
+    model: torch.nn.Module,
+    task: Task,
+    examples: Sequence[Example],
+    kind: str,
+    sampler: SamplerConfig | None = None,
+    batch_size: int = 256,
+    callback: StepCallback | None = None,
+    progress: bool = False,
+) -> Trajectory:
+    """Sample a target for every example with ``model`` (a diffusion or autoregressive model).
+
+    ``callback`` sees the canvas of the current batch only, as (batch, pos).
+    """
+    if not examples:
+        raise ValueError("no examples to sample")
+    sampler = sampler or default_sampler(kind)
+    expected = DiffusionSamplerConfig if kind == "diffusion" else AutoregressiveSamplerConfig
+    if not isinstance(sampler, expected):
+        raise ValueError(f"a {kind} model needs a {expected.__name__}, got {type(sampler).__name__}")
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if n_ctx is not None:
+        check_context(task, n_ctx, max(len(ex.prompt) for ex in examples))
+    was_training = model.training
+    model.eval()
+    parts = []
+    try:
+        starts = range(0, len(examples), batch_size)
+        for start in tqdm(starts, desc=f"sampling {task.name}", disable=not progress, unit="batch"):
+            prefix, suffix = prefixes(task, examples[start : start + batch_size])
+            if kind == "diffusion":
+                parts.append(sample_diffusion(model, prefix, task.target_length, task.vocab.mask_id, sampler, suffix, callback))
+            else:
+                parts.append(sample_autoregressive(model, prefix, task.target_length, task.vocab.mask_id, sampler, suffix, callback))
+    finally:
+        model.train(was_training)
+    return Trajectory.concat(parts)
+
+
+def solved(task: Task, examples: Sequence[Example], trajectory: Trajectory) -> list[bool]:
+    """Whether each sampled output is a correct solution, by the task's verifier."""
+    return [task.verify(ex.prompt, out.tolist()) for ex, out in zip(examples, trajectory.output)]
+
+
+def evaluate(
+    model: torch.nn.Module,
+    task: Task,
+    kind: str,
+    n: int = 500,
+    seed: int = 0,
+    sampler: SamplerConfig | None = None,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> float:
+    """Exact-solve rate on ``n`` held-out puzzles (the eval split) with the given sampler."""
+    examples = task.sample(n, split="eval", seed=seed)
+    trajectory = generate(model, task, examples, kind, sampler, batch_size, progress=progress)
+    return sum(solved(task, examples, trajectory)) / n
