@@ -19,6 +19,13 @@ class UsageError(Exception):
     """Bad input detected by dlmprobe itself."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump), still exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _task_params(pairs: Sequence[str]) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for pair in pairs:
@@ -50,6 +57,17 @@ def _sampler(args: argparse.Namespace, kind: str):
     return AutoregressiveSamplerConfig(temperature=args.temperature, seed=args.seed)
 
 
+def _load(args: argparse.Namespace):
+    """The checkpoint named on the command line, with its task's options overridden by --task-param."""
+    from dlmprobe.datasets import get_task
+    from dlmprobe.models import load_model
+
+    ckpt = load_model(args.model)
+    if args.task_param:
+        ckpt.task = get_task(ckpt.config.task, **{**ckpt.task.params(), **_task_params(args.task_param)})
+    return ckpt
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from dlmprobe.models import ModelConfig
     from dlmprobe.training import TrainConfig, train
@@ -69,13 +87,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dlmprobe.models import load_model
     from dlmprobe.sampling import evaluate
 
     _set_threads(args.threads)
     if args.n < 1:
         raise UsageError(f"--n must be >= 1, got {args.n}")
-    ckpt = load_model(args.model)
+    ckpt = _load(args)
     start = time.perf_counter()
     accuracy = evaluate(ckpt.model, ckpt.task, ckpt.kind, n=args.n, seed=args.seed,
                         sampler=_sampler(args, ckpt.kind), progress=True)
@@ -87,12 +104,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from dlmprobe.models import load_model
     from dlmprobe.sampling import generate, solved
 
     if args.n < 1:
         raise UsageError(f"--n must be >= 1, got {args.n}")
-    ckpt = load_model(args.model)
+    ckpt = _load(args)
     examples = ckpt.task.sample(args.n, split="eval", seed=args.seed)
     trajectory = generate(ckpt.model, ckpt.task, examples, ckpt.kind, _sampler(args, ckpt.kind))
     for i, (ex, ok) in enumerate(zip(examples, solved(ckpt.task, examples, trajectory))):
@@ -139,6 +155,8 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block length (default: whole target)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = argmax, else Gumbel noise")
     p.add_argument("--order", choices=ORDERS, default="confidence", help="which masked tokens to commit first")
+    p.add_argument("--task-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="evaluate on a variant of the model's task, e.g. blanks=24 (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dlmprobe.datasets import TASKS
     from dlmprobe.models import KINDS
 
-    parser = argparse.ArgumentParser(prog="dlmprobe", description="Probe kit for diffusion language models.")
+    parser = _Parser(prog="dlmprobe", description="Probe kit for diffusion language models.")
     parser.add_argument("--version", action="version", version=f"dlmprobe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

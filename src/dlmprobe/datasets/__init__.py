@@ -6,6 +6,7 @@ from typing import Any
 
 from dlmprobe.datasets.arith import Arith
 from dlmprobe.datasets.pathstar import PathStar
+from dlmprobe.datasets.store import ActivationDataset, ActivationWriter, StoreError, bytes_needed, merge_shards
 from dlmprobe.datasets.sudoku import Sudoku
 from dlmprobe.datasets.task import Example, LabelSpan, Task, Vocab, split_of
 
@@ -23,3 +24,4 @@ def get_task(name: str, **params: Any) -> Task:
 
 
 __all__ = ["TASKS", "Arith", "Example", "LabelSpan", "PathStar", "Sudoku", "Task", "Vocab", "get_task", "split_of"]
+__all__ += ["ActivationDataset", "ActivationWriter", "StoreError", "bytes_needed", "merge_shards"]

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from dlmprobe.datasets.task import LabelSpan, Task, Vocab
 
 BOX_SHAPES = {4: (2, 2), 6: (2, 3), 9: (3, 3)}
-DEFAULT_BLANKS = {4: 8, 6: 16, 9: 45}
+DEFAULT_BLANKS = {4: 8, 6: 20, 9: 45}
 
 
 def _peers(size: int, box_rows: int, box_cols: int) -> list[list[int]]:

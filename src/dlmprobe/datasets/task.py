@@ -171,7 +171,7 @@ class Task(ABC):
         while len(examples) < n:
             attempts += 1
             if attempts > 1000 * (n + 10):
-                raise RuntimeError(
+                raise ValueError(
                     f"{self.name}: could only find {len(examples)} distinct {split} puzzles of "
                     f"{n} requested with {self.params()}; the configuration has too few puzzles"
                 )

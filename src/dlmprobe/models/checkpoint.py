@@ -165,7 +165,9 @@ def load_native(name_or_path: str | Path) -> tuple[NativeModel, ModelConfig, dic
 def load_model(name_or_path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Load a shipped model by name (``arith-diffusion``) or a checkpoint folder, as a TransformerBridge."""
     module, config, info, path = load_native(name_or_path)
-    bridge = to_bridge(module, config).to(device)
+    bridge = to_bridge(module, config)
+    if torch.device(device) != torch.device("cpu"):
+        bridge = bridge.to(device)
     return Checkpoint(bridge, config, config.build_task(), path, info)
 
 

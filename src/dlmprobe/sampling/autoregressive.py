@@ -52,13 +52,14 @@ def sample_autoregressive(
     length = canvas.shape[1]
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
 
-    canvases = [canvas.cpu()]
+    canvases = [canvas.to("cpu", copy=True)]
     predictions = torch.full((batch, gen_length, length), -1, dtype=torch.long)
     confidence = torch.full((batch, gen_length, length), float("nan"), dtype=torch.float32)
     commit_step = torch.full((batch, length), NOT_COMMITTED, dtype=torch.long)
     for step in range(gen_length):
         pos = gen_start + step
         logits = model(canvas[:, :pos])[:, -1].float()  # the last written position predicts `pos`
+        logits[:, mask_id] = float("-inf")
         probs_max, argmax = F.softmax(logits, dim=-1).max(dim=-1)
         predictions[:, step, pos], confidence[:, step, pos] = argmax.cpu(), probs_max.cpu()
         if config.temperature > 0:
@@ -72,5 +73,5 @@ def sample_autoregressive(
             edited = callback(step, canvas.clone())
             if edited is not None:
                 canvas = edited.to(device)
-        canvases.append(canvas.cpu())
+        canvases.append(canvas.to("cpu", copy=True))
     return Trajectory(torch.stack(canvases, dim=1), predictions, confidence, commit_step, gen_start, gen_length)

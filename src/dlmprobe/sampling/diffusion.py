@@ -76,7 +76,7 @@ def tokens_per_step(n_masked: int, steps: int) -> list[int]:
 
 
 def _scores(logits: Tensor, chosen: Tensor, order: str, generator: torch.Generator) -> Tensor:
-    probs = F.softmax(logits.float(), dim=-1)
+    probs = F.softmax(logits, dim=-1)
     if order == "confidence":
         return probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
     if order == "margin":
@@ -114,20 +114,21 @@ def sample_diffusion(
     budget = tokens_per_step(block_length, steps_per_block)
     rows = torch.arange(batch, device=device)
 
-    canvases = [canvas.cpu()]
+    canvases = [canvas.to("cpu", copy=True)]
     predictions = torch.empty((batch, steps, length), dtype=torch.long)
     confidence = torch.empty((batch, steps, length), dtype=torch.float32)
     commit_step = torch.full((batch, length), NOT_COMMITTED, dtype=torch.long)
     for step in range(steps):
         block, step_in_block = divmod(step, steps_per_block)
         block_start = gen_start + block * block_length
-        logits = model(canvas)  # (batch, pos, vocab)
-        probs_max, argmax = F.softmax(logits.float(), dim=-1).max(dim=-1)
+        logits = model(canvas).float()  # (batch, pos, vocab)
+        logits[..., mask_id] = float("-inf")  # committing <mask> would leave the position masked
+        probs_max, argmax = F.softmax(logits, dim=-1).max(dim=-1)
         predictions[:, step], confidence[:, step] = argmax.cpu(), probs_max.cpu()
         if config.temperature > 0:
             uniform = torch.rand(logits.shape, generator=generator).to(device)
             gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0)))
-            chosen = (logits.float() / config.temperature + gumbel).argmax(-1)
+            chosen = (logits / config.temperature + gumbel).argmax(-1)
         else:
             chosen = argmax
         masked = canvas == mask_id
@@ -151,5 +152,5 @@ def sample_diffusion(
                 canvas = edited.to(device)
                 # Remasked positions are uncommitted again.
                 commit_step[(canvas == mask_id).cpu()] = NOT_COMMITTED
-        canvases.append(canvas.cpu())
+        canvases.append(canvas.to("cpu", copy=True))
     return Trajectory(torch.stack(canvases, dim=1), predictions, confidence, commit_step, gen_start, gen_length)

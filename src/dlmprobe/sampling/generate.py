@@ -60,6 +60,8 @@ def generate(
     expected = DiffusionSamplerConfig if kind == "diffusion" else AutoregressiveSamplerConfig
     if not isinstance(sampler, expected):
         raise ValueError(f"a {kind} model needs a {expected.__name__}, got {type(sampler).__name__}")
+    if isinstance(sampler, DiffusionSamplerConfig):
+        sampler.resolve(task.target_length)  # refuse a bad schedule before any work starts
     n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
     if n_ctx is not None:
         check_context(task, n_ctx, max(len(ex.prompt) for ex in examples))

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+
+from dlmprobe.models import ModelConfig, load_model, random_model, save_checkpoint, build_native
+
+
+def test_twins_share_architecture_and_parameter_count(tiny_config):
+    diffusion, autoregressive = random_model(tiny_config), random_model(tiny_config.twin())
+    assert diffusion.config.attention_dir == "bidirectional"
+    assert autoregressive.config.attention_dir == "causal"
+    assert diffusion.n_params == autoregressive.n_params
+    assert ModelConfig.from_dict(tiny_config.to_dict()) == tiny_config
+
+
+def _later_token_changes_earlier_logits(checkpoint) -> bool:
+    task = checkpoint.task
+    seq = torch.tensor([task.sample(1, "eval")[0].sequence(task.vocab)])
+    edited = seq.clone()
+    edited[0, -2] = (edited[0, -2] + 1) % len(task.vocab)
+    with torch.no_grad():
+        a, b = checkpoint.model(seq), checkpoint.model(edited)
+    return not torch.allclose(a[0, :-2], b[0, :-2])
+
+
+def test_diffusion_attends_forward_and_the_twin_does_not(tiny_config):
+    assert _later_token_changes_earlier_logits(random_model(tiny_config))
+    assert not _later_token_changes_earlier_logits(random_model(tiny_config.twin()))
+
+
+def test_models_speak_transformer_lens_hook_names(tiny_config):
+    model = random_model(tiny_config).model
+    tokens = torch.tensor([tiny_config.build_task().sample(1, "eval")[0].sequence(tiny_config.build_task().vocab)])
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_post"))
+    assert sorted(cache.keys()) == [f"blocks.{i}.hook_resid_post" for i in range(tiny_config.n_layers)]
+    assert cache["blocks.0.hook_resid_post"].shape == (1, tokens.shape[1], tiny_config.d_model)
+
+
+def test_checkpoint_round_trip_is_safetensors_and_json(tiny_config, tmp_path):
+    native = build_native(tiny_config)
+    save_checkpoint(native, tiny_config, tmp_path / "ckpt", info={"note": "test"})
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = load_model(tmp_path / "ckpt")
+    tokens = torch.randint(5, len(loaded.task.vocab), (2, tiny_config.n_ctx))
+    with torch.no_grad():
+        assert torch.allclose(native(tokens), loaded.model(tokens), atol=1e-5)
+    assert loaded.info == {"note": "test"}
+    assert len(loaded.weights_sha256) == 64
+
+
+def test_bad_checkpoints_are_clear_errors(tiny_config, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_model(tmp_path / "missing")
+    save_checkpoint(build_native(tiny_config), tiny_config, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot load weights"):
+        load_model(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model": {"task": "arith", "colour": 1}}))
+    with pytest.raises(ValueError, match="unknown model config fields"):
+        load_model(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("field,value,message", [("kind", "gan", "kind must be"), ("n_heads", 3, "divisible")])
+def test_bad_model_config(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(task="arith", **{field: value})

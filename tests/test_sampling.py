@@ -1,0 +1,175 @@
+import pytest
+import torch
+
+from dlmprobe.models import random_model
+from dlmprobe.sampling import (
+    NOT_COMMITTED,
+    AutoregressiveSamplerConfig,
+    DiffusionSamplerConfig,
+    generate,
+    sample_diffusion,
+    tokens_per_step,
+)
+
+
+@pytest.fixture
+def diffusion(tiny_config):
+    return random_model(tiny_config)
+
+
+@pytest.fixture
+def autoregressive(tiny_config):
+    return random_model(tiny_config.twin())
+
+
+def test_budget_is_even_with_remainder_first():
+    assert tokens_per_step(10, 4) == [3, 3, 2, 2]
+    assert tokens_per_step(4, 4) == [1, 1, 1, 1]
+    assert sum(tokens_per_step(37, 5)) == 37
+
+
+def _check_trajectory(tr, mask_id):
+    gen = tr.gen_slice
+    assert (tr.canvases[:, 0, gen] == mask_id).all()
+    assert (tr.canvases[:, -1, gen] != mask_id).all()
+    # A committed token never changes afterwards.
+    for s in range(tr.n_steps):
+        before, after = tr.canvases[:, s], tr.canvases[:, s + 1]
+        committed = before != mask_id
+        assert torch.equal(before[committed], after[committed])
+    # commit_step agrees with the canvases.
+    steps = tr.target_commit_step
+    assert (steps >= 0).all()
+    for s in range(tr.n_steps):
+        newly = (tr.canvases[:, s, gen] == mask_id) & (tr.canvases[:, s + 1, gen] != mask_id)
+        assert torch.equal(newly, steps == s)
+    assert (tr.commit_step[:, : tr.gen_start] == NOT_COMMITTED).all()
+
+
+@pytest.mark.parametrize("order", ["confidence", "margin", "entropy", "random"])
+def test_diffusion_commits_every_token_once_and_keeps_it(diffusion, order):
+    task = diffusion.task
+    exs = task.sample(6, "eval")
+    tr = generate(diffusion.model, task, exs, "diffusion", DiffusionSamplerConfig(order=order))
+    assert tr.n_steps == task.target_length
+    assert tr.canvases.shape == (6, task.target_length + 1, task.sequence_length)
+    _check_trajectory(tr, task.vocab.mask_id)
+    # One token per step with the default budget.
+    assert all(sorted(row.tolist()) == list(range(task.target_length)) for row in tr.target_commit_step)
+    # Predictions and confidences are recorded for every position at every step.
+    assert (tr.confidence > 0).all() and (tr.confidence <= 1).all()
+
+
+def test_confidence_order_commits_the_most_confident_position(diffusion):
+    task = diffusion.task
+    tr = generate(diffusion.model, task, task.sample(4, "eval"), "diffusion")
+    gen = tr.gen_slice
+    for s in range(tr.n_steps):
+        conf = tr.confidence[:, s, gen].clone()
+        conf[tr.canvases[:, s, gen] != task.vocab.mask_id] = -1
+        chosen = (tr.target_commit_step == s).float().argmax(-1)
+        assert torch.equal(chosen, conf.argmax(-1))
+
+
+def test_blocks_are_filled_left_to_right(diffusion):
+    task = diffusion.task  # 3 target tokens: use one-token blocks
+    config = DiffusionSamplerConfig(steps=3, block_length=1)
+    tr = generate(diffusion.model, task, task.sample(5, "eval"), "diffusion", config)
+    assert (tr.target_commit_step == torch.arange(3)).all()
+
+
+def test_several_tokens_per_step(diffusion):
+    task = diffusion.task
+    config = DiffusionSamplerConfig(steps=2)
+    tr = generate(diffusion.model, task, task.sample(5, "eval"), "diffusion", config)
+    counts = [(tr.target_commit_step == s).sum(-1).tolist() for s in range(2)]
+    assert counts == [[2] * 5, [1] * 5]
+
+
+@pytest.mark.parametrize(
+    "steps,block_length,message",
+    [(3, 2, "block_length must divide"), (2, 1, "multiple of the number of blocks"), (4, None, "exceeds block_length")],
+)
+def test_bad_schedules_are_refused(diffusion, steps, block_length, message):
+    task = diffusion.task
+    with pytest.raises(ValueError, match=message):
+        generate(diffusion.model, task, task.sample(2, "eval"), "diffusion",
+                 DiffusionSamplerConfig(steps=steps, block_length=block_length))
+
+
+def test_temperature_sampling_is_seeded(diffusion):
+    task = diffusion.task
+    exs = task.sample(16, "eval")
+    a = generate(diffusion.model, task, exs, "diffusion", DiffusionSamplerConfig(temperature=1.0, seed=1))
+    b = generate(diffusion.model, task, exs, "diffusion", DiffusionSamplerConfig(temperature=1.0, seed=1))
+    c = generate(diffusion.model, task, exs, "diffusion", DiffusionSamplerConfig(temperature=1.0, seed=2))
+    assert torch.equal(a.canvases, b.canvases)
+    assert not torch.equal(a.canvases, c.canvases)
+
+
+def test_batched_equals_one_by_one(diffusion):
+    task = diffusion.task
+    exs = task.sample(5, "eval")
+    whole = generate(diffusion.model, task, exs, "diffusion")
+    single = generate(diffusion.model, task, exs, "diffusion", batch_size=1)
+    assert torch.equal(whole.canvases, single.canvases)
+    assert torch.allclose(whole.confidence, single.confidence, atol=1e-5)
+
+
+def test_callback_can_remask_and_the_sampler_refills(diffusion):
+    task = diffusion.task
+    mask = task.vocab.mask_id
+    seen = []
+
+    def remask_first_commit(step, canvas):
+        seen.append(step)
+        if step == 0:
+            canvas[:, task.target_start : task.target_start + task.target_length] = mask
+            return canvas
+        return None
+
+    tr = generate(diffusion.model, task, task.sample(3, "eval"), "diffusion", callback=remask_first_commit)
+    assert seen == [0, 1, 2]
+    assert (tr.canvases[:, 1, tr.gen_slice] == mask).all()
+    assert (tr.canvases[:, -1, tr.gen_slice] != mask).all()  # the last step commits what is left
+
+
+def test_autoregressive_writes_left_to_right(autoregressive):
+    task = autoregressive.task
+    tr = generate(autoregressive.model, task, task.sample(4, "eval"), "autoregressive")
+    assert (tr.target_commit_step == torch.arange(task.target_length)).all()
+    _check_trajectory(tr, task.vocab.mask_id)
+    # Only the written position carries a prediction at each step.
+    written = tr.predictions[:, :, tr.gen_slice] >= 0
+    assert torch.equal(written, torch.eye(task.target_length, dtype=torch.bool).expand(4, -1, -1))
+    assert torch.equal(tr.predictions[:, :, tr.gen_slice].diagonal(dim1=1, dim2=2), tr.output)
+
+
+def test_autoregressive_greedy_matches_full_sequence_argmax(autoregressive):
+    task = autoregressive.task
+    tr = generate(autoregressive.model, task, task.sample(4, "eval"), "autoregressive")
+    logits = autoregressive.model(tr.canvases[:, -1])
+    logits[..., task.vocab.mask_id] = float("-inf")  # the sampler never writes <mask>
+    expected = logits[:, task.target_start - 1 : task.target_start + task.target_length - 1].argmax(-1)
+    assert torch.equal(expected, tr.output)
+
+
+def test_kind_and_sampler_must_match(diffusion):
+    with pytest.raises(ValueError, match="needs a AutoregressiveSamplerConfig"):
+        generate(diffusion.model, diffusion.task, diffusion.task.sample(1, "eval"), "autoregressive",
+                 DiffusionSamplerConfig())
+
+
+def test_prompt_longer_than_context_is_refused(diffusion):
+    from dlmprobe.datasets import get_task
+
+    longer = get_task("arith", n_ops=8)
+    with pytest.raises(ValueError, match="the model's context is"):
+        generate(diffusion.model, longer, longer.sample(1, "eval"), "diffusion")
+
+
+def test_low_level_sampler_accepts_raw_prefixes(diffusion):
+    prefix = torch.tensor([[1, 5, 6, 2]])
+    tr = sample_diffusion(diffusion.model, prefix, 3, 4, DiffusionSamplerConfig())
+    assert tr.canvases.shape == (1, 4, 7)
+    assert AutoregressiveSamplerConfig().temperature == 0

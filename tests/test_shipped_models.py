@@ -1,0 +1,41 @@
+"""Every shipped checkpoint still solves its task as well as the model card says.
+
+Re-measured on a fresh sample of held-out puzzles (a different seed from the card's).
+"""
+
+import json
+
+import pytest
+
+from dlmprobe.models import CHECKPOINT_DIR, load_model, shipped_checkpoints
+from dlmprobe.sampling import evaluate
+
+CARD = CHECKPOINT_DIR / "model_card.json"
+CARDS = json.loads(CARD.read_text()) if CARD.exists() else []
+TOLERANCE = 0.03
+N_FRESH = 1000
+
+
+def test_every_shipped_checkpoint_is_on_the_card():
+    assert shipped_checkpoints(), "no shipped checkpoints"
+    assert sorted(c["name"] for c in CARDS) == shipped_checkpoints()
+
+
+def test_checkpoints_fit_the_size_budget():
+    total = sum(p.stat().st_size for p in CHECKPOINT_DIR.glob("*/model.safetensors"))
+    assert total < 30e6, f"shipped checkpoints take {total / 1e6:.1f} MB"
+
+
+@pytest.mark.parametrize("card", CARDS, ids=[c["name"] for c in CARDS])
+def test_recorded_accuracy_reproduces(card):
+    ckpt = load_model(card["name"])
+    assert ckpt.weights_sha256 == card["weights_sha256"], "weights changed since the card was written"
+    accuracy = evaluate(ckpt.model, ckpt.task, ckpt.kind, n=N_FRESH, seed=card["eval_seed"] + 1)
+    assert abs(accuracy - card["accuracy"]) <= TOLERANCE, (accuracy, card["accuracy"])
+
+
+@pytest.mark.parametrize("task", sorted({c["task"] for c in CARDS}))
+def test_diffusion_models_meet_their_targets(task):
+    target = {"sudoku": 0.90, "pathstar": 0.95, "arith": 0.95}[task]
+    card = next(c for c in CARDS if c["task"] == task and c["kind"] == "diffusion")
+    assert card["accuracy"] >= target, f"{card['name']} reaches {card['accuracy']:.1%}, target {target:.0%}"
