@@ -136,6 +136,82 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_steps(text: str):
+    if text == "all":
+        return "all"
+    if text.startswith("every:"):
+        return int(text.split(":", 1)[1])
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--record-steps expects 'all', 'every:K' or a comma-separated list of steps, got {text!r}") from None
+
+
+def _parse_shard(text: str | None):
+    if text is None:
+        return None
+    i, sep, n = text.partition("/")
+    if not sep or not i.isdigit() or not n.isdigit():
+        raise UsageError(f"--shard expects i/n (e.g. 0/4), got {text!r}")
+    return int(i), int(n)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from dlmprobe.capture import CacheConfig, plan_cache, run_cache
+
+    _set_threads(args.threads)
+    sampler = {k: v for k, v in {"steps": args.steps, "block_length": args.block_length, "order": args.order,
+                                 "temperature": args.temperature, "seed": args.seed}.items() if v is not None}
+    config = CacheConfig(
+        model=args.model, n=args.n, split=args.split, seed=args.seed, sites=args.sites,
+        steps=_parse_steps(args.record_steps), positions=args.positions, sampler=sampler,
+        task_params=_task_params(args.task_param), dtype=args.dtype, batch_size=args.batch_size,
+        shard=_parse_shard(args.shard),
+    )
+    out = Path(args.out)
+    if out.exists() and not (args.resume or args.overwrite):
+        raise UsageError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it")
+    plan = plan_cache(config)
+    if args.task and args.task != plan.task.name:
+        raise UsageError(f"--task {args.task} does not match the model, which was trained on {plan.task.name}")
+    if plan.checkpoint.kind != "diffusion":
+        for flag in ("steps", "block_length", "order"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag.replace('_', '-')} is for diffusion models; {args.model} is autoregressive")
+    print(plan.describe())
+    start = time.perf_counter()
+    run_cache(config, out, overwrite=args.overwrite, resume=args.resume, plan=plan)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:,.1f} MiB) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from dlmprobe.datasets.store import ActivationDataset, merge_shards
+
+    merge_shards(args.shards, args.out, overwrite=args.overwrite)
+    with ActivationDataset(args.out) as data:
+        print(f"merged {len(args.shards)} shards into {args.out}: {data.n_examples} examples")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from dlmprobe.datasets.store import ActivationDataset
+
+    with ActivationDataset(args.path) as data:
+        config = data.config
+        complete = data.n_examples
+        planned = data._file.attrs["n_examples"]
+        print(f"{args.path}: {complete}/{planned} examples complete, solved {data.solved.mean():.1%}")
+        print(f"model {config['model']['name']} ({config['model']['kind']}), task {config['task']['name']} "
+              f"{config['task']['params']}, sampler {config['sampler']}")
+        print(f"steps {data.steps.tolist()}")
+        print(f"positions ({config['position_rule']}) {data.positions.tolist()}")
+        print(f"labels {data.label_names}")
+        for site in data.sites:
+            print(f"  {site}: {data._file['activations'][site].shape} {data._file['activations'][site].dtype}")
+    return 0
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from dlmprobe.datasets import TASKS, get_task
 
@@ -214,6 +290,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler_args(p)
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("cache", help="sample with hooks attached and stream every step's activations to HDF5")
+    p.add_argument("--model", required=True, help="shipped model name or checkpoint folder")
+    p.add_argument("--task", choices=sorted(TASKS), help="check that the model was trained on this task")
+    p.add_argument("--n", type=int, default=256, help="number of puzzles")
+    p.add_argument("--split", choices=("train", "eval"), default="eval")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sites", nargs="+", default=["blocks.*.hook_resid_post"],
+                   help="TransformerLens hook names or globs (default: every layer's residual stream)")
+    p.add_argument("--record-steps", default="all", help="'all', 'every:K' or a list such as 0,4,8")
+    p.add_argument("--positions", choices=("all", "target", "masked", "answer", "last_prompt"), default="target")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: one token per step)")
+    p.add_argument("--block-length", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--order", choices=("confidence", "margin", "entropy", "random"), default=None)
+    p.add_argument("--task-param", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard", help="i/n: write the i-th of n slices of the examples (merge them with dlmprobe merge)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", required=True, help="the HDF5 file to write")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("merge", help="join shard files into one HDF5 virtual dataset")
+    p.add_argument("shards", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("info", help="describe an activation dataset")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_info)
+
     p = sub.add_parser("tasks", help="show one example of every task")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tasks)
@@ -226,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (UsageError, ValueError, FileNotFoundError, FileExistsError) as err:
+    except (UsageError, ValueError, OSError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"dlmprobe {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT

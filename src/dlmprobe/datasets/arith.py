@@ -22,6 +22,7 @@ OPERATIONS = {
 
 class Arith(Task):
     name = "arith"
+    answer_label = "answer"
 
     def __init__(self, n_ops: int = 4, modulus: int = 10, ops: str = "+-*"):
         if n_ops < 1:

@@ -18,6 +18,7 @@ from dlmprobe.datasets.task import LabelSpan, Task, Vocab
 
 class PathStar(Task):
     name = "pathstar"
+    answer_label = "arm"
 
     def __init__(self, arms: int = 3, arm_length: int = 4, n_nodes: int = 20):
         if arms < 2:

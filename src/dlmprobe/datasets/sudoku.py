@@ -67,6 +67,7 @@ class Sudoku(Task):
     """Sudoku of side ``size`` (4, 6 or 9) with ``blanks`` empty cells and a unique solution."""
 
     name = "sudoku"
+    answer_label = "cell"
 
     def __init__(self, size: int = 6, blanks: int | None = None):
         if size not in BOX_SHAPES:

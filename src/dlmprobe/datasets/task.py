@@ -115,6 +115,8 @@ class Task(ABC):
     """
 
     name: str = ""
+    # The label that holds "the answer" (what a planning probe decodes first).
+    answer_label: str = ""
     vocab: Vocab
 
     @property
@@ -152,6 +154,10 @@ class Task(ABC):
     @abstractmethod
     def render(self, prompt: Sequence[int], output: Sequence[int] | None = None) -> str:
         """A human-readable picture of a puzzle and, if given, an output."""
+
+    def answer_positions(self) -> tuple[int, ...]:
+        """Target-relative positions of the answer label (the same for every example)."""
+        return self.sample(1, split="eval", seed=0)[0].labels[self.answer_label].positions
 
     def label_names(self) -> list[str]:
         """Names of the probe labels every example of this task carries."""

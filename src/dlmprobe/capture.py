@@ -1,0 +1,306 @@
+"""Build an HDF5 activation dataset: sample a model with hooks attached, stream every step to disk.
+
+This is the stage that joins sampling (+ hooks) to the HDF5 store. For a diffusion model the
+activations of every denoising step are recorded while it samples (they exist nowhere else). For an
+autoregressive model the activation at a position never changes once computed, so one forward pass
+over the final sequence is exact: stored step ``s`` holds the positions the model had computed
+before writing position ``gen_start + s`` (``pos < gen_start + s``) and NaN at the others, on the
+same schema.
+
+Example:
+    >>> config = CacheConfig(model="arith-diffusion", n=256, sites=["blocks.*.hook_resid_post"])
+    >>> print(config.describe())
+    >>> run_cache(config, "runs/arith.h5")
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dlmprobe import __version__
+from dlmprobe.datasets import Example, Task, get_task
+from dlmprobe.datasets.store import ActivationWriter, bytes_needed
+from dlmprobe.hooks import ActivationRecorder, firing_hook_names, resolve_sites
+from dlmprobe.models import Checkpoint, load_model
+from dlmprobe.sampling import AutoregressiveSamplerConfig, DiffusionSamplerConfig, Trajectory, generate, solved
+
+PositionRule = Literal["all", "target", "masked", "answer", "last_prompt"]
+POSITION_RULES: tuple[str, ...] = ("all", "target", "masked", "answer", "last_prompt")
+
+
+@dataclass
+class CacheConfig:
+    """One ``dlmprobe cache`` job.
+
+    Args:
+        model: shipped model name or checkpoint folder.
+        n: examples (puzzles of ``split``, drawn with ``seed``).
+        sites: TransformerLens hook names or globs.
+        steps: denoising steps to record: ``"all"``, every k-th (an int) or a list of indices.
+        positions: ``all`` canvas positions; the ``target`` region; ``masked``: the target region,
+            and readers keep rows still masked at each step (``only_masked``); ``answer``: the task's
+            answer label positions; ``last_prompt``: the ``<sep>`` token just before the target.
+        sampler: sampler options (``steps``, ``block_length``, ``temperature``, ``order``, ``seed``).
+        task_params: overrides of the model's task options (evaluate a variant).
+        shard: ``(i, n)`` writes the i-th of n contiguous slices of the examples.
+    """
+
+    model: str
+    n: int = 256
+    split: str = "eval"
+    seed: int = 0
+    sites: list[str] = field(default_factory=lambda: ["blocks.*.hook_resid_post"])
+    steps: str | int | list[int] = "all"
+    positions: PositionRule = "target"
+    sampler: dict[str, Any] = field(default_factory=dict)
+    task_params: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float16"
+    batch_size: int = 64
+    shard: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.positions not in POSITION_RULES:
+            raise ValueError(f"positions must be one of {POSITION_RULES}, got {self.positions!r}")
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        if self.shard is not None:
+            i, k = self.shard
+            if not 0 <= i < k:
+                raise ValueError(f"shard must be i/n with 0 <= i < n, got {i}/{k}")
+            if k > self.n:
+                raise ValueError(f"cannot split {self.n} examples into {k} shards")
+            self.shard = (int(i), int(k))
+        if isinstance(self.steps, str) and self.steps != "all":
+            raise ValueError(f"steps must be 'all', an int k (every k-th step) or a list of steps, got {self.steps!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["shard"] = list(self.shard) if self.shard else None
+        return data
+
+
+@dataclass
+class CachePlan:
+    """Everything a cache job derives from its config before it starts: sizes, positions, sites."""
+
+    config: CacheConfig
+    checkpoint: Checkpoint
+    task: Task
+    sampler: DiffusionSamplerConfig | AutoregressiveSamplerConfig
+    sites: dict[str, int]
+    n_steps: int
+    steps: list[int]
+    positions: list[int]
+    examples: list[Example]
+
+    @property
+    def labels(self) -> dict[str, int]:
+        return {name: len(span.positions) for name, span in self.examples[0].labels.items()}
+
+    @property
+    def bytes_needed(self) -> int:
+        return bytes_needed(
+            n_examples=len(self.examples), n_steps=self.n_steps, canvas_length=self.task.sequence_length,
+            prompt_length=self.task.prompt_length, target_length=self.task.target_length, labels=self.labels,
+            sites=self.sites, steps=self.steps, positions=self.positions, dtype=self.config.dtype,
+        )
+
+    def describe(self) -> str:
+        c = self.config
+        return (
+            f"{c.model} ({self.checkpoint.kind}) on {self.task!r}: {len(self.examples)} examples x "
+            f"{len(self.steps)}/{self.n_steps} steps x {len(self.positions)} positions x {len(self.sites)} sites "
+            f"({c.dtype}) -> {self.bytes_needed / 2**20:,.1f} MiB"
+        )
+
+    def store_config(self) -> dict[str, Any]:
+        """The run config stored in the file: enough to reproduce it."""
+        ckpt = self.checkpoint
+        return {
+            "cache": self.config.to_dict(),
+            "model": {"name": self.config.model, "kind": ckpt.kind, "config": ckpt.config.to_dict(),
+                      "weights_sha256": ckpt.weights_sha256},
+            "task": {"name": self.task.name, "params": self.task.params(), "vocab": list(self.task.vocab.tokens),
+                     "answer_label": self.task.answer_label},
+            "sampler": self.sampler.to_dict(),
+            "sites": list(self.sites),
+            "steps": self.steps,
+            "positions": self.positions,
+            "position_rule": self.config.positions,
+            "shard": list(self.config.shard) if self.config.shard else None,
+            "dlmprobe_version": __version__,
+        }
+
+
+def plan_cache(config: CacheConfig, checkpoint: Checkpoint | None = None) -> CachePlan:
+    """Resolve a config against its model: checks every argument before anything is computed."""
+    ckpt = checkpoint or load_model(config.model)
+    task = get_task(ckpt.config.task, **{**ckpt.task.params(), **config.task_params}) if config.task_params else ckpt.task
+    needed = task.sequence_length
+    if needed > ckpt.config.n_ctx:
+        raise ValueError(f"{task!r} needs a context of {needed} tokens; the model's context is {ckpt.config.n_ctx}")
+    if ckpt.kind == "diffusion":
+        sampler: Any = DiffusionSamplerConfig(**config.sampler)
+        n_steps, _ = sampler.resolve(task.target_length)
+    else:
+        unknown = set(config.sampler) - {"temperature", "seed"}
+        if unknown:
+            raise ValueError(f"an autoregressive model takes only temperature and seed, got {sorted(unknown)}")
+        sampler = AutoregressiveSamplerConfig(**config.sampler)
+        n_steps = task.target_length
+    sites = resolve_sites(config.sites, firing_hook_names(ckpt.model))
+    widths = _site_widths(ckpt, sites)
+    steps = _resolve_steps(config.steps, n_steps)
+    positions = _resolve_positions(config.positions, task)
+    examples = task.sample(config.n, split=config.split, seed=config.seed)
+    if config.shard is not None:
+        i, k = config.shard
+        bounds = np.linspace(0, len(examples), k + 1).astype(int)
+        examples = examples[bounds[i] : bounds[i + 1]]
+    return CachePlan(config, ckpt, task, sampler, widths, n_steps, steps, positions, examples)
+
+
+def _site_widths(ckpt: Checkpoint, sites: Sequence[str]) -> dict[str, int]:
+    tokens = torch.zeros((1, 1), dtype=torch.long, device=next(ckpt.model.parameters()).device)
+    _, cache = ckpt.model.run_with_cache(tokens, names_filter=list(sites))
+    widths = {}
+    for site in sites:
+        activation = cache[site]
+        if activation.dim() != 3:
+            raise ValueError(
+                f"site {site!r} has shape {tuple(activation.shape)}; dlmprobe stores per-position sites of "
+                f"shape (batch, pos, d) such as hook_resid_post, attn.hook_out or mlp.hook_out"
+            )
+        widths[site] = activation.shape[-1]
+    return widths
+
+
+def _resolve_steps(steps: str | int | Sequence[int], n_steps: int) -> list[int]:
+    if steps == "all":
+        return list(range(n_steps))
+    if isinstance(steps, int):
+        if steps < 1:
+            raise ValueError(f"record every k-th step needs k >= 1, got {steps}")
+        return list(range(0, n_steps, steps))
+    chosen = sorted({int(s) for s in steps})
+    if not chosen or chosen[0] < 0 or chosen[-1] >= n_steps:
+        raise ValueError(f"steps to record must lie in [0, {n_steps}), got {list(steps)}")
+    return chosen
+
+
+def _resolve_positions(rule: str, task: Task) -> list[int]:
+    start = task.target_start
+    if rule == "all":
+        return list(range(task.sequence_length))
+    if rule in ("target", "masked"):
+        return list(range(start, start + task.target_length))
+    if rule == "answer":
+        return [start + p for p in task.answer_positions()]
+    return [start - 1]  # last_prompt: the <sep> token, from which an autoregressive model reads ahead
+
+
+def _batch_record(plan: CachePlan, examples: Sequence[Example], trajectory: Trajectory,
+                  activations: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return {
+        "uid": [ex.uid for ex in examples],
+        "prompt": np.array([ex.prompt for ex in examples]),
+        "target": np.array([ex.target for ex in examples]),
+        "output": trajectory.output.numpy(),
+        "solved": np.array(solved(plan.task, examples, trajectory)),
+        "canvas": trajectory.canvases.numpy(),
+        "commit_step": trajectory.commit_step.numpy(),
+        "prediction": trajectory.predictions.numpy(),
+        "confidence": trajectory.confidence.numpy(),
+        "labels": {
+            name: (np.array([ex.labels[name].positions for ex in examples]),
+                   np.array([ex.labels[name].values for ex in examples]))
+            for name in plan.labels
+        },
+        "activations": {site: value.numpy() for site, value in activations.items()},
+    }
+
+
+def _autoregressive_steps(plan: CachePlan, final_pass: dict[str, torch.Tensor], gen_start: int) -> dict[str, torch.Tensor]:
+    """Spread one forward pass over the final sequence onto the step axis (NaN = not yet computed)."""
+    positions = torch.tensor(plan.positions)
+    computed = positions.unsqueeze(0) < gen_start + torch.tensor(plan.steps).unsqueeze(1)  # (steps, pos)
+    out = {}
+    for site, value in final_pass.items():  # (batch, 1, pos, d)
+        expanded = value.expand(-1, len(plan.steps), -1, -1).clone()
+        expanded[:, ~computed] = float("nan")
+        out[site] = expanded
+    return out
+
+
+def capture_batch(plan: CachePlan, recorder: ActivationRecorder, examples: Sequence[Example],
+                  batch_index: int) -> dict[str, Any]:
+    """Sample one batch, recording its activations, and return it as a store batch.
+
+    The recorder is attached for this batch only: an autoregressive model samples without hooks
+    and is recorded in one forward pass over its final sequence.
+    """
+    ckpt = plan.checkpoint
+    # A distinct, reproducible noise stream per batch (the same on resume).
+    sampler = replace(plan.sampler, seed=plan.sampler.seed * 1_000_003 + batch_index)
+    if ckpt.kind == "diffusion":
+        with recorder:
+            trajectory = generate(recorder.model, plan.task, examples, ckpt.kind, sampler, batch_size=len(examples))
+            activations = recorder.pop().activations
+    else:
+        trajectory = generate(ckpt.model, plan.task, examples, ckpt.kind, sampler, batch_size=len(examples))
+        with recorder, torch.no_grad():
+            recorder.model(trajectory.canvases[:, -1].to(next(ckpt.model.parameters()).device))
+            final_pass = recorder.pop().activations
+        activations = _autoregressive_steps(plan, final_pass, trajectory.gen_start)
+    return _batch_record(plan, examples, trajectory, activations)
+
+
+def run_cache(config: CacheConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False,
+              progress: bool = True, plan: CachePlan | None = None) -> Path:
+    """Sample ``config.n`` examples with capture and write them to the HDF5 file ``out``.
+
+    Refuses to start if the disk lacks the space the file will take, or if ``out`` exists and
+    neither ``overwrite`` nor ``resume`` is given. With ``resume`` an interrupted run continues at
+    its first incomplete batch and ends with the same contents as an uninterrupted one.
+    """
+    out = Path(out)
+    plan = plan or plan_cache(config)
+    if out.exists() and not (overwrite or resume):
+        raise FileExistsError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it")
+    free = shutil.disk_usage(out.resolve().parent if out.resolve().parent.exists() else Path.cwd()).free
+    if plan.bytes_needed > free:
+        raise OSError(f"{out} needs {plan.bytes_needed / 2**30:.2f} GiB but the disk has {free / 2**30:.2f} GiB free")
+    task = plan.task
+    recorder_steps = plan.steps if plan.checkpoint.kind == "diffusion" else None
+    recorder = ActivationRecorder(plan.checkpoint.model, list(plan.sites), steps=recorder_steps,
+                                  positions=plan.positions, dtype=torch.float32)
+    writer = ActivationWriter(
+        out, config=plan.store_config(), n_examples=len(plan.examples), n_steps=plan.n_steps,
+        canvas_length=task.sequence_length, prompt_length=task.prompt_length, target_length=task.target_length,
+        mask_id=task.vocab.mask_id, labels=plan.labels, sites=plan.sites, steps=plan.steps,
+        positions=plan.positions, dtype=config.dtype, overwrite=overwrite, resume=resume,
+    )
+    size = config.batch_size
+    with writer:
+        start = writer.n_complete
+        if start % size and start != len(plan.examples):
+            raise ValueError(f"cannot resume {out}: {start} examples written is not a multiple of batch_size {size}")
+        bar = tqdm(total=len(plan.examples), initial=start, disable=not progress, unit="ex",
+                   desc=f"cache {plan.config.model}")
+        for begin in range(start, len(plan.examples), size):
+            batch = plan.examples[begin : begin + size]
+            writer.write_batch(capture_batch(plan, recorder, batch, begin // size))
+            bar.update(len(batch))
+        bar.close()
+    return out
