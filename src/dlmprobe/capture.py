@@ -103,6 +103,7 @@ class CachePlan:
     steps: list[int]
     positions: list[int]
     examples: list[Example]
+    offset: int = 0  # index of examples[0] among all the run's examples (non-zero for a shard)
 
     @property
     def labels(self) -> dict[str, int]:
@@ -128,7 +129,8 @@ class CachePlan:
         """The run config stored in the file: enough to reproduce it."""
         ckpt = self.checkpoint
         return {
-            "cache": self.config.to_dict(),
+            # The shard is a top-level entry only: shards of one run differ in nothing else.
+            "cache": {k: v for k, v in self.config.to_dict().items() if k != "shard"},
             "model": {"name": self.config.model, "kind": ckpt.kind, "config": ckpt.config.to_dict(),
                       "weights_sha256": ckpt.weights_sha256},
             "task": {"name": self.task.name, "params": self.task.params(), "vocab": list(self.task.vocab.tokens),
@@ -164,11 +166,12 @@ def plan_cache(config: CacheConfig, checkpoint: Checkpoint | None = None) -> Cac
     steps = _resolve_steps(config.steps, n_steps)
     positions = _resolve_positions(config.positions, task)
     examples = task.sample(config.n, split=config.split, seed=config.seed)
+    offset = 0
     if config.shard is not None:
         i, k = config.shard
         bounds = np.linspace(0, len(examples), k + 1).astype(int)
-        examples = examples[bounds[i] : bounds[i + 1]]
-    return CachePlan(config, ckpt, task, sampler, widths, n_steps, steps, positions, examples)
+        offset, examples = int(bounds[i]), examples[bounds[i] : bounds[i + 1]]
+    return CachePlan(config, ckpt, task, sampler, widths, n_steps, steps, positions, examples, offset)
 
 
 def _site_widths(ckpt: Checkpoint, sites: Sequence[str]) -> dict[str, int]:
@@ -244,15 +247,16 @@ def _autoregressive_steps(plan: CachePlan, final_pass: dict[str, torch.Tensor], 
 
 
 def capture_batch(plan: CachePlan, recorder: ActivationRecorder, examples: Sequence[Example],
-                  batch_index: int) -> dict[str, Any]:
+                  first_example: int) -> dict[str, Any]:
     """Sample one batch, recording its activations, and return it as a store batch.
 
     The recorder is attached for this batch only: an autoregressive model samples without hooks
     and is recorded in one forward pass over its final sequence.
     """
     ckpt = plan.checkpoint
-    # A distinct, reproducible noise stream per batch (the same on resume).
-    sampler = replace(plan.sampler, seed=plan.sampler.seed * 1_000_003 + batch_index)
+    # A distinct, reproducible noise stream per batch, keyed by its first example's index in the
+    # whole run: the same on resume.
+    sampler = replace(plan.sampler, seed=plan.sampler.seed * 1_000_003 + first_example)
     if ckpt.kind == "diffusion":
         with recorder:
             trajectory = generate(recorder.model, plan.task, examples, ckpt.kind, sampler, batch_size=len(examples))
@@ -300,7 +304,7 @@ def run_cache(config: CacheConfig, out: str | Path, *, overwrite: bool = False, 
                    desc=f"cache {plan.config.model}")
         for begin in range(start, len(plan.examples), size):
             batch = plan.examples[begin : begin + size]
-            writer.write_batch(capture_batch(plan, recorder, batch, begin // size))
+            writer.write_batch(capture_batch(plan, recorder, batch, plan.offset + begin))
             bar.update(len(batch))
         bar.close()
     return out
