@@ -212,6 +212,67 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_rule(text: str):
+    if text in ("own", "pooled"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--read expects 'own', 'pooled' or a canvas position, got {text!r}") from None
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from dlmprobe.datasets.store import ActivationDataset
+    from dlmprobe.probes import ProbeGrid, clock_table
+
+    _set_threads(args.threads)
+    out = Path(args.out)
+    steps = None if args.steps == "all" else _parse_steps(args.steps)
+    with ActivationDataset(args.dataset) as data:
+        label = args.label or data.config["task"]["answer_label"]
+        stem = f"{label}-{args.target}-{args.phase}"
+        table_path = out / f"grid-{stem}.{args.format}"
+        if table_path.exists() and not args.overwrite:
+            raise UsageError(f"{table_path} already exists; pass --overwrite to replace it")
+        if isinstance(steps, int):
+            steps = data.steps[::steps].tolist()
+        grid = ProbeGrid(label=label, target=args.target, read=_read_rule(args.read), phase=args.phase,
+                         per_slot=args.per_slot, sites=args.sites, steps=steps, folds=args.folds, C=args.C,
+                         control=not args.no_control, random_baseline=not args.no_random_baseline,
+                         mdl=args.mdl, seed=args.seed)
+        table = grid.run(data)
+        clock = clock_table(data, grid.label, sites=args.sites, folds=args.folds, seed=args.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.format == "parquet":
+        table.to_parquet(table_path, index=False)
+    else:
+        table.to_csv(table_path, index=False)
+    clock.to_csv(out / f"clock-{grid.label}.csv", index=False)
+    (out / f"grid-{stem}.json").write_text(
+        json.dumps({"dataset": str(args.dataset), "settings": grid.settings(), "skipped": grid.skipped}, indent=2) + "\n")
+    print(_summary(table, clock))
+    if grid.skipped:
+        print(f"skipped {len(grid.skipped)} cells with too few rows (e.g. {grid.skipped[0]})")
+    print(f"wrote {table_path} ({len(table)} cells)")
+    return 0
+
+
+def _summary(table, clock) -> str:
+    """Best step per site, and the clock confound, as a terminal table."""
+    lines = [f"{'site':<28} {'best step':>9} {'acc':>6} {'95% CI':>13} {'majority':>8} {'control':>8} "
+             f"{'random-w':>8} {'clock acc':>9}"]
+    for site, rows in table.groupby("site", sort=False):
+        best = rows.loc[rows["accuracy"].idxmax()]
+        clock_acc = clock.loc[clock["site"] == site, "step_accuracy"]
+        lines.append(
+            f"{site:<28} {int(best['step']):>9} {best['accuracy']:>6.3f} "
+            f"{f'[{best.ci_low:.3f}, {best.ci_high:.3f}]':>13} {best['majority']:>8.3f} "
+            f"{best.get('control_accuracy', float('nan')):>8.3f} {best.get('random_weights_accuracy', float('nan')):>8.3f} "
+            f"{(clock_acc.iloc[0] if len(clock_acc) else float('nan')):>9.3f}"
+        )
+    return "\n".join(lines)
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from dlmprobe.datasets import TASKS, get_task
 
@@ -324,6 +385,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe an activation dataset")
     p.add_argument("path")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("probe", help="train a grid of linear probes (site x step) with controls on an activation dataset")
+    p.add_argument("dataset", help="HDF5 file written by dlmprobe cache")
+    p.add_argument("--label", help="task label to decode (default: the task's answer label)")
+    p.add_argument("--target", choices=("output", "truth"), default="output",
+                   help="the token the model finally commits, or the correct answer")
+    p.add_argument("--read", default="own", help="'own' (the label position), 'pooled', or a canvas position")
+    p.add_argument("--phase", choices=("before_commit", "after_commit"), default="before_commit")
+    p.add_argument("--per-slot", action="store_true", help="one probe per label slot")
+    p.add_argument("--sites", nargs="+", help="subset of the stored sites")
+    p.add_argument("--steps", default="all", help="'all', 'every:K' or a list such as 0,4,8")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength (scikit-learn's C)")
+    p.add_argument("--no-control", action="store_true", help="skip the control task")
+    p.add_argument("--no-random-baseline", action="store_true", help="skip the random-weights baseline")
+    p.add_argument("--mdl", action="store_true", help="also compute online-code description length")
+    p.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", required=True, help="folder for the tables")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("tasks", help="show one example of every task")
     p.add_argument("--seed", type=int, default=0)

@@ -481,6 +481,20 @@ class ActivationDataset:
         group = self._file[f"labels/{name}"]
         return group["positions"][: self.n_examples], group["values"][: self.n_examples]
 
+    def activations(self, site: str, step: int) -> Float[np.ndarray, "n stored_pos d"]:
+        """Every stored position of one site at one stored step, (n_examples, positions, d) float32.
+
+        One contiguous read (a row of chunks); callers that need many rows of one step read once.
+        """
+        if site not in self.sites:
+            raise StoreError(f"unknown site {site!r}; {self.path} has sites {self.sites}")
+        step_index = int(_lookup(self.steps, np.array([step]), "step")[0])
+        return self._file[f"activations/{site}"][: self.n_examples, step_index].astype(np.float32)
+
+    def position_index(self, canvas_positions: np.ndarray) -> np.ndarray:
+        """Index along the stored-position axis of each canvas position (a StoreError if not stored)."""
+        return _lookup(self.positions, np.asarray(canvas_positions), "position")
+
     def get(
         self,
         site: str,

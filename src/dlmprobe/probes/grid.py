@@ -1,0 +1,382 @@
+"""Probe grids: one linear probe per (site, step[, slot]) cell of an activation dataset, trained at once.
+
+The question a grid answers: at step t, before position p is committed, does a linear read-out of
+a site already tell which token will be committed at p (``target="output"``) or what the correct
+answer is (``target="truth"``)? Every cell is fitted by :func:`~dlmprobe.probes.linear.fit_logistic`
+in batched optimisations, together with the controls a reviewer asks for:
+
+* ``majority``: the most frequent training class;
+* ``control_accuracy``: the same probe on a control task (Hewitt & Liang 2019): random labels that
+  are consistent per input type, the type being the token at ``control_position`` (by default the
+  first prompt token) and the slot; ``selectivity = accuracy - control_accuracy``;
+* ``random_weights_accuracy``: the same probe on a model of the same architecture with random
+  weights, replaying the stored canvases;
+* ``ci_low`` / ``ci_high``: a bootstrap 95% interval over examples;
+* ``mdl_bits`` (optional): online-code description length (Voita & Titov 2020).
+
+Splits are k-fold by example, never by row: the rows of one example at different steps or slots
+are near duplicates. "Before unmasking" (``phase="before_commit"``) keeps only rows whose position
+is still masked at step t; ``phase="after_commit"`` the others, which are trivial and reported apart.
+
+Example:
+    >>> data = ActivationDataset("runs/sudoku.h5")
+    >>> grid = ProbeGrid(label="blank", target="output", read="own")
+    >>> table = grid.run(data)          # a tidy pandas DataFrame, one row per cell
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from dlmprobe.datasets.store import ActivationDataset
+from dlmprobe.hooks import layer_of
+from dlmprobe.models import ModelConfig, random_model
+from dlmprobe.probes.linear import fit_logistic, standardize
+
+Phase = Literal["before_commit", "after_commit"]
+Target = Literal["output", "truth"]
+VARIANTS = ("task", "control", "random_weights")
+
+
+@dataclass
+class Cell:
+    """The rows of one probe: features, labels, the example and control type of every row."""
+
+    site: str
+    step: int
+    slot: int  # -1 when the label's slots are pooled into one probe
+    X: np.ndarray  # (rows, d)
+    y: np.ndarray  # (rows,)
+    examples: np.ndarray  # (rows,)
+    control_type: np.ndarray  # (rows,)
+
+
+@dataclass
+class ProbeGrid:
+    """A grid of probes over an activation dataset.
+
+    Args:
+        label: the task label to decode (its positions are the ones probed), e.g. ``"answer"``.
+        target: ``"output"``, the token the model finally commits there, or ``"truth"``, the label's
+            correct value (they differ where the model is wrong).
+        read: where features are read: ``"own"`` (the label position itself), a canvas position
+            (e.g. the ``<sep>`` token, from which an autoregressive model reads ahead) or
+            ``"pooled"`` (the mean over the stored positions).
+        phase: rows still masked at the step (``before_commit``) or already committed.
+        per_slot: one probe per label slot instead of one for all slots of the label.
+        sites, steps: subsets of the stored ones (None = all).
+        folds: k of the k-fold split by example; ``seed`` seeds folds, control labels, bootstrap.
+        C: inverse L2 strength, as scikit-learn's. ``min_rows``: smaller cells are skipped.
+        random_baseline, control: compute those controls. ``mdl``: online code length too.
+    """
+
+    label: str
+    target: Target = "output"
+    read: str | int = "own"
+    phase: Phase = "before_commit"
+    per_slot: bool = False
+    sites: Sequence[str] | None = None
+    steps: Sequence[int] | None = None
+    folds: int = 5
+    C: float = 1.0
+    max_iter: int = 100
+    min_rows: int = 20
+    control: bool = True
+    control_position: int = 1
+    random_baseline: bool = True
+    mdl: bool = False
+    bootstrap: int = 500
+    seed: int = 0
+    cells_per_fit: int = 16
+    device: str = "cpu"
+    skipped: list[str] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.target not in ("output", "truth"):
+            raise ValueError(f"target must be 'output' or 'truth', got {self.target!r}")
+        if self.phase not in ("before_commit", "after_commit"):
+            raise ValueError(f"phase must be 'before_commit' or 'after_commit', got {self.phase!r}")
+        if not (self.read in ("own", "pooled") or isinstance(self.read, int)):
+            raise ValueError(f"read must be 'own', 'pooled' or a canvas position, got {self.read!r}")
+        if self.folds < 2:
+            raise ValueError(f"folds must be >= 2, got {self.folds}")
+        if self.C <= 0:
+            raise ValueError(f"C must be positive, got {self.C}")
+
+    def settings(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "skipped"}
+
+    # -- rows ----------------------------------------------------------------------------------
+    def _select(self, data: ActivationDataset) -> tuple[list[str], list[int]]:
+        sites = list(self.sites) if self.sites is not None else data.sites
+        unknown = [s for s in sites if s not in data.sites]
+        if unknown:
+            raise ValueError(f"unknown site {unknown[0]!r}; the dataset has {data.sites}")
+        steps = list(self.steps) if self.steps is not None else data.steps.tolist()
+        missing = [s for s in steps if s not in data.steps]
+        if missing:
+            raise ValueError(f"step {missing[0]} is not stored; stored steps: {data.steps.tolist()}")
+        if not sites or not steps:
+            raise ValueError("the selection matches no site or no step")
+        if self.label not in data.label_names:
+            raise ValueError(f"unknown label {self.label!r}; the dataset has labels {data.label_names}")
+        return sites, steps
+
+    def _layout(self, data: ActivationDataset) -> dict[str, np.ndarray]:
+        """Per (example, slot): canvas position, target value, control type; computed once."""
+        slots, values = data.label(self.label)
+        n, k = slots.shape
+        positions = data.target_start + slots  # (n, k) canvas positions
+        rows = np.arange(n)[:, None]
+        y = values if self.target == "truth" else data.canvas[rows, -1, positions]
+        if (y == data.mask_id).any():
+            raise ValueError("some label positions were never committed; the run is incomplete")
+        if len(np.unique(y)) < 2:
+            raise ValueError(f"label {self.label!r} ({self.target}) has only one class {np.unique(y).tolist()}: nothing to probe")
+        if not 0 <= self.control_position < data.canvas.shape[2]:
+            raise ValueError(f"control_position must be a canvas position, got {self.control_position}")
+        control_token = data.canvas[:, -1, self.control_position]
+        control_type = control_token[:, None] * k + np.arange(k)[None, :]  # (n, k): type = (token, slot)
+        return {"positions": positions, "y": y, "control_type": control_type}
+
+    def _cells(self, data: ActivationDataset, sites: list[str], steps: list[int],
+               layout: dict[str, np.ndarray], features: "FeatureSource") -> Iterator[Cell]:
+        positions, y_all, control_all = layout["positions"], layout["y"], layout["control_type"]
+        n, k = positions.shape
+        rows = np.arange(n)[:, None]
+        for step in steps:
+            masked = data.canvas[rows, step, positions] == data.mask_id  # (n, k)
+            keep = masked if self.phase == "before_commit" else ~masked
+            for site in sites:
+                acts = features(site, step)  # (n, stored_pos, d)
+                if self.read == "own":
+                    X_all = acts[rows, data.position_index(positions)]  # (n, k, d)
+                elif self.read == "pooled":
+                    X_all = np.broadcast_to(acts.mean(axis=1, keepdims=True), (n, k, acts.shape[2]))
+                else:
+                    index = int(data.position_index(np.array([self.read]))[0])
+                    X_all = np.broadcast_to(acts[:, index : index + 1], (n, k, acts.shape[2]))
+                slot_groups = [(j, keep[:, j : j + 1], slice(j, j + 1)) for j in range(k)] if self.per_slot \
+                    else [(-1, keep, slice(None))]
+                for slot, mask, part in slot_groups:
+                    X = X_all[:, part][mask]
+                    if not np.isfinite(X).all():
+                        raise ValueError(
+                            f"activations of {site} at step {step} contain NaN or inf at the probed rows "
+                            f"(an autoregressive store has NaN at positions not yet computed: read an earlier position)"
+                        )
+                    examples = np.broadcast_to(rows, mask.shape)[mask]
+                    yield Cell(site, step, slot, X, y_all[:, part][mask], examples, control_all[:, part][mask])
+
+    # -- fitting -------------------------------------------------------------------------------
+    def run(self, data: ActivationDataset, progress: bool = True) -> pd.DataFrame:
+        """Train every cell of the grid with its controls; one DataFrame row per cell."""
+        sites, steps = self._select(data)
+        layout = self._layout(data)
+        rng = np.random.default_rng(self.seed)
+        n = data.n_examples
+        if n < self.folds:
+            raise ValueError(f"{n} examples are too few for {self.folds}-fold probing")
+        fold_of = rng.permutation(n) % self.folds  # by example
+        classes = np.unique(layout["y"])
+        control_map = _control_labels(layout["control_type"], layout["y"], rng)
+        sources = {"task": StoredFeatures(data)}
+        if self.random_baseline:
+            sources["random_weights"] = RandomWeightsFeatures(data, sites)
+        committed = 1.0 - (data.canvas[:, :, data.target_start : data.target_start + layout["positions"].shape[1]]
+                           == data.mask_id).mean(axis=(0, 2))  # fraction of the target committed, per step
+
+        records: dict[tuple[str, int, int], dict[str, Any]] = {}
+        self.skipped = []
+        total = len(sites) * len(steps) * (layout["positions"].shape[1] if self.per_slot else 1)
+        bar = tqdm(total=total * len(sources), disable=not progress, desc=f"probe {self.label}", unit="cell")
+        for variant, source in sources.items():
+            batch: list[Cell] = []
+            for cell in self._cells(data, sites, steps, layout, source):
+                bar.update(1)
+                if len(cell.y) < self.min_rows or len(np.unique(cell.examples)) < self.folds or len(np.unique(cell.y)) < 2:
+                    if variant == "task":
+                        self.skipped.append(f"{cell.site} step {cell.step} slot {cell.slot}: {len(cell.y)} rows")
+                    continue
+                batch.append(cell)
+                if len(batch) == self.cells_per_fit:
+                    self._fit_batch(batch, variant, fold_of, classes, control_map, committed, records, rng)
+                    batch = []
+            if batch:
+                self._fit_batch(batch, variant, fold_of, classes, control_map, committed, records, rng)
+        bar.close()
+        if not records:
+            raise ValueError(
+                f"no cell has enough rows to probe (min_rows={self.min_rows}, {self.folds} folds, 2 classes): "
+                f"{self.skipped[0] if self.skipped else 'nothing selected'}"
+            )
+        table = pd.DataFrame(list(records.values()))
+        if "control_accuracy" in table:
+            table["selectivity"] = table["accuracy"] - table["control_accuracy"]
+        return table.sort_values(["site", "step", "slot"]).reset_index(drop=True)
+
+    def _fit_batch(self, cells: list[Cell], variant: str, fold_of: np.ndarray, classes: np.ndarray,
+                   control_map: dict[int, int], committed: np.ndarray,
+                   records: dict[tuple[str, int, int], dict[str, Any]], rng: np.random.Generator) -> None:
+        ys = {variant: [c.y for c in cells]}
+        if variant == "task" and self.control:
+            ys["control"] = [np.array([control_map[t] for t in c.control_type]) for c in cells]
+        correct = self._cross_validate(cells, list(ys.values()), fold_of, classes)
+        for name, hits_per_cell in zip(ys, correct):
+            for cell, y, hits in zip(cells, ys[name], hits_per_cell):
+                key = (cell.site, cell.step, cell.slot)
+                if name == "task":
+                    low, high = _bootstrap(hits, cell.examples, self.bootstrap, rng)
+                    records[key] = {
+                        "site": cell.site, "layer": layer_of(cell.site), "step": cell.step, "slot": cell.slot,
+                        "committed_fraction": float(committed[cell.step]), "label": self.label,
+                        "target": self.target, "read": str(self.read), "phase": self.phase,
+                        "n_examples": int(len(np.unique(cell.examples))), "n_rows": int(len(y)),
+                        "n_classes": int(len(np.unique(y))), "accuracy": float(hits.mean()),
+                        "ci_low": low, "ci_high": high,
+                        "majority": _majority_accuracy(y, cell.examples, fold_of, self.folds),
+                    }
+                    if self.mdl:
+                        records[key]["mdl_bits"], records[key]["uniform_bits"] = self._online_code(cell, classes, rng)
+                elif key in records:
+                    records[key][f"{name}_accuracy"] = float(hits.mean())
+
+    def _cross_validate(self, cells: list[Cell], label_sets: list[list[np.ndarray]], fold_of: np.ndarray,
+                        classes: np.ndarray) -> list[list[np.ndarray]]:
+        """Out-of-fold correctness of every row, for each label set (task, control) and cell.
+
+        Every (label set, cell, fold) is one problem of a single batched fit: the features of a
+        cell are shared by its label sets; folds differ in which rows are trained on.
+        """
+        X, valid = _pad([c.X for c in cells], self.device)  # (cells, rows, d)
+        fold = _pad_int([fold_of[c.examples] for c in cells], X.shape[1], self.device)
+        folds = torch.arange(self.folds, device=self.device).view(1, -1, 1)
+        train = (valid.unsqueeze(1) & (fold.unsqueeze(1) != folds)).float()  # (cells, folds, rows)
+        test = valid.unsqueeze(1) & (fold.unsqueeze(1) == folds)
+        cells_n, rows, d = X.shape
+        train_flat = train.reshape(-1, rows)
+        mean, scale = standardize(X.repeat_interleave(self.folds, dim=0), train_flat)
+        Z = (X.repeat_interleave(self.folds, dim=0) - mean) / scale  # (cells*folds, rows, d)
+        ys = [_pad_int([np.searchsorted(classes, v) for v in label_set], rows, self.device).clamp_min(0)
+              for label_set in label_sets]
+        y = torch.cat([v.repeat_interleave(self.folds, dim=0) for v in ys])  # (sets*cells*folds, rows)
+        Z_all = Z.repeat(len(label_sets), 1, 1)
+        W, b = fit_logistic(Z_all, y, train_flat.repeat(len(label_sets), 1), len(classes), self.C, self.max_iter)
+        predicted = torch.baddbmm(b.unsqueeze(1), Z_all, W).argmax(-1).view(len(label_sets), cells_n, self.folds, rows)
+        lengths = [len(c.y) for c in cells]
+        out = []
+        for s, v in enumerate(ys):
+            hits = (test & (predicted[s] == v.unsqueeze(1))).any(dim=1)  # each row is tested in one fold
+            out.append([hits[i, :m].cpu().numpy() for i, m in enumerate(lengths)])
+        return out
+
+    def _online_code(self, cell: Cell, classes: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
+        """Online code length in bits (Voita & Titov): transmit blocks of examples in a random order,
+        each with a probe trained on the blocks before it; the first block with a uniform code."""
+        order = rng.permutation(np.unique(cell.examples))
+        n = len(order)
+        bounds = sorted({max(2, int(n * f)) for f in (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.0625, 0.125, 0.25, 0.5, 1.0)})
+        rank = np.empty(cell.examples.max() + 1, dtype=int)
+        rank[order] = np.arange(n)
+        row_rank = rank[cell.examples]
+        y = np.searchsorted(classes, cell.y)
+        n_classes = len(classes)
+        bits = float((row_rank < bounds[0]).sum() * math.log2(n_classes))
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            train, test = row_rank < start, (row_rank >= start) & (row_rank < stop)
+            X, yy = torch.as_tensor(cell.X, device=self.device).unsqueeze(0), torch.as_tensor(y, device=self.device).unsqueeze(0)
+            weight = torch.as_tensor(train, dtype=torch.float32, device=self.device).unsqueeze(0)
+            mean, scale = standardize(X, weight)
+            Z = (X - mean) / scale
+            W, b = fit_logistic(Z, yy, weight, n_classes, self.C, self.max_iter)
+            log_probs = torch.log_softmax(torch.baddbmm(b.unsqueeze(1), Z, W), dim=-1)[0]
+            picked = log_probs[torch.as_tensor(test, device=self.device), yy[0, torch.as_tensor(test, device=self.device)]]
+            bits -= float(picked.sum()) / math.log(2)
+        return bits, float(len(y) * math.log2(n_classes))
+
+
+class StoredFeatures:
+    """The dataset's own activations, one (site, step) block at a time."""
+
+    def __init__(self, data: ActivationDataset):
+        self.data = data
+
+    def __call__(self, site: str, step: int) -> np.ndarray:
+        return self.data.activations(site, step)
+
+
+class RandomWeightsFeatures:
+    """The same sites of a randomly initialised model of the same architecture, fed the stored
+    canvases (so the inputs are identical; only the weights differ)."""
+
+    def __init__(self, data: ActivationDataset, sites: Sequence[str]):
+        model_config = data.config.get("model", {}).get("config")
+        if model_config is None:
+            raise ValueError("the random-weights baseline needs the model config stored by dlmprobe cache")
+        config = ModelConfig.from_dict({**model_config, "seed": int(model_config.get("seed", 0)) + 1})
+        self.model = random_model(config).model
+        self.data, self.sites = data, list(sites)
+
+    @torch.no_grad()
+    def __call__(self, site: str, step: int) -> np.ndarray:
+        canvas = torch.as_tensor(self.data.canvas[:, step], dtype=torch.long)
+        _, cache = self.model.run_with_cache(canvas, names_filter=[site])
+        acts = cache[site][:, self.data.positions].float().numpy()
+        stored = self.data.activations(site, step)
+        return np.where(np.isnan(stored), np.nan, acts)  # same rows missing as in the real store
+
+
+FeatureSource = StoredFeatures | RandomWeightsFeatures
+
+
+def _control_labels(control_type: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> dict[int, int]:
+    """Hewitt & Liang's control task: each input type gets a label drawn from the label distribution."""
+    types = np.unique(control_type)
+    return dict(zip(types.tolist(), rng.choice(y.reshape(-1), size=len(types)).tolist()))
+
+
+def _majority_accuracy(y: np.ndarray, examples: np.ndarray, fold_of: np.ndarray, folds: int) -> float:
+    hits = 0
+    for f in range(folds):
+        test = fold_of[examples] == f
+        train_values, counts = np.unique(y[~test], return_counts=True)
+        hits += int((y[test] == train_values[counts.argmax()]).sum())
+    return hits / len(y)
+
+
+def _bootstrap(hits: np.ndarray, examples: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
+    """95% percentile interval of accuracy, resampling examples (not rows)."""
+    if n_boot < 1:
+        return float("nan"), float("nan")
+    ids, inverse = np.unique(examples, return_inverse=True)
+    correct = np.bincount(inverse, weights=hits.astype(float), minlength=len(ids))
+    count = np.bincount(inverse, minlength=len(ids)).astype(float)
+    draws = rng.integers(0, len(ids), size=(n_boot, len(ids)))
+    accuracy = correct[draws].sum(axis=1) / count[draws].sum(axis=1)
+    low, high = np.percentile(accuracy, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _pad(Xs: list[np.ndarray], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack cells of different row counts into (cells, rows, d) with a validity mask."""
+    rows = max(len(x) for x in Xs)
+    X = torch.zeros((len(Xs), rows, Xs[0].shape[1]), dtype=torch.float32, device=device)
+    valid = torch.zeros((len(Xs), rows), dtype=torch.bool, device=device)
+    for i, xi in enumerate(Xs):
+        X[i, : len(xi)] = torch.as_tensor(xi, dtype=torch.float32)
+        valid[i, : len(xi)] = True
+    return X, valid
+
+
+def _pad_int(values: list[np.ndarray], rows: int, device: str) -> torch.Tensor:
+    out = torch.full((len(values), rows), -1, dtype=torch.long, device=device)
+    for i, v in enumerate(values):
+        out[i, : len(v)] = torch.as_tensor(v, dtype=torch.long)
+    return out
