@@ -1,0 +1,203 @@
+"""Probes: the estimator contract, agreement with scikit-learn, and grids that find planted signals."""
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GroupKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from dlmprobe.datasets.store import ActivationDataset, ActivationWriter
+from dlmprobe.probes import LinearProbe, ProbeGrid, clock_table
+
+
+def _blobs(n=600, d=16, classes=4, noise=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, d)) * 2
+    y = rng.integers(0, classes, size=n)
+    return centres[y] + noise * rng.normal(size=(n, d)), y
+
+
+def test_linear_probe_follows_the_estimator_contract(tmp_path):
+    X, y = _blobs()
+    probe = LinearProbe(C=0.5)
+    assert probe.get_params()["C"] == 0.5
+    scores = cross_val_score(make_pipeline(StandardScaler(), probe), X, y, cv=3)
+    assert scores.mean() > 0.8
+    probe.fit(X, y)
+    assert probe.coef_.shape == (4, 16) and probe.intercept_.shape == (4,)
+    assert np.allclose(probe.predict_proba(X).sum(1), 1)
+    probe.save(tmp_path / "p")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json", "p.safetensors"]
+    loaded = LinearProbe.load(tmp_path / "p")
+    assert np.array_equal(loaded.predict(X), probe.predict(X))
+    assert json.loads((tmp_path / "p.json").read_text())["params"]["C"] == 0.5
+
+
+def test_linear_probe_agrees_with_sklearn():
+    X, y = _blobs(n=2000, d=32, classes=6, noise=3.0)
+    train, test = slice(0, 1500), slice(1500, None)
+    ours = LinearProbe(C=1.0).fit(X[train], y[train])
+    theirs = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000)).fit(X[train], y[train])
+    assert abs(ours.score(X[test], y[test]) - theirs.score(X[test], y[test])) <= 0.01
+    assert (ours.predict(X[test]) == theirs.predict(X[test])).mean() >= 0.98
+
+
+@pytest.mark.parametrize(
+    "X,y,message",
+    [
+        (np.ones((10, 3)), np.zeros(10), "at least 2 classes"),
+        (np.full((10, 3), np.nan), np.arange(10) % 2, "NaN"),
+    ],
+)
+def test_linear_probe_bad_input(X, y, message):
+    with pytest.raises(ValueError, match=message):
+        LinearProbe().fit(X, y)
+
+
+# -- a synthetic store with a planted signal ----------------------------------------------------
+N, STEPS, D, T, P = 120, 4, 12, 3, 4  # examples, steps, width, target length, prompt length
+L = P + T + 3
+MASK = 4
+PLANTED_SITE, PLANTED_STEP = "blocks.1.hook_resid_post", 2
+
+
+def _synthetic_store(path, nan_site=False):
+    """Activations are noise, except at one site and step where the answer is linearly readable.
+
+    Every target position stays masked until the last step, so every row is "before commit".
+    """
+    rng = np.random.default_rng(0)
+    answers = rng.integers(10, 14, size=N)  # 4 classes of token ids
+    canvas = np.full((N, STEPS + 1, L), MASK)
+    canvas[:, :, : P + 2] = 7
+    canvas[:, :, -1] = 3
+    canvas[:, -1, P + 2 : P + 2 + T] = answers[:, None]
+    canvas[:, :, 1] = rng.integers(20, 23, size=N)[:, None]  # a visible prompt token (control type)
+    positions = list(range(P + 2, P + 2 + T))
+    directions = rng.normal(size=(14, D))
+    acts = {}
+    for site in ("blocks.0.hook_resid_post", PLANTED_SITE):
+        a = rng.normal(size=(N, STEPS, T, D))
+        if site == PLANTED_SITE:
+            a[:, PLANTED_STEP] += 3 * directions[answers][:, None, :]
+        if nan_site and site == "blocks.0.hook_resid_post":
+            a[:, 0, 0, 0] = np.nan
+        acts[site] = a
+    with ActivationWriter(path, config={"task": {"answer_label": "answer"}}, n_examples=N, n_steps=STEPS,
+                          canvas_length=L, prompt_length=P, target_length=T, mask_id=MASK,
+                          labels={"answer": T}, sites={s: D for s in acts}, steps=range(STEPS),
+                          positions=positions, dtype="float32") as writer:
+        writer.write_batch({
+            "uid": [f"ex{i}" for i in range(N)], "prompt": canvas[:, 0, 1 : P + 1], "target": np.repeat(answers[:, None], T, 1),
+            "output": np.repeat(answers[:, None], T, 1), "solved": np.ones(N, bool), "canvas": canvas,
+            "commit_step": np.full((N, L), -1), "prediction": np.zeros((N, STEPS, L), int),
+            "confidence": np.zeros((N, STEPS, L), np.float16),
+            "labels": {"answer": (np.tile(np.arange(T), (N, 1)), np.repeat(answers[:, None], T, 1))},
+            "activations": acts,
+        })
+    return ActivationDataset(path)
+
+
+def test_grid_finds_the_signal_where_it_is_planted_and_nowhere_else(tmp_path):
+    data = _synthetic_store(tmp_path / "s.h5")
+    table = ProbeGrid(label="answer", target="truth", random_baseline=False, folds=4).run(data, progress=False)
+    assert len(table) == 2 * STEPS
+    planted = (table["site"] == PLANTED_SITE) & (table["step"] == PLANTED_STEP)
+    assert table.loc[planted, "accuracy"].item() > 0.95
+    assert (table.loc[~planted, "accuracy"] < 0.45).all()  # 4 balanced classes: chance is 0.25
+    assert (table["majority"] < 0.4).all()
+    # The control task cannot be read from noise; the planted cell is selective.
+    assert table.loc[planted, "selectivity"].item() > 0.3
+    assert (table.loc[~planted, "selectivity"] < 0.2).all()
+    assert ((table["ci_low"] <= table["accuracy"]) & (table["accuracy"] <= table["ci_high"])).all()
+
+
+def test_grid_matches_an_sklearn_loop_within_a_point(tmp_path):
+    data = _synthetic_store(tmp_path / "s.h5")
+    table = ProbeGrid(label="answer", target="truth", random_baseline=False, control=False, folds=4,
+                      seed=3).run(data, progress=False)
+    fold_of = np.random.default_rng(3).permutation(N) % 4
+    for _, row in table.iterrows():
+        acts = data.activations(row.site, row.step)  # (N, T, D)
+        X, y = acts.reshape(-1, D), np.repeat(data.label("answer")[1][:, :1], T, 1).reshape(-1)
+        groups = np.repeat(np.arange(N), T)
+        hits = []
+        for f in range(4):
+            train, test = fold_of[groups] != f, fold_of[groups] == f
+            model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000)).fit(X[train], y[train])
+            hits.append(model.predict(X[test]) == y[test])
+        assert abs(np.concatenate(hits).mean() - row.accuracy) <= 0.01, (row.site, row.step)
+
+
+def test_phase_and_per_slot(tmp_path):
+    data = _synthetic_store(tmp_path / "s.h5")
+    with pytest.raises(ValueError, match="no cell has enough rows"):
+        ProbeGrid(label="answer", phase="after_commit", random_baseline=False).run(data, progress=False)
+    table = ProbeGrid(label="answer", per_slot=True, random_baseline=False, control=False,
+                      sites=[PLANTED_SITE], steps=[PLANTED_STEP]).run(data, progress=False)
+    assert sorted(table["slot"]) == [0, 1, 2] and (table["n_rows"] == N).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"label": "nope"}, "unknown label 'nope'"),
+        ({"label": "answer", "sites": ["blocks.9.hook_resid_post"]}, "unknown site"),
+        ({"label": "answer", "steps": [7]}, "step 7 is not stored"),
+        ({"label": "answer", "min_rows": 10_000}, "no cell has enough rows"),
+    ],
+)
+def test_grid_bad_selections_are_one_line_errors(tmp_path, kwargs, message):
+    data = _synthetic_store(tmp_path / "s.h5")
+    with pytest.raises(ValueError, match=message) as err:
+        ProbeGrid(random_baseline=False, **kwargs).run(data, progress=False)
+    assert "\n" not in str(err.value)
+
+
+def test_nan_activations_and_single_class_are_refused(tmp_path):
+    data = _synthetic_store(tmp_path / "nan.h5", nan_site=True)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        ProbeGrid(label="answer", random_baseline=False).run(data, progress=False)
+
+
+def test_online_code_is_shorter_where_the_signal_is(tmp_path):
+    data = _synthetic_store(tmp_path / "s.h5")
+    table = ProbeGrid(label="answer", target="truth", random_baseline=False, control=False, mdl=True,
+                      steps=[0, PLANTED_STEP], sites=[PLANTED_SITE]).run(data, progress=False)
+    bits = dict(zip(table["step"], table["mdl_bits"]))
+    assert bits[PLANTED_STEP] < 0.5 * bits[0]
+    assert bits[0] > 0.8 * table["uniform_bits"].iloc[0]  # noise compresses barely at all
+
+
+def test_clock_table_reads_the_step_from_a_clock_signal(tmp_path):
+    data = _synthetic_store(tmp_path / "s.h5")
+    table = clock_table(data, "answer", folds=3)
+    assert set(table["site"]) == {"blocks.0.hook_resid_post", PLANTED_SITE}
+    assert (table["step_chance"] == 1 / STEPS).all()
+
+
+def test_probe_command_end_to_end(tiny_config, tmp_path, capsys):
+    from dlmprobe.cli import main
+    from dlmprobe.models import build_native, save_checkpoint
+
+    model = save_checkpoint(build_native(tiny_config), tiny_config, tmp_path / "model")
+    run = tmp_path / "run.h5"
+    assert main(["cache", "--model", str(model), "--n", "60", "--out", str(run)]) == 0
+    assert main(["probe", str(run), "--label", "intermediate", "--target", "truth", "--folds", "3",
+                 "--out", str(tmp_path / "probes")]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.1.hook_resid_post" in out and "clock acc" in out
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "probes" / "grid-intermediate-truth-before_commit.csv")
+    assert {"accuracy", "majority", "control_accuracy", "selectivity", "random_weights_accuracy",
+            "ci_low", "ci_high", "committed_fraction"} <= set(table.columns)
+    assert (tmp_path / "probes" / "clock-intermediate.csv").exists()
+    assert main(["probe", str(run), "--label", "intermediate", "--target", "truth", "--folds", "3",
+                 "--out", str(tmp_path / "probes")]) == 2  # refuses to overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["probe", str(run), "--label", "nope", "--out", str(tmp_path / "p2")]) == 2
+    assert "unknown label 'nope'" in capsys.readouterr().err
