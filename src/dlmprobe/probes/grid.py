@@ -175,6 +175,11 @@ class ProbeGrid:
                     examples = np.broadcast_to(rows, mask.shape)[mask]
                     yield Cell(site, step, slot, X, y_all[:, part][mask], examples, control_all[:, part][mask])
 
+    def cells(self, data: ActivationDataset) -> Iterator[Cell]:
+        """The grid's cells (rows, labels, examples) as it would fit them: for custom probes."""
+        sites, steps = self._select(data)
+        yield from self._cells(data, sites, steps, self._layout(data), StoredFeatures(data))
+
     # -- fitting -------------------------------------------------------------------------------
     def run(self, data: ActivationDataset, progress: bool = True) -> pd.DataFrame:
         """Train every cell of the grid with its controls; one DataFrame row per cell."""
