@@ -48,13 +48,22 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _sampler_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampler flags given on the command line (unset ones keep the sampler's defaults)."""
+    flags = ("steps", "block_length", "temperature", "order")
+    return {flag: getattr(args, flag) for flag in flags if getattr(args, flag) is not None}
+
+
 def _sampler(args: argparse.Namespace, kind: str):
     from dlmprobe.sampling import AutoregressiveSamplerConfig, DiffusionSamplerConfig
 
+    options = {**_sampler_options(args), "seed": args.seed}
     if kind == "diffusion":
-        return DiffusionSamplerConfig(steps=args.steps, block_length=args.block_length,
-                                      temperature=args.temperature, order=args.order, seed=args.seed)
-    return AutoregressiveSamplerConfig(temperature=args.temperature, seed=args.seed)
+        return DiffusionSamplerConfig(**options)
+    diffusion_only = sorted(set(options) - {"temperature", "seed"})
+    if diffusion_only:
+        raise UsageError(f"--{diffusion_only[0].replace('_', '-')} is for diffusion models; this model is autoregressive")
+    return AutoregressiveSamplerConfig(**options)
 
 
 def _load(args: argparse.Namespace):
@@ -160,8 +169,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from dlmprobe.capture import CacheConfig, plan_cache, run_cache
 
     _set_threads(args.threads)
-    sampler = {k: v for k, v in {"steps": args.steps, "block_length": args.block_length, "order": args.order,
-                                 "temperature": args.temperature, "seed": args.seed}.items() if v is not None}
+    sampler = {**_sampler_options(args), "seed": args.seed}
     config = CacheConfig(
         model=args.model, n=args.n, split=args.split, seed=args.seed, sites=args.sites,
         steps=_parse_steps(args.record_steps), positions=args.positions, sampler=sampler,
@@ -174,10 +182,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
     plan = plan_cache(config)
     if args.task and args.task != plan.task.name:
         raise UsageError(f"--task {args.task} does not match the model, which was trained on {plan.task.name}")
-    if plan.checkpoint.kind != "diffusion":
-        for flag in ("steps", "block_length", "order"):
-            if getattr(args, flag) is not None:
-                raise UsageError(f"--{flag.replace('_', '-')} is for diffusion models; {args.model} is autoregressive")
     print(plan.describe())
     start = time.perf_counter()
     run_cache(config, out, overwrite=args.overwrite, resume=args.resume, plan=plan)
@@ -285,13 +289,19 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_output_mode(p: argparse.ArgumentParser, what: str) -> None:
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help=f"continue the {what} in --out")
+    mode.add_argument("--overwrite", action="store_true", help=f"replace the {what} in --out")
+
+
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     from dlmprobe.sampling import ORDERS
 
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: one token per step)")
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block length (default: whole target)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = argmax, else Gumbel noise")
-    p.add_argument("--order", choices=ORDERS, default="confidence", help="which masked tokens to commit first")
+    p.add_argument("--temperature", type=float, default=None, help="0 = argmax (default), else Gumbel noise")
+    p.add_argument("--order", choices=ORDERS, default=None, help="which masked tokens to commit first (default: confidence)")
     p.add_argument("--task-param", action="append", default=[], metavar="KEY=VALUE",
                    help="evaluate on a variant of the model's task, e.g. blanks=24 (repeatable)")
 
@@ -329,9 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-mlp", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    mode.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out")
+    _add_output_mode(p, "checkpoint")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="exact-solve rate of a model on held-out puzzles")
@@ -361,19 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TransformerLens hook names or globs (default: every layer's residual stream)")
     p.add_argument("--record-steps", default="all", help="'all', 'every:K' or a list such as 0,4,8")
     p.add_argument("--positions", choices=("all", "target", "masked", "answer", "last_prompt"), default="target")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: one token per step)")
-    p.add_argument("--block-length", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--order", choices=("confidence", "margin", "entropy", "random"), default=None)
-    p.add_argument("--task-param", action="append", default=[], metavar="KEY=VALUE")
+    _add_sampler_args(p)
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard", help="i/n: write the i-th of n slices of the examples (merge them with dlmprobe merge)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", required=True, help="the HDF5 file to write")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    mode.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    _add_output_mode(p, "interrupted run")
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("merge", help="join shard files into one HDF5 virtual dataset")
