@@ -20,7 +20,7 @@ import torch
 
 from dlmprobe.datasets.store import ActivationDataset
 from dlmprobe.hooks import layer_of
-from dlmprobe.probes.linear import fit_logistic, standardize
+from dlmprobe.probes.linear import fit_logistic, predict_logits
 
 
 def clock_table(data: ActivationDataset, label: str, sites: Sequence[str] | None = None, folds: int = 5,
@@ -53,24 +53,23 @@ def clock_table(data: ActivationDataset, label: str, sites: Sequence[str] | None
         fraction = np.broadcast_to(masked_fraction[:, data.steps][:, :, None], (n, len(data.steps), k)).reshape(-1)
         fold = np.broadcast_to(fold_of[:, None, None], (n, len(data.steps), k)).reshape(-1)
         Xt = torch.as_tensor(X).unsqueeze(0)
-        yt = torch.as_tensor(step_label, dtype=torch.long).unsqueeze(0)
-        hits, residual, total = 0, 0.0, 0.0
+        train = torch.as_tensor(fold[None, :] != np.arange(folds)[:, None], dtype=torch.float32).unsqueeze(0)
+        y = torch.as_tensor(step_label, dtype=torch.long).expand(1, folds, -1)
+        W, b = fit_logistic(Xt, y, train, len(data.steps), C)  # one problem per fold
+        predicted = predict_logits(Xt, W, b).argmax(-1)[0].numpy()  # (folds, rows)
+        hits = sum(int((predicted[f][fold == f] == step_label[fold == f]).sum()) for f in range(folds))
+        residual, total = 0.0, 0.0
         for f in range(folds):
-            train = torch.as_tensor(fold != f, dtype=torch.float32).unsqueeze(0)
-            mean, scale = standardize(Xt, train)
-            Z = (Xt - mean) / scale
-            W, b = fit_logistic(Z, yt, train, len(data.steps), C)
-            test = fold == f
-            predicted = torch.baddbmm(b.unsqueeze(1), Z, W).argmax(-1)[0].numpy()
-            hits += int((predicted[test] == step_label[test]).sum())
-            # Ridge regression of the masked fraction on the same standardised features.
-            Ztr, Zte = Z[0][fold != f].double(), Z[0][test].double()
-            target_tr = torch.as_tensor(fraction[fold != f])
+            # Ridge regression of the masked fraction on the features, standardised on the training rows.
+            tr, te = fold != f, fold == f
+            mean, scale = X[tr].mean(0), X[tr].std(0) + 1e-6
+            Ztr, Zte = torch.as_tensor((X[tr] - mean) / scale).double(), torch.as_tensor((X[te] - mean) / scale).double()
+            target_tr = torch.as_tensor(fraction[tr])
             offset = target_tr.mean()
             coef = torch.linalg.solve(Ztr.T @ Ztr + ridge * torch.eye(d, dtype=torch.float64), Ztr.T @ (target_tr - offset))
             pred = (Zte @ coef + offset).numpy()
-            residual += float(((fraction[test] - pred) ** 2).sum())
-            total += float(((fraction[test] - fraction[fold != f].mean()) ** 2).sum())
+            residual += float(((fraction[te] - pred) ** 2).sum())
+            total += float(((fraction[te] - fraction[tr].mean()) ** 2).sum())
         records.append({
             "site": site, "layer": layer_of(site), "label": label, "n_rows": len(step_label),
             "step_accuracy": hits / len(step_label), "step_chance": 1 / len(data.steps),

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from dlmprobe.datasets.store import ActivationDataset
 from dlmprobe.hooks import layer_of
 from dlmprobe.models import ModelConfig, random_model
-from dlmprobe.probes.linear import fit_logistic, standardize
+from dlmprobe.probes.linear import fit_logistic, predict_logits
 
 Phase = Literal["before_commit", "after_commit"]
 Target = Literal["output", "truth"]
@@ -261,24 +261,22 @@ class ProbeGrid:
         cell are shared by its label sets; folds differ in which rows are trained on.
         """
         X, valid = _pad([c.X for c in cells], self.device)  # (cells, rows, d)
-        fold = _pad_int([fold_of[c.examples] for c in cells], X.shape[1], self.device)
+        rows = X.shape[1]
+        fold = _pad_int([fold_of[c.examples] for c in cells], rows, self.device).unsqueeze(1)
         folds = torch.arange(self.folds, device=self.device).view(1, -1, 1)
-        train = (valid.unsqueeze(1) & (fold.unsqueeze(1) != folds)).float()  # (cells, folds, rows)
-        test = valid.unsqueeze(1) & (fold.unsqueeze(1) == folds)
-        cells_n, rows, d = X.shape
-        train_flat = train.reshape(-1, rows)
-        mean, scale = standardize(X.repeat_interleave(self.folds, dim=0), train_flat)
-        Z = (X.repeat_interleave(self.folds, dim=0) - mean) / scale  # (cells*folds, rows, d)
+        train = (valid.unsqueeze(1) & (fold != folds)).float()  # (cells, folds, rows)
+        test = valid.unsqueeze(1) & (fold == folds)
         ys = [_pad_int([np.searchsorted(classes, v) for v in label_set], rows, self.device).clamp_min(0)
-              for label_set in label_sets]
-        y = torch.cat([v.repeat_interleave(self.folds, dim=0) for v in ys])  # (sets*cells*folds, rows)
-        Z_all = Z.repeat(len(label_sets), 1, 1)
-        W, b = fit_logistic(Z_all, y, train_flat.repeat(len(label_sets), 1), len(classes), self.C, self.max_iter)
-        predicted = torch.baddbmm(b.unsqueeze(1), Z_all, W).argmax(-1).view(len(label_sets), cells_n, self.folds, rows)
+              for label_set in label_sets]  # each (cells, rows)
+        # Problems of a cell: every label set x every fold.
+        y = torch.stack([v.unsqueeze(1).expand(-1, self.folds, -1) for v in ys], dim=1).flatten(1, 2)
+        weight = train.repeat(1, len(label_sets), 1)
+        W, b = fit_logistic(X, y, weight, len(classes), self.C, self.max_iter)
+        predicted = predict_logits(X, W, b).argmax(-1).view(len(cells), len(label_sets), self.folds, rows)
         lengths = [len(c.y) for c in cells]
         out = []
         for s, v in enumerate(ys):
-            hits = (test & (predicted[s] == v.unsqueeze(1))).any(dim=1)  # each row is tested in one fold
+            hits = (test & (predicted[:, s] == v.unsqueeze(1))).any(dim=1)  # each row is tested in one fold
             out.append([hits[i, :m].cpu().numpy() for i, m in enumerate(lengths)])
         return out
 
@@ -294,16 +292,17 @@ class ProbeGrid:
         y = np.searchsorted(classes, cell.y)
         n_classes = len(classes)
         bits = float((row_rank < bounds[0]).sum() * math.log2(n_classes))
-        for start, stop in zip(bounds[:-1], bounds[1:]):
-            train, test = row_rank < start, (row_rank >= start) & (row_rank < stop)
-            X, yy = torch.as_tensor(cell.X, device=self.device).unsqueeze(0), torch.as_tensor(y, device=self.device).unsqueeze(0)
-            weight = torch.as_tensor(train, dtype=torch.float32, device=self.device).unsqueeze(0)
-            mean, scale = standardize(X, weight)
-            Z = (X - mean) / scale
-            W, b = fit_logistic(Z, yy, weight, n_classes, self.C, self.max_iter)
-            log_probs = torch.log_softmax(torch.baddbmm(b.unsqueeze(1), Z, W), dim=-1)[0]
-            picked = log_probs[torch.as_tensor(test, device=self.device), yy[0, torch.as_tensor(test, device=self.device)]]
-            bits -= float(picked.sum()) / math.log(2)
+        X = torch.as_tensor(cell.X, device=self.device).unsqueeze(0)
+        yy = torch.as_tensor(y, device=self.device)
+        # One problem per block: train on the blocks before it, pay for the block itself.
+        blocks = list(zip(bounds[:-1], bounds[1:]))
+        weight = torch.stack([torch.as_tensor(row_rank < start, dtype=torch.float32) for start, _ in blocks]).unsqueeze(0)
+        W, b = fit_logistic(X, yy.expand(1, len(blocks), -1), weight.to(self.device), n_classes, self.C, self.max_iter)
+        log_probs = torch.log_softmax(predict_logits(X, W, b)[0], dim=-1)  # (blocks, rows, classes)
+        picked = log_probs.gather(-1, yy.view(1, -1, 1).expand(len(blocks), -1, 1)).squeeze(-1)
+        for p, (start, stop) in enumerate(blocks):
+            block = torch.as_tensor((row_rank >= start) & (row_rank < stop), device=self.device)
+            bits -= float(picked[p][block].sum()) / math.log(2)
         return bits, float(len(y) * math.log2(n_classes))
 
 

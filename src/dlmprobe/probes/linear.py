@@ -1,7 +1,7 @@
 """Linear probes: multinomial logistic regression with L2, fitted by full-batch L-BFGS in torch.
 
-:func:`fit_logistic` fits many independent probes ("cells") in one optimisation: their losses are
-summed, and since no parameter is shared, the optimum of the sum is every cell's own optimum. The
+:func:`fit_logistic` fits many independent probes in one optimisation: their losses are summed,
+and since no parameter is shared, the optimum of the sum is every probe's own optimum. The
 objective per cell is scikit-learn's ``LogisticRegression(C=C)``:
 ``C * sum_i CE(x_i, y_i) + ||W||^2 / 2`` (the intercept is not penalised), divided by ``C * n`` so
 that cells of different sizes are on one scale.
@@ -34,49 +34,61 @@ from torch import Tensor
 
 def fit_logistic(
     X: Float[Tensor, "cell row d"],
-    y: Int[Tensor, "cell row"],
-    weight: Float[Tensor, "cell row"],
+    y: Int[Tensor, "cell problem row"],
+    weight: Float[Tensor, "cell problem row"],
     n_classes: int,
     C: float = 1.0,
     max_iter: int = 100,
-    tol: float = 1e-6,
-) -> tuple[Float[Tensor, "cell d cls"], Float[Tensor, "cell cls"]]:
-    """Fit one L2 logistic regression per cell, all cells at once.
+    tol: float = 1e-4,
+) -> tuple[Float[Tensor, "cell problem d cls"], Float[Tensor, "cell problem cls"]]:
+    """Fit L2 logistic regressions on standardised features, many at once.
 
-    ``weight`` is 1 for a row of the cell's training set and 0 for padding (cells may differ in
-    size). Features should be standardised. Returns weights ``W`` and intercepts ``b``.
+    Every cell holds rows of features ``X`` shared by its problems; a problem is a set of labels
+    ``y`` and of training rows (``weight`` 1; 0 for test rows and padding), e.g. one per fold and
+    label set. Each problem standardises with its own training rows, as a StandardScaler fitted
+    per fold would. Problems of a cell share one matrix product, which is what makes a grid fast.
+
+    Returns ``W`` and ``b`` in the raw feature space: ``logits = X @ W[c, p] + b[c, p]``.
     """
-    cells, _, d = X.shape
-    n = weight.sum(dim=1).clamp_min(1.0)  # training rows per cell
-    row_weight = weight / n.unsqueeze(1)  # mean cross-entropy per cell
-    l2 = 1.0 / (C * n)  # sklearn's C, per training row
-    W = torch.zeros((cells, d, n_classes), dtype=X.dtype, device=X.device, requires_grad=True)
-    b = torch.zeros((cells, n_classes), dtype=X.dtype, device=X.device, requires_grad=True)
-    optimizer = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, history_size=20,
-                                  tolerance_grad=tol, tolerance_change=tol * 1e-3, line_search_fn="strong_wolfe")
-    flat_y = y.reshape(-1)
+    cells, rows, d = X.shape
+    problems = y.shape[1]
+    n = weight.sum(dim=2).clamp_min(1.0)  # (cell, problem): training rows
+    # Standardisation statistics of each problem's training rows.
+    mean = torch.einsum("cpr,crd->cpd", weight, X) / n.unsqueeze(-1)
+    var = torch.einsum("cpr,crd->cpd", weight, X.square()) / n.unsqueeze(-1) - mean.square()
+    scale = var.clamp_min(0).sqrt()
+    scale = torch.where(scale > 1e-6, scale, torch.ones_like(scale))  # constant features stay as they are
+    row_weight = (weight / n.unsqueeze(-1)).transpose(1, 2)  # (cell, row, problem): mean CE per problem
+    flat_y = y.transpose(1, 2).reshape(-1)
+    l2 = (1.0 / (C * n)).view(cells, problems, 1, 1)  # sklearn's C, per training row
+    V = torch.zeros((cells, problems, d, n_classes), dtype=X.dtype, device=X.device, requires_grad=True)
+    b = torch.zeros((cells, problems, n_classes), dtype=X.dtype, device=X.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([V, b], lr=1.0, max_iter=max_iter, history_size=20,
+                                  tolerance_grad=tol, tolerance_change=tol * 1e-4, line_search_fn="strong_wolfe")
+
+    def raw(V: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        W = V / scale.unsqueeze(-1)
+        return W, b - torch.einsum("cpd,cpdk->cpk", mean, W)
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        logits = torch.baddbmm(b.unsqueeze(1), X, W)  # (cells, rows, classes)
+        W, bias = raw(V, b)
+        logits = torch.bmm(X, W.permute(0, 2, 1, 3).reshape(cells, d, problems * n_classes))
+        logits = logits.view(cells, rows, problems, n_classes) + bias.unsqueeze(1)
         ce = F.cross_entropy(logits.reshape(-1, n_classes), flat_y, reduction="none").view_as(row_weight)
-        loss = (ce * row_weight).sum() + 0.5 * (l2.view(-1, 1, 1) * W.square()).sum()
+        loss = (ce * row_weight).sum() + 0.5 * (l2 * V.square()).sum()
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    return W.detach(), b.detach()
+    with torch.no_grad():
+        return raw(V, b)
 
 
-def standardize(X: Float[Tensor, "cell row d"], weight: Float[Tensor, "cell row"]) -> tuple[Tensor, Tensor]:
-    """Per-cell mean and scale of the training rows (``weight`` 1), as sklearn's StandardScaler."""
-    n = weight.sum(dim=1).clamp_min(1.0).view(-1, 1, 1)
-    w = weight.unsqueeze(-1)
-    mean = (X * w).sum(dim=1, keepdim=True) / n
-    var = ((X - mean).square() * w).sum(dim=1, keepdim=True) / n
-    scale = var.sqrt()
-    scale = torch.where(scale > 1e-8, scale, torch.ones_like(scale))  # constant features stay as they are
-    return mean, scale
+def predict_logits(X: Float[Tensor, "cell row d"], W: Float[Tensor, "cell problem d cls"],
+                   b: Float[Tensor, "cell problem cls"]) -> Float[Tensor, "cell problem row cls"]:
+    """Logits of every problem's probe for every row of its cell."""
+    return torch.einsum("crd,cpdk->cprk", X, W) + b.unsqueeze(2)
 
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
@@ -86,7 +98,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     original feature space, ``n_features_in_``.
     """
 
-    def __init__(self, C: float = 1.0, max_iter: int = 100, tol: float = 1e-6, device: str = "cpu"):
+    def __init__(self, C: float = 1.0, max_iter: int = 100, tol: float = 1e-4, device: str = "cpu"):
         self.C = C
         self.max_iter = max_iter
         self.tol = tol
@@ -103,14 +115,11 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         if len(self.classes_) < 2:
             raise ValueError(f"a probe needs at least 2 classes in y, got only {self.classes_.tolist()}")
         Xt = torch.as_tensor(X, dtype=torch.float32, device=self.device).unsqueeze(0)
-        yt = torch.as_tensor(encoded, dtype=torch.long, device=self.device).unsqueeze(0)
+        yt = torch.as_tensor(encoded, dtype=torch.long, device=self.device).view(1, 1, -1)
         weight = torch.ones(yt.shape, dtype=torch.float32, device=self.device)
-        mean, scale = standardize(Xt, weight)
-        W, b = fit_logistic((Xt - mean) / scale, yt, weight, len(self.classes_), self.C, self.max_iter, self.tol)
-        # Fold the standardisation into the weights, so coef_ applies to raw features.
-        coef = (W[0] / scale[0, 0].unsqueeze(1)).T
-        self.coef_ = coef.cpu().numpy().astype(np.float64)
-        self.intercept_ = (b[0] - (mean[0, 0] @ (W[0] / scale[0, 0].unsqueeze(1)))).cpu().numpy().astype(np.float64)
+        W, b = fit_logistic(Xt, yt, weight, len(self.classes_), self.C, self.max_iter, self.tol)
+        self.coef_ = W[0, 0].T.cpu().numpy().astype(np.float64)
+        self.intercept_ = b[0, 0].cpu().numpy().astype(np.float64)
         return self
 
     def decision_function(self, X) -> np.ndarray:
