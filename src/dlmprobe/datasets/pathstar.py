@@ -20,7 +20,7 @@ class PathStar(Task):
     name = "pathstar"
     answer_label = "arm"
 
-    def __init__(self, arms: int = 3, arm_length: int = 4, n_nodes: int = 20):
+    def __init__(self, arms: int = 3, arm_length: int = 3, n_nodes: int = 10):
         if arms < 2:
             raise ValueError(f"pathstar needs at least 2 arms, got {arms!r}")
         if arm_length < 2:

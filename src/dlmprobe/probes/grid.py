@@ -244,6 +244,8 @@ class ProbeGrid:
                         "committed_fraction": float(committed[cell.step]), "label": self.label,
                         "target": self.target, "read": str(self.read), "phase": self.phase,
                         "n_examples": int(len(np.unique(cell.examples))), "n_rows": int(len(y)),
+                        # k-fold: every row is tested once, by a probe trained on the other folds.
+                        "n_train": round(len(y) * (self.folds - 1) / self.folds), "n_test": int(len(y)),
                         "n_classes": int(len(np.unique(y))), "accuracy": float(hits.mean()),
                         "ci_low": low, "ci_high": high,
                         "majority": _majority_accuracy(y, cell.examples, fold_of, self.folds),
