@@ -15,10 +15,12 @@ import argparse
 import json
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -31,6 +33,8 @@ from dlmprobe.probes import ProbeGrid
 def sklearn_loop(grid: ProbeGrid, data: ActivationDataset) -> dict[tuple[str, int], float]:
     fold_of = np.random.default_rng(grid.seed).permutation(data.n_examples) % grid.folds
     accuracy = {}
+    # Both sides stop at 100 L-BFGS iterations (scikit-learn's default); it warns when it does.
+    warnings.filterwarnings("ignore", category=ConvergenceWarning)
     for cell in grid.cells(data):
         fold = fold_of[cell.examples]
         hits = np.zeros(len(cell.y), dtype=bool)

@@ -243,7 +243,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         grid = ProbeGrid(label=label, target=args.target, read=_read_rule(args.read), phase=args.phase,
                          per_slot=args.per_slot, sites=args.sites, steps=steps, folds=args.folds, C=args.C,
                          control=not args.no_control, random_baseline=not args.no_random_baseline,
-                         mdl=args.mdl, seed=args.seed)
+                         mdl=args.mdl, seed=args.seed, device=args.device)
         table = grid.run(data)
         clock = clock_table(data, grid.label, sites=args.sites, folds=args.folds, seed=args.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -404,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-random-baseline", action="store_true", help="skip the random-weights baseline")
     p.add_argument("--mdl", action="store_true", help="also compute online-code description length")
     p.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    p.add_argument("--device", default="cpu", help="where the probes are fitted (e.g. cuda)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--overwrite", action="store_true")
