@@ -68,7 +68,9 @@ def render(cards: list[dict]) -> str:
         "",
         "Every task has a masked-diffusion denoiser (bidirectional attention) and an autoregressive twin",
         "(causal attention) with the same architecture and parameter count, trained on the same stream of",
-        "puzzles for the same number of steps by `dlmprobe train` on a 2-core CPU (one thread per job).",
+        "puzzles by `dlmprobe train` on a 2-core CPU (one thread per job; wall times include sharing the",
+        "machine with other jobs). Training steps are per model in the table: the arith and path-star",
+        "twins got fewer steps than their denoisers (next-token training converged or plateaued early).",
         "Accuracy: exact-solve rate on held-out puzzles (hash-based eval split) with the default sampler",
         "(diffusion: steps = target length, one block, max-probability commit order, temperature 0;",
         "autoregressive: greedy). Written by `python scripts/model_card.py`; do not edit by hand.",
@@ -111,7 +113,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000, help="held-out puzzles per model")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--render-only", action="store_true", help="rewrite MODELS.md from model_card.json")
     args = parser.parse_args()
+    if args.render_only:
+        (ROOT / "MODELS.md").write_text(render(json.loads((CHECKPOINT_DIR / "model_card.json").read_text())))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     cards = [measure(name, args.n) for name in shipped_checkpoints()]
