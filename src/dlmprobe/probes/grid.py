@@ -228,11 +228,11 @@ class ProbeGrid:
         return table.sort_values(["site", "step", "slot"]).reset_index(drop=True)
 
     def _fit_batch(self, cells: list[Cell], variant: str, fold_of: np.ndarray, classes: np.ndarray,
-                   control_map: dict[int, int], committed: np.ndarray,
+                   control_map: np.ndarray, committed: np.ndarray,
                    records: dict[tuple[str, int, int], dict[str, Any]], rng: np.random.Generator) -> None:
         ys = {variant: [c.y for c in cells]}
         if variant == "task" and self.control:
-            ys["control"] = [np.array([control_map[t] for t in c.control_type]) for c in cells]
+            ys["control"] = [control_map[c.control_type] for c in cells]
         correct = self._cross_validate(cells, list(ys.values()), fold_of, classes)
         for name, hits_per_cell in zip(ys, correct):
             for cell, y, hits in zip(cells, ys[name], hits_per_cell):
@@ -342,10 +342,15 @@ class RandomWeightsFeatures:
 FeatureSource = StoredFeatures | RandomWeightsFeatures
 
 
-def _control_labels(control_type: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> dict[int, int]:
-    """Hewitt & Liang's control task: each input type gets a label drawn from the label distribution."""
+def _control_labels(control_type: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Hewitt & Liang's control task: each input type gets a label drawn from the label distribution.
+
+    Returns a lookup table: ``table[type]`` is the control label of that type.
+    """
     types = np.unique(control_type)
-    return dict(zip(types.tolist(), rng.choice(y.reshape(-1), size=len(types)).tolist()))
+    table = np.zeros(int(types.max()) + 1, dtype=y.dtype)
+    table[types] = rng.choice(y.reshape(-1), size=len(types))
+    return table
 
 
 def _majority_accuracy(y: np.ndarray, examples: np.ndarray, fold_of: np.ndarray, folds: int) -> float:
