@@ -75,8 +75,7 @@ def tokens_per_step(n_masked: int, steps: int) -> list[int]:
     return [base + (1 if s < remainder else 0) for s in range(steps)]
 
 
-def _scores(logits: Tensor, chosen: Tensor, order: str, generator: torch.Generator) -> Tensor:
-    probs = F.softmax(logits, dim=-1)
+def _scores(probs: Tensor, chosen: Tensor, order: str, generator: torch.Generator) -> Tensor:
     if order == "confidence":
         return probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
     if order == "margin":
@@ -123,7 +122,8 @@ def sample_diffusion(
         block_start = gen_start + block * block_length
         logits = model(canvas).float()  # (batch, pos, vocab)
         logits[..., mask_id] = float("-inf")  # committing <mask> would leave the position masked
-        probs_max, argmax = F.softmax(logits, dim=-1).max(dim=-1)
+        probs = F.softmax(logits, dim=-1)  # once per step: predictions and commit scores share it
+        probs_max, argmax = probs.max(dim=-1)
         predictions[:, step], confidence[:, step] = argmax.cpu(), probs_max.cpu()
         if config.temperature > 0:
             uniform = torch.rand(logits.shape, generator=generator).to(device)
@@ -134,7 +134,7 @@ def sample_diffusion(
         masked = canvas == mask_id
         eligible = torch.zeros_like(masked)
         eligible[:, block_start : block_start + block_length] = masked[:, block_start : block_start + block_length]
-        score = _scores(logits, chosen, config.order, generator).masked_fill(~eligible, float("-inf"))
+        score = _scores(probs, chosen, config.order, generator).masked_fill(~eligible, float("-inf"))
         n_eligible = eligible.sum(-1)
         if step_in_block == steps_per_block - 1:
             k = n_eligible  # the block's last step commits whatever is still masked
