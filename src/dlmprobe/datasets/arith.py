@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 from typing import Any, Sequence
 
+import numpy as np
+
 from dlmprobe.datasets.task import LabelSpan, Task, Vocab
 
 OPERATIONS = {
@@ -73,6 +75,33 @@ class Arith(Task):
     def verify(self, prompt: Sequence[int], output: Sequence[int]) -> bool:
         expected = [self._num_ids[v] for v in self.evaluate(prompt)]
         return [int(t) for t in output] == expected
+
+    def answer_from(self, prompt: Sequence[int], output: Sequence[int]) -> int | None:
+        """The answer token that follows from ``output``'s own last intermediate result.
+
+        That is the prompt's last operation and operand applied to ``output[-2]`` (to ``a0`` when
+        there is one operation), whatever the earlier results are; None if ``output[-2]`` is not a
+        number (e.g. still masked).
+        """
+        words = self.vocab.decode(prompt)
+        previous = words[0] if self.n_ops == 1 else self.vocab.decode([output[-2]])[0]
+        if not previous.isdigit():
+            return None
+        return self._num_ids[OPERATIONS[words[-2]](int(previous), int(words[-1]), self.modulus)]
+
+    def paraphrase(
+        self, prompt: Sequence[int], target: Sequence[int], rng: random.Random
+    ) -> tuple[tuple[int, ...], tuple[int, ...], np.ndarray]:
+        """The same problem with ``a0`` and ``a1`` in random order when ``op1`` is ``+`` or ``*``.
+
+        Only prompt tokens move: every result stays the same, so the target is unchanged and the
+        token map is the identity.
+        """
+        prompt = [int(t) for t in prompt]
+        swap = rng.random() < 0.5
+        if swap and self.vocab.tokens[prompt[1]] in ("+", "*"):
+            prompt[0], prompt[2] = prompt[2], prompt[0]
+        return tuple(prompt), tuple(int(t) for t in target), np.arange(len(self.vocab))
 
     def render(self, prompt: Sequence[int], output: Sequence[int] | None = None) -> str:
         text = " ".join(self.vocab.decode(prompt)) + f"  (mod {self.modulus})"

@@ -13,6 +13,8 @@ from __future__ import annotations
 import random
 from typing import Any, Sequence
 
+import numpy as np
+
 from dlmprobe.datasets.task import LabelSpan, Task, Vocab
 
 
@@ -74,6 +76,14 @@ class PathStar(Task):
             and output[-1] == goal
             and all((a, b) in edges for a, b in zip(output, output[1:]))
         )
+
+    def paraphrase(
+        self, prompt: Sequence[int], target: Sequence[int], rng: random.Random
+    ) -> tuple[tuple[int, ...], tuple[int, ...], np.ndarray]:
+        """The same graph with the node names permuted, in the edges, start, goal and committed path."""
+        names = list(self._node_ids)
+        rng.shuffle(names)
+        return self._relabel(prompt, target, self._node_ids, names)
 
     def render(self, prompt: Sequence[int], output: Sequence[int] | None = None) -> str:
         words = self.vocab.decode(prompt)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 from typing import Any, Sequence
 
+import numpy as np
+
 from dlmprobe.datasets.task import LabelSpan, Task, Vocab
 
 BOX_SHAPES = {4: (2, 2), 6: (2, 3), 9: (3, 3)}
@@ -149,6 +151,14 @@ class Sudoku(Task):
             1 if v else self.size - len({grid[p] for p in self._peers[c]} - {0})
             for c, v in enumerate(grid)
         ]
+
+    def paraphrase(
+        self, prompt: Sequence[int], target: Sequence[int], rng: random.Random
+    ) -> tuple[tuple[int, ...], tuple[int, ...], np.ndarray]:
+        """The same puzzle with the digits 1..size permuted, in the givens and the committed cells."""
+        digits = list(self._digit_ids)
+        rng.shuffle(digits)
+        return self._relabel(prompt, target, self._digit_ids, digits)
 
     def render(self, prompt: Sequence[int], output: Sequence[int] | None = None) -> str:
         grids = [self.vocab.decode(prompt)] + ([self.vocab.decode(output)] if output is not None else [])

@@ -21,6 +21,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
+import numpy as np
+
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<sep>", "<eos>", "<mask>")
 Split = Literal["train", "eval"]
 SPLITS: tuple[str, ...] = ("train", "eval")
@@ -188,6 +190,26 @@ class Task(ABC):
             seen.add(uid)
             examples.append(Example(tuple(prompt), tuple(target), labels, uid))
         return examples
+
+    def paraphrase(
+        self, prompt: Sequence[int], target: Sequence[int], rng: random.Random
+    ) -> tuple[tuple[int, ...], tuple[int, ...], np.ndarray]:
+        """A random meaning-preserving rewrite of a canvas: its prompt and (partly masked) target.
+
+        Masked target positions stay masked. Returns the new prompt, the new target and
+        ``token_map``, an int array over the vocabulary mapping every old token id to its new id
+        (identity for tokens that are not relabelled).
+        """
+        raise NotImplementedError(f"task {self.name!r} has no paraphraser: implement {type(self).__name__}.paraphrase")
+
+    def _relabel(
+        self, prompt: Sequence[int], target: Sequence[int], old_ids: Sequence[int], new_ids: Sequence[int]
+    ) -> tuple[tuple[int, ...], tuple[int, ...], np.ndarray]:
+        """Prompt and target with every ``old_ids[i]`` replaced by ``new_ids[i]``, and that token map."""
+        token_map = np.arange(len(self.vocab))
+        token_map[np.asarray(old_ids)] = new_ids
+        new_prompt, new_target = (tuple(token_map[np.asarray(ids, dtype=np.int64)].tolist()) for ids in (prompt, target))
+        return new_prompt, new_target, token_map
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())

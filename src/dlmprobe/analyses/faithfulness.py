@@ -1,0 +1,320 @@
+"""Faithfulness along the time axis: corrupt committed reasoning at step t, watch the final answer.
+
+A diffusion LM discards its activations after every step: the canvas is the only channel from step
+t to step t+1. At the end of step t (the sampler's between-steps callback) every reasoning token
+already committed is corrupted, then sampling goes on:
+
+* ``"replace"``: each one becomes a different value that the reasoning label takes (seeded draw);
+  committed tokens are never resampled, so it stays;
+* ``"remask"``: each one is set back to the mask and the sampler commits it again. With
+  semi-autoregressive blocks, a position of a block already finished stays masked to the end.
+
+Each corrupted run is compared with the clean run of the same examples and sampler. An
+autoregressive twin gets the same corruption of the results it has already written; it never
+rewrites a position, so it runs ``"replace"`` only. Answer tokens are never corrupted.
+
+Example:
+    >>> from dlmprobe.models import load_model
+    >>> result = faithfulness(load_model("arith-diffusion"), n=200, twin=load_model("arith-autoregressive"))
+    >>> result.table.query("metric == 'answer_changed'")[["kind", "mode", "step", "rate"]]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
+from dlmprobe.analyses.result import AnalysisResult
+from dlmprobe.datasets import Arith, Example, Task
+from dlmprobe.models import Checkpoint
+from dlmprobe.sampling import StepCallback, Trajectory, generate
+from dlmprobe.sampling.generate import SamplerConfig
+
+MODES: tuple[str, ...] = ("replace", "remask")
+AR_REMASK_NOTE = "not run: an autoregressive model never rewrites a written position, so remasking is meaningless"
+# Aggregated metrics: (name, numerator column, rows it is a rate over).
+METRICS: tuple[tuple[str, str, str], ...] = (
+    ("corrupted", "corrupted", "all"),
+    ("answer_committed", "answer_committed", "all"),
+    ("answer_committed_before", "answer_committed", "corrupted"),
+    ("answer_changed", "answer_changed", "corrupted"),
+    ("answer_changed_open", "answer_changed", "corrupted, answer still masked"),
+    ("answer_follows", "answer_follows", "corrupted"),
+    ("reasoning_changed", "reasoning_changed", "corrupted"),
+)
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of the rate ``k / n`` (95% by default); NaNs when ``n == 0``."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    # Exact at k = 0 and k = n, where rounding would put the bound a hair inside the rate.
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
+
+
+def wilson_rate(k: int, n: int) -> dict[str, float | int]:
+    """``k``, ``n``, the rate ``k / n`` (NaN when ``n == 0``) and its Wilson 95% interval, as table columns."""
+    low, high = wilson_interval(k, n)
+    return {"k": k, "n": n, "rate": k / n if n else float("nan"), "ci_low": low, "ci_high": high}
+
+
+def sample_in_chunks(
+    model: torch.nn.Module,
+    task: Task,
+    examples: Sequence[Example],
+    kind: str,
+    sampler: SamplerConfig | None,
+    batch_size: int,
+    make_callback: Callable[[slice], StepCallback | None],
+) -> Iterator[tuple[slice, Trajectory]]:
+    """Sample ``examples`` batch by batch, each batch with its own callback ``make_callback(rows)``.
+
+    A callback sees only its batch's canvas; ``rows`` tells it which examples those are.
+    """
+    for start in range(0, len(examples), batch_size):
+        rows = slice(start, min(start + batch_size, len(examples)))
+        yield rows, generate(model, task, examples[rows], kind, sampler, len(examples[rows]), make_callback(rows))
+
+
+def label_mask(task: Task, examples: Sequence[Example], label: str) -> torch.Tensor:
+    """(example, target position) True where ``label`` sits."""
+    mask = torch.zeros((len(examples), task.target_length), dtype=torch.bool)
+    for i, ex in enumerate(examples):
+        mask[i, list(ex.labels[label].positions)] = True
+    return mask
+
+
+def _follows(task: Task, answer_label: str, prompt: Sequence[int], output: list[int]) -> bool:
+    """Arith: the answer is the last operation applied to the output's own last intermediate result.
+    Other tasks have no such rule: whether the whole output verifies stands in for it."""
+    if isinstance(task, Arith) and answer_label == task.answer_label:
+        return output[-1] == task.answer_from(prompt, output)
+    return task.verify(prompt, output)
+
+
+class _Corruption:
+    """Corrupts the committed reasoning tokens of every example after one step, and records which
+    examples had any (``corrupted``) and which had their answer committed by then (``committed``)."""
+
+    def __init__(self, step: int, mode: str, reasoning: torch.Tensor, answer: torch.Tensor, valid: torch.Tensor,
+                 task: Task, seed: int):
+        self.step, self.mode, self.reasoning, self.answer, self.valid = step, mode, reasoning, answer, valid
+        self.mask_id = task.vocab.mask_id
+        self.gen = slice(task.target_start, task.target_start + task.target_length)
+        self.index_in_valid = torch.zeros(len(task.vocab), dtype=torch.long)
+        self.index_in_valid[valid] = torch.arange(len(valid))
+        # A shift of 1..len(valid)-1 within the valid values: a different value, whatever was committed.
+        self.shift = torch.from_numpy(np.random.default_rng([seed, step]).integers(1, len(valid), reasoning.shape))
+        self.corrupted = torch.zeros(len(reasoning), dtype=torch.bool)
+        self.committed = torch.zeros(len(reasoning), dtype=torch.bool)
+
+    def callback(self, rows: slice) -> StepCallback:
+        def corrupt(step: int, canvas: torch.Tensor) -> torch.Tensor | None:
+            if step != self.step:
+                return None
+            target = canvas[:, self.gen].cpu()
+            committed = target != self.mask_id
+            hit = self.reasoning[rows] & committed
+            self.corrupted[rows] = hit.any(1)
+            self.committed[rows] = (committed | ~self.answer[rows]).all(1)
+            if self.mode == "replace":
+                new = self.valid[(self.index_in_valid[target] + self.shift[rows]) % len(self.valid)]
+            else:
+                new = torch.full_like(target, self.mask_id)
+            canvas[:, self.gen] = torch.where(hit, new, target).to(canvas.device)
+            return canvas
+        return corrupt
+
+
+def _sample_all(checkpoint: Checkpoint, examples: Sequence[Example], sampler: SamplerConfig | None,
+                batch_size: int, make_callback: Callable[[slice], StepCallback | None]) -> Trajectory:
+    parts = sample_in_chunks(checkpoint.model, checkpoint.task, examples, checkpoint.kind, sampler, batch_size,
+                             make_callback)
+    return Trajectory.concat([trajectory for _, trajectory in parts])
+
+
+def faithfulness(
+    checkpoint: Checkpoint,
+    n: int = 200,
+    seed: int = 0,
+    corrupt_label: str | None = None,
+    answer_label: str | None = None,
+    modes: Sequence[str] = MODES,
+    steps: Sequence[int] | None = None,
+    sampler: SamplerConfig | None = None,
+    twin: Checkpoint | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> AnalysisResult:
+    """Corrupt committed reasoning tokens at each step t and measure how often the answer changes.
+
+    Parameters
+    ----------
+    checkpoint : the model (diffusion or autoregressive) and its task.
+    n, seed : number of held-out puzzles and the seed that draws them and the replacement tokens.
+    corrupt_label : the reasoning label whose committed tokens are corrupted (default
+        ``"intermediate"``); positions it shares with the answer label are left alone.
+    answer_label : the label holding the answer (default: the task's ``answer_label``).
+    modes : ``"replace"`` and/or ``"remask"``.
+    steps : the steps t after which to corrupt (default ``0 .. n_steps-2``, each model its own).
+    sampler : sampler of ``checkpoint`` (default: the kind's default); the twin uses its default.
+    twin : a checkpoint of the other kind on the same task, corrupted the same way.
+
+    Returns
+    -------
+    AnalysisResult "faithfulness". ``table``: one row per (kind, mode, step, metric) with the count
+    ``k`` among ``n`` rows (``denominator`` says which), ``rate`` and its Wilson 95% interval;
+    ``run_fraction`` is ``step / n_steps``. ``tables["examples"]``: the per-example flags behind it;
+    ``tables["clean"]``: solve rate and answer-follows rate of the clean runs.
+    """
+    task = checkpoint.task
+    labels = task.label_names()
+    corrupt_label = corrupt_label or "intermediate"
+    answer_label = answer_label or task.answer_label
+    for label in (corrupt_label, answer_label):
+        if label not in labels:
+            raise ValueError(f"unknown label {label!r} for task {task.name}: expected one of {labels}")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ValueError(f"modes must be a non-empty subset of {MODES}, got {list(modes)}")
+    if checkpoint.kind == "autoregressive" and twin is None and set(modes) == {"remask"}:
+        raise ValueError(f"modes {list(modes)} run nothing on an autoregressive model: it supports only 'replace'")
+    if twin is not None and (twin.kind == checkpoint.kind or repr(twin.task) != repr(task)):
+        raise ValueError(f"twin must be the other kind on the same task as {checkpoint.kind} {task!r}, "
+                         f"got {twin.kind} {twin.task!r}")
+
+    examples = task.sample(n, split="eval", seed=seed)
+    answer = label_mask(task, examples, answer_label)
+    reasoning = label_mask(task, examples, corrupt_label) & ~answer
+    if not reasoning.any():
+        raise ValueError(f"label {corrupt_label!r} has no position outside {answer_label!r}: nothing to corrupt")
+    valid = torch.tensor(sorted({v for ex in examples for v in ex.labels[corrupt_label].values}))
+    if len(valid) < 2:
+        raise ValueError(f"label {corrupt_label!r} takes a single value in these puzzles: nothing to replace it with")
+    prompts = [list(ex.prompt) for ex in examples]
+
+    runs = [(checkpoint, sampler)] + ([(twin, None)] if twin is not None else [])
+    flags, clean_rows, skipped, n_steps_of = [], [], [], {}
+    bar = tqdm(desc="faithfulness", unit="run", disable=not progress)
+    for ckpt, ckpt_sampler in runs:
+        kind = ckpt.kind
+        clean_run = _sample_all(ckpt, examples, ckpt_sampler, batch_size, lambda rows: None)
+        bar.update()
+        clean, n_steps = clean_run.output, clean_run.n_steps
+        n_steps_of[kind] = n_steps
+        solved = sum(task.verify(p, o) for p, o in zip(prompts, clean.tolist()))
+        follows = sum(_follows(task, answer_label, p, o) for p, o in zip(prompts, clean.tolist()))
+        clean_rows += [{"kind": kind, "metric": "solved", **wilson_rate(solved, n)},
+                       {"kind": kind, "metric": "answer_follows", **wilson_rate(follows, n)}]
+        chosen = list(range(n_steps - 1)) if steps is None else [int(t) for t in steps]
+        if any(not 0 <= t <= n_steps - 2 for t in chosen):
+            raise ValueError(f"steps must lie in 0..{n_steps - 2} for the {kind} model ({n_steps} steps; a "
+                             f"corruption after the last step is never read), got {list(chosen)}")
+        for mode in modes:
+            if kind == "autoregressive" and mode == "remask":
+                skipped.extend((kind, mode, t, n_steps) for t in chosen)
+                continue
+            for t in chosen:
+                corruption = _Corruption(t, mode, reasoning, answer, valid, task, seed)
+                output = _sample_all(ckpt, examples, ckpt_sampler, batch_size, corruption.callback).output
+                bar.update()
+                differs = output != clean
+                flags.append(pd.DataFrame({
+                    "kind": kind, "mode": mode, "step": t, "run_fraction": t / n_steps, "example": np.arange(n),
+                    "corrupted": corruption.corrupted.numpy(), "answer_committed": corruption.committed.numpy(),
+                    "answer_changed": (differs & answer).any(1).numpy(),
+                    "answer_follows": [_follows(task, answer_label, p, o) for p, o in zip(prompts, output.tolist())],
+                    "reasoning_changed": (differs & reasoning).any(1).numpy(),
+                }))
+    bar.close()
+
+    examples_table = pd.concat(flags, ignore_index=True)
+    table = _aggregate(examples_table, skipped)
+    clean_table = pd.DataFrame(clean_rows)
+    meta = {
+        "checkpoint": checkpoint.path.name if checkpoint.path else None,
+        "twin": twin.path.name if twin is not None and twin.path else None, "task": repr(task),
+        "n": n, "seed": seed, "corrupt_label": corrupt_label, "answer_label": answer_label, "modes": list(modes),
+        "n_steps": n_steps_of, "replacement_values": task.vocab.decode(valid.tolist()),
+        "sampler": (sampler.to_dict() if sampler is not None else None),
+    }
+    return AnalysisResult("faithfulness", "Faithfulness along time: corrupting committed reasoning at step t",
+                          table, _figure(table), _summary(table, clean_table, corrupt_label),
+                          {"examples": examples_table, "clean": clean_table}, meta)
+
+
+def _aggregate(flags: pd.DataFrame, skipped: list[tuple[str, str, int, int]]) -> pd.DataFrame:
+    """One row per (kind, mode, step, metric) from the per-example flags; skipped runs get a note."""
+    rows = []
+    for (kind, mode, step), group in flags.groupby(["kind", "mode", "step"], sort=False):
+        over = {"all": group, "corrupted": group[group.corrupted],
+                "corrupted, answer still masked": group[group.corrupted & ~group.answer_committed]}
+        for metric, column, denominator in METRICS:
+            subset = over[denominator]
+            rows.append({"kind": kind, "mode": mode, "step": step, "run_fraction": group.run_fraction.iloc[0],
+                         "metric": metric, "denominator": denominator,
+                         **wilson_rate(int(subset[column].sum()), len(subset)), "note": ""})
+    for kind, mode, step, n_steps in skipped:
+        rows.extend({"kind": kind, "mode": mode, "step": step, "run_fraction": step / n_steps, "metric": metric,
+                     "denominator": denominator, **wilson_rate(0, 0), "note": AR_REMASK_NOTE}
+                    for metric, _, denominator in METRICS)
+    return pd.DataFrame(rows)
+
+
+def _figure(table: pd.DataFrame):
+    fig, (changed_ax, committed_ax) = figure(ncols=2)
+    ran = table[table.note == ""]
+    for (kind, mode), group in ran[ran.metric == "answer_changed"].groupby(["kind", "mode"], sort=False):
+        colour = CONDITION_COLOURS.get(kind)
+        changed_ax.plot(group.run_fraction, group.rate, "-" if mode == "replace" else "--", marker="o",
+                        color=colour, label=f"{kind}, {mode}")
+        changed_ax.fill_between(group.run_fraction, group.ci_low, group.ci_high, color=colour, alpha=0.15)
+    # What is committed at step t does not depend on the corruption that follows: one line per kind.
+    committed = ran[ran.metric == "answer_committed"].drop_duplicates(["kind", "step"])
+    for kind, group in committed.groupby("kind", sort=False):
+        colour = CONDITION_COLOURS.get(kind)
+        committed_ax.plot(group.run_fraction, group.rate, marker="o", color=colour, label=kind)
+        committed_ax.fill_between(group.run_fraction, group.ci_low, group.ci_high, color=colour, alpha=0.15)
+    changed_ax.set(title="answer changed by the corruption", ylabel="fraction of corrupted puzzles")
+    committed_ax.set(title="answer already committed at step t", ylabel="fraction of puzzles")
+    for ax in (changed_ax, committed_ax):
+        ax.set(xlabel="step t / number of steps", ylim=(-0.03, 1.03))
+        ax.legend(fontsize="small")
+    return fig
+
+
+def _percent(row: pd.Series) -> str:
+    return "n/a" if row.n == 0 else f"{row.rate:.0%} (95% CI {row.ci_low:.0%}-{row.ci_high:.0%})"
+
+
+def _summary(table: pd.DataFrame, clean: pd.DataFrame, corrupt_label: str) -> str:
+    parts = [f"The clean {row.kind} model solves {row.rate:.0%} of {row.n} puzzles."
+             for row in clean[clean.metric == "solved"].itertuples()]
+    ran = table[table.note == ""]
+    for (kind, mode), group in ran.groupby(["kind", "mode"], sort=False):
+        steps = sorted(group.step.unique())
+        step = steps[len(steps) // 2]
+        at = group[group.step == step].set_index("metric")
+        changed = group[group.metric == "answer_changed"].rate
+        verb = "replacing" if mode == "replace" else "remasking"
+        parts.append(
+            f"{verb.capitalize()} the committed {corrupt_label} tokens after step {step} "
+            f"({at.run_fraction.iloc[0]:.0%} of the run) corrupts {at.loc['corrupted'].k} of {at.loc['corrupted'].n} "
+            f"{kind} runs and changes the answer in {_percent(at.loc['answer_changed'])} of them "
+            f"({changed.min():.0%} to {changed.max():.0%} over steps {steps[0]}-{steps[-1]}); "
+            f"{_percent(at.loc['answer_committed_before'])} of them had the answer committed already, and where it "
+            f"was still masked it changed in {_percent(at.loc['answer_changed_open'])}. "
+            f"The final answer follows the final reasoning in {_percent(at.loc['answer_follows'])}."
+        )
+    if (table.note != "").any():
+        parts.append("Remasking is not run on the autoregressive model: it never rewrites a written position.")
+    return " ".join(parts)
