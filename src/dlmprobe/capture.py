@@ -31,8 +31,8 @@ from dlmprobe.hooks import ActivationRecorder, firing_hook_names, resolve_sites
 from dlmprobe.models import Checkpoint, load_model
 from dlmprobe.sampling import AutoregressiveSamplerConfig, DiffusionSamplerConfig, Trajectory, generate, solved
 
-PositionRule = Literal["all", "target", "masked", "answer", "last_prompt"]
-POSITION_RULES: tuple[str, ...] = ("all", "target", "masked", "answer", "last_prompt")
+PositionRule = Literal["all", "target", "masked", "answer", "last_prompt", "sep+target"]
+POSITION_RULES: tuple[str, ...] = ("all", "target", "masked", "answer", "last_prompt", "sep+target")
 
 
 @dataclass
@@ -46,7 +46,9 @@ class CacheConfig:
         steps: denoising steps to record: ``"all"``, every k-th (an int) or a list of indices.
         positions: ``all`` canvas positions; the ``target`` region; ``masked``: the target region,
             and readers keep rows still masked at each step (``only_masked``); ``answer``: the task's
-            answer label positions; ``last_prompt``: the ``<sep>`` token just before the target.
+            answer label positions; ``last_prompt``: the ``<sep>`` token just before the target;
+            ``sep+target``: that token and the target region, what an autoregressive model reads
+            ahead from (``ProbeGrid(read="frontier")``).
         sampler: sampler options (``steps``, ``block_length``, ``temperature``, ``order``, ``seed``).
         task_params: overrides of the model's task options (evaluate a variant).
         shard: ``(i, n)`` writes the i-th of n contiguous slices of the examples.
@@ -210,6 +212,8 @@ def _resolve_positions(rule: str, task: Task) -> list[int]:
         return list(range(start, start + task.target_length))
     if rule == "answer":
         return [start + p for p in task.answer_positions()]
+    if rule == "sep+target":
+        return list(range(start - 1, start + task.target_length))
     return [start - 1]  # last_prompt: the <sep> token, from which an autoregressive model reads ahead
 
 

@@ -217,12 +217,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _read_rule(text: str):
-    if text in ("own", "pooled"):
+    if text in ("own", "pooled", "frontier"):
         return text
     try:
         return int(text)
     except ValueError:
-        raise UsageError(f"--read expects 'own', 'pooled' or a canvas position, got {text!r}") from None
+        raise UsageError(f"--read expects 'own', 'pooled', 'frontier' or a canvas position, got {text!r}") from None
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", nargs="+", default=["blocks.*.hook_resid_post"],
                    help="TransformerLens hook names or globs (default: every layer's residual stream)")
     p.add_argument("--record-steps", default="all", help="'all', 'every:K' or a list such as 0,4,8")
-    p.add_argument("--positions", choices=("all", "target", "masked", "answer", "last_prompt"), default="target")
+    p.add_argument("--positions", choices=("all", "target", "masked", "answer", "last_prompt", "sep+target"), default="target")
     _add_sampler_args(p)
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     p.add_argument("--batch-size", type=int, default=64)
@@ -393,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", help="task label to decode (default: the task's answer label)")
     p.add_argument("--target", choices=("output", "truth"), default="output",
                    help="the token the model finally commits, or the correct answer")
-    p.add_argument("--read", default="own", help="'own' (the label position), 'pooled', or a canvas position")
+    p.add_argument("--read", default="own",
+                   help="'own' (the label position), 'pooled', 'frontier' (last written token; autoregressive read-ahead) or a canvas position")
     p.add_argument("--phase", choices=("before_commit", "after_commit"), default="before_commit")
     p.add_argument("--per-slot", action="store_true", help="one probe per label slot")
     p.add_argument("--sites", nargs="+", help="subset of the stored sites")

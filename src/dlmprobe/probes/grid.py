@@ -56,6 +56,7 @@ class Cell:
     y: np.ndarray  # (rows,)
     examples: np.ndarray  # (rows,)
     control_type: np.ndarray  # (rows,)
+    slots: np.ndarray  # (rows,) label slot of every row
 
 
 @dataclass
@@ -67,8 +68,10 @@ class ProbeGrid:
         target: ``"output"``, the token the model finally commits there, or ``"truth"``, the label's
             correct value (they differ where the model is wrong).
         read: where features are read: ``"own"`` (the label position itself), a canvas position
-            (e.g. the ``<sep>`` token, from which an autoregressive model reads ahead) or
-            ``"pooled"`` (the mean over the stored positions).
+            (e.g. the ``<sep>`` token), ``"pooled"`` (the mean over the stored positions) or
+            ``"frontier"``: the last token of the written prefix of the target at that step (the
+            ``<sep>`` token before anything is written), from which an autoregressive model reads
+            ahead; for it the store needs the ``<sep>`` position (``positions="sep+target"``).
         phase: rows still masked at the step (``before_commit``) or already committed.
         per_slot: one probe per label slot instead of one for all slots of the label.
         sites, steps: subsets of the stored ones (None = all).
@@ -103,8 +106,8 @@ class ProbeGrid:
             raise ValueError(f"target must be 'output' or 'truth', got {self.target!r}")
         if self.phase not in ("before_commit", "after_commit"):
             raise ValueError(f"phase must be 'before_commit' or 'after_commit', got {self.phase!r}")
-        if not (self.read in ("own", "pooled") or isinstance(self.read, int)):
-            raise ValueError(f"read must be 'own', 'pooled' or a canvas position, got {self.read!r}")
+        if not (self.read in ("own", "pooled", "frontier") or isinstance(self.read, int)):
+            raise ValueError(f"read must be 'own', 'pooled', 'frontier' or a canvas position, got {self.read!r}")
         if self.folds < 2:
             raise ValueError(f"folds must be >= 2, got {self.folds}")
         if self.C <= 0:
@@ -160,6 +163,9 @@ class ProbeGrid:
                     X_all = acts[rows, data.position_index(positions)]  # (n, k, d)
                 elif self.read == "pooled":
                     X_all = np.broadcast_to(acts.mean(axis=1, keepdims=True), (n, k, acts.shape[2]))
+                elif self.read == "frontier":
+                    index = data.position_index(frontier_positions(data, step))
+                    X_all = np.broadcast_to(acts[np.arange(n), index][:, None], (n, k, acts.shape[2]))
                 else:
                     index = int(data.position_index(np.array([self.read]))[0])
                     X_all = np.broadcast_to(acts[:, index : index + 1], (n, k, acts.shape[2]))
@@ -173,7 +179,8 @@ class ProbeGrid:
                             f"(an autoregressive store has NaN at positions not yet computed: read an earlier position)"
                         )
                     examples = np.broadcast_to(rows, mask.shape)[mask]
-                    yield Cell(site, step, slot, X, y_all[:, part][mask], examples, control_all[:, part][mask])
+                    slots = np.broadcast_to(np.arange(k)[part][None, :], mask.shape)[mask]
+                    yield Cell(site, step, slot, X, y_all[:, part][mask], examples, control_all[:, part][mask], slots)
 
     def cells(self, data: ActivationDataset) -> Iterator[Cell]:
         """The grid's cells (rows, labels, examples) as it would fit them: for custom probes."""
@@ -233,9 +240,10 @@ class ProbeGrid:
         ys = {variant: [c.y for c in cells]}
         if variant == "task" and self.control:
             ys["control"] = [control_map[c.control_type] for c in cells]
-        correct = self._cross_validate(cells, list(ys.values()), fold_of, classes)
-        for name, hits_per_cell in zip(ys, correct):
-            for cell, y, hits in zip(cells, ys[name], hits_per_cell):
+        predicted = self._cross_validate(cells, list(ys.values()), fold_of, classes)
+        for name, predicted_per_cell in zip(ys, predicted):
+            for cell, y, guess in zip(cells, ys[name], predicted_per_cell):
+                hits = guess == y
                 key = (cell.site, cell.step, cell.slot)
                 if name == "task":
                     low, high = _bootstrap(hits, cell.examples, self.bootstrap, rng)
@@ -257,7 +265,7 @@ class ProbeGrid:
 
     def _cross_validate(self, cells: list[Cell], label_sets: list[list[np.ndarray]], fold_of: np.ndarray,
                         classes: np.ndarray) -> list[list[np.ndarray]]:
-        """Out-of-fold correctness of every row, for each label set (task, control) and cell.
+        """Out-of-fold prediction (a class value) of every row, for each label set (task, control) and cell.
 
         Every (label set, cell, fold) is one problem of a single batched fit: the features of a
         cell are shared by its label sets; folds differ in which rows are trained on.
@@ -277,9 +285,46 @@ class ProbeGrid:
         predicted = predict_logits(X, W, b).argmax(-1).view(len(cells), len(label_sets), self.folds, rows)
         lengths = [len(c.y) for c in cells]
         out = []
-        for s, v in enumerate(ys):
-            hits = (test & (predicted[:, s] == v.unsqueeze(1))).any(dim=1)  # each row is tested in one fold
-            out.append([hits[i, :m].cpu().numpy() for i, m in enumerate(lengths)])
+        for s in range(len(ys)):
+            # Each row is tested in exactly one fold: keep that fold's prediction.
+            index = (predicted[:, s] * test).sum(dim=1)  # (cells, rows)
+            out.append([classes[index[i, :m].cpu().numpy()] for i, m in enumerate(lengths)])
+        return out
+
+    def out_of_fold(self, data: ActivationDataset, progress: bool = False) -> dict[str, np.ndarray]:
+        """Every row's prediction by the probe that did not train on its example.
+
+        Returns, per site, an ``(n_examples, len(steps), k)`` array of predicted values (the
+        label's token ids), ``-1`` where the row is outside the phase or its cell was skipped:
+        the per-row material for analyses such as the planning lead. The task probe only.
+        """
+        sites, steps = self._select(data)
+        layout = self._layout(data)
+        rng = np.random.default_rng(self.seed)
+        if data.n_examples < self.folds:
+            raise ValueError(f"{data.n_examples} examples are too few for {self.folds}-fold probing")
+        fold_of = rng.permutation(data.n_examples) % self.folds
+        classes = np.unique(layout["y"])
+        k = layout["positions"].shape[1]
+        out = {site: np.full((data.n_examples, len(steps), k), -1, dtype=np.int64) for site in sites}
+        step_index = {step: i for i, step in enumerate(steps)}
+        total = len(sites) * len(steps) * (k if self.per_slot else 1)
+        batch: list[Cell] = []
+
+        def flush() -> None:
+            for cell, guess in zip(batch, self._cross_validate(batch, [[c.y for c in batch]], fold_of, classes)[0]):
+                out[cell.site][cell.examples, step_index[cell.step], cell.slots] = guess
+            batch.clear()
+
+        for cell in tqdm(self._cells(data, sites, steps, layout, StoredFeatures(data)), total=total,
+                         disable=not progress, desc=f"probe {self.label} (per row)", unit="cell"):
+            if len(cell.y) < self.min_rows or len(np.unique(cell.examples)) < self.folds or len(np.unique(cell.y)) < 2:
+                continue
+            batch.append(cell)
+            if len(batch) == self.cells_per_fit:
+                flush()
+        if batch:
+            flush()
         return out
 
     def _online_code(self, cell: Cell, classes: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
@@ -340,6 +385,19 @@ class RandomWeightsFeatures:
 
 
 FeatureSource = StoredFeatures | RandomWeightsFeatures
+
+
+def frontier_positions(data: ActivationDataset, step: int) -> np.ndarray:
+    """Per example, the canvas position of the last written token of the target's prefix at ``step``.
+
+    That is the token before the first still-masked target position (``<sep>`` if the first one is
+    still masked; the last target position if none is). For an autoregressive model at step ``s``
+    it is ``target_start + s - 1``, the position whose forward pass writes the next token.
+    """
+    length = data.output.shape[1]
+    masked = data.canvas[:, step, data.target_start : data.target_start + length] == data.mask_id
+    first_masked = np.where(masked.any(axis=1), masked.argmax(axis=1), length)
+    return data.target_start - 1 + first_masked
 
 
 def _control_labels(control_type: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
