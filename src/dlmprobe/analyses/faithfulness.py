@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -29,6 +28,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from dlmprobe.analyses.common import wilson_interval, wilson_rate  # noqa: F401  (re-exported)
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
 from dlmprobe.datasets import Arith, Example, Task
@@ -48,23 +48,6 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("answer_follows", "answer_follows", "corrupted"),
     ("reasoning_changed", "reasoning_changed", "corrupted"),
 )
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of the rate ``k / n`` (95% by default); NaNs when ``n == 0``."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    # Exact at k = 0 and k = n, where rounding would put the bound a hair inside the rate.
-    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
-
-
-def wilson_rate(k: int, n: int) -> dict[str, float | int]:
-    """``k``, ``n``, the rate ``k / n`` (NaN when ``n == 0``) and its Wilson 95% interval, as table columns."""
-    low, high = wilson_interval(k, n)
-    return {"k": k, "n": n, "rate": k / n if n else float("nan"), "ci_low": low, "ci_high": high}
 
 
 def sample_in_chunks(

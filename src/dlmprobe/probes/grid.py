@@ -74,6 +74,9 @@ class ProbeGrid:
             ahead; for it the store needs the ``<sep>`` position (``positions="sep+target"``).
         phase: rows still masked at the step (``before_commit``) or already committed.
         per_slot: one probe per label slot instead of one for all slots of the label.
+        per_distance: one probe per distance between the probed position and the read position
+            (``slot`` then holds the distance): with ``read="frontier"``, "k positions ahead of the
+            last written token", since one feature vector cannot name several slots' tokens at once.
         sites, steps: subsets of the stored ones (None = all).
         folds: k of the k-fold split by example; ``seed`` seeds folds, control labels, bootstrap.
         C: inverse L2 strength, as scikit-learn's. ``min_rows``: smaller cells are skipped.
@@ -85,6 +88,7 @@ class ProbeGrid:
     read: str | int = "own"
     phase: Phase = "before_commit"
     per_slot: bool = False
+    per_distance: bool = False
     sites: Sequence[str] | None = None
     steps: Sequence[int] | None = None
     folds: int = 5
@@ -108,6 +112,8 @@ class ProbeGrid:
             raise ValueError(f"phase must be 'before_commit' or 'after_commit', got {self.phase!r}")
         if not (self.read in ("own", "pooled", "frontier") or isinstance(self.read, int)):
             raise ValueError(f"read must be 'own', 'pooled', 'frontier' or a canvas position, got {self.read!r}")
+        if self.per_distance and (self.per_slot or self.read == "pooled"):
+            raise ValueError("per_distance needs a single read position (own, frontier or a canvas position) and no per_slot")
         if self.folds < 2:
             raise ValueError(f"folds must be >= 2, got {self.folds}")
         if self.C <= 0:
@@ -159,18 +165,27 @@ class ProbeGrid:
             keep = masked if self.phase == "before_commit" else ~masked
             for site in sites:
                 acts = features(site, step)  # (n, stored_pos, d)
+                read_at = positions  # (n, k) canvas position each row is read at
                 if self.read == "own":
                     X_all = acts[rows, data.position_index(positions)]  # (n, k, d)
                 elif self.read == "pooled":
                     X_all = np.broadcast_to(acts.mean(axis=1, keepdims=True), (n, k, acts.shape[2]))
                 elif self.read == "frontier":
-                    index = data.position_index(frontier_positions(data, step))
+                    frontier = frontier_positions(data, step)
+                    read_at = np.broadcast_to(frontier[:, None], (n, k))
+                    index = data.position_index(frontier)
                     X_all = np.broadcast_to(acts[np.arange(n), index][:, None], (n, k, acts.shape[2]))
                 else:
+                    read_at = np.full((n, k), int(self.read))
                     index = int(data.position_index(np.array([self.read]))[0])
                     X_all = np.broadcast_to(acts[:, index : index + 1], (n, k, acts.shape[2]))
-                slot_groups = [(j, keep[:, j : j + 1], slice(j, j + 1)) for j in range(k)] if self.per_slot \
-                    else [(-1, keep, slice(None))]
+                if self.per_slot:
+                    slot_groups = [(j, keep[:, j : j + 1], slice(j, j + 1)) for j in range(k)]
+                elif self.per_distance:
+                    distance = positions - read_at
+                    slot_groups = [(int(dd), keep & (distance == dd), slice(None)) for dd in np.unique(distance[keep])]
+                else:
+                    slot_groups = [(-1, keep, slice(None))]
                 for slot, mask, part in slot_groups:
                     X = X_all[:, part][mask]
                     if not np.isfinite(X).all():
@@ -208,7 +223,7 @@ class ProbeGrid:
         records: dict[tuple[str, int, int], dict[str, Any]] = {}
         self.skipped = []
         total = len(sites) * len(steps) * (layout["positions"].shape[1] if self.per_slot else 1)
-        bar = tqdm(total=total * len(sources), disable=not progress, desc=f"probe {self.label}", unit="cell")
+        bar = tqdm(total=None if self.per_distance else total * len(sources), disable=not progress, desc=f"probe {self.label}", unit="cell")
         for variant, source in sources.items():
             batch: list[Cell] = []
             for cell in self._cells(data, sites, steps, layout, source):
@@ -232,7 +247,7 @@ class ProbeGrid:
         table = pd.DataFrame(list(records.values()))
         if "control_accuracy" in table:
             table["selectivity"] = table["accuracy"] - table["control_accuracy"]
-        return table.sort_values(["site", "step", "slot"]).reset_index(drop=True)
+        return table.sort_values(["site", "step", "distance" if self.per_distance else "slot"]).reset_index(drop=True)
 
     def _fit_batch(self, cells: list[Cell], variant: str, fold_of: np.ndarray, classes: np.ndarray,
                    control_map: np.ndarray, committed: np.ndarray,
@@ -248,7 +263,8 @@ class ProbeGrid:
                 if name == "task":
                     low, high = _bootstrap(hits, cell.examples, self.bootstrap, rng)
                     records[key] = {
-                        "site": cell.site, "layer": layer_of(cell.site), "step": cell.step, "slot": cell.slot,
+                        "site": cell.site, "layer": layer_of(cell.site), "step": cell.step,
+                        ("distance" if self.per_distance else "slot"): cell.slot,
                         "committed_fraction": float(committed[cell.step]), "label": self.label,
                         "target": self.target, "read": str(self.read), "phase": self.phase,
                         "n_examples": int(len(np.unique(cell.examples))), "n_rows": int(len(y)),

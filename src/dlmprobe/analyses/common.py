@@ -1,0 +1,73 @@
+"""Small helpers every store-based analysis shares: the task, kind and run description of a store."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dlmprobe.datasets import Task, get_task
+from dlmprobe.datasets.store import ActivationDataset
+
+
+def task_of(data: ActivationDataset) -> Task:
+    """The task (with its options) a store was recorded on."""
+    spec = data.config.get("task")
+    if not spec:
+        raise ValueError(f"{data.path} has no task description; was it written by dlmprobe cache?")
+    return get_task(spec["name"], **spec.get("params", {}))
+
+
+def kind_of(data: ActivationDataset) -> str:
+    """``"diffusion"`` or ``"autoregressive"``: the kind of model a store was recorded from."""
+    kind = data.config.get("model", {}).get("kind")
+    if kind not in ("diffusion", "autoregressive"):
+        raise ValueError(f"{data.path} does not say which kind of model wrote it (got {kind!r})")
+    return kind
+
+
+def default_label(data: ActivationDataset, label: str | None) -> str:
+    """``label`` if given (checked), else the task's answer label."""
+    if label is None:
+        label = data.config.get("task", {}).get("answer_label") or data.label_names[0]
+    if label not in data.label_names:
+        raise ValueError(f"unknown label {label!r}; {data.path.name} has labels {data.label_names}")
+    return label
+
+
+def describe_run(data: ActivationDataset) -> dict[str, Any]:
+    """What a store holds, for an analysis's ``meta``."""
+    return {
+        "path": str(data.path), "model": data.config.get("model", {}).get("name"), "kind": kind_of(data),
+        "task": data.config.get("task", {}).get("name"), "task_params": data.config.get("task", {}).get("params"),
+        "sampler": data.config.get("sampler"), "n_examples": data.n_examples, "n_steps": data.n_steps,
+        "solve_rate": float(np.mean(data.solved)),
+    }
+
+
+def percent(value: float) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{100 * value:.0f}%"
+
+
+def best_site(table: pd.DataFrame, column: str = "accuracy") -> str:
+    """The site with the highest mean ``column`` over the steps of a probe table."""
+    return str(table.groupby("site")[column].mean().idxmax())
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of the rate ``k / n`` (95% by default); NaNs when ``n == 0``."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    # Exact at k = 0 and k = n, where rounding would put the bound a hair inside the rate.
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
+
+
+def wilson_rate(k: int, n: int) -> dict[str, float | int]:
+    """``k``, ``n``, the rate ``k / n`` (NaN when ``n == 0``) and its Wilson 95% interval, as table columns."""
+    low, high = wilson_interval(k, n)
+    return {"k": k, "n": n, "rate": k / n if n else float("nan"), "ci_low": low, "ci_high": high}

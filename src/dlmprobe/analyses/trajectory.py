@@ -1,0 +1,100 @@
+"""Analysis 8: trajectory view — how one example's output changes across denoising steps.
+
+A token x step picture of the target region: committed tokens coloured by the step that committed
+them, and at positions still masked the model's current argmax guess (and, if given, a probe's
+guess), marked by whether it already equals the token finally committed there.
+
+Example:
+    >>> result = trajectory_view(ActivationDataset("runs/sudoku.h5"), example=0)
+    >>> result.figure
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from dlmprobe.analyses.common import describe_run, task_of
+from dlmprobe.analyses.plotting import figure
+from dlmprobe.analyses.result import AnalysisResult
+from dlmprobe.datasets.store import ActivationDataset
+
+
+def trajectory_view(data: ActivationDataset, example: int = 0, probe: np.ndarray | None = None,
+                    probe_name: str = "probe") -> AnalysisResult:
+    """One example's trajectory as a table (step x position) and a picture.
+
+    Args:
+        data: a store.
+        example: index of the example in the store.
+        probe: optional per-step probe guesses for this example, ``(n_steps, target_length)`` token
+            ids (``-1`` where none), e.g. from :meth:`ProbeGrid.out_of_fold` spread over the steps.
+    """
+    if not 0 <= example < data.n_examples:
+        raise ValueError(f"example must be in [0, {data.n_examples}), got {example}")
+    task = task_of(data)
+    vocab = task.vocab
+    length = data.output.shape[1]
+    target = slice(data.target_start, data.target_start + length)
+    canvas = data.canvas[example, :, target]  # (n_steps + 1, length)
+    prediction = data.prediction[example, :, target]  # (n_steps, length)
+    confidence = data.confidence[example, :, target].astype(float)
+    commit = data.commit_step[example, target]
+    final = canvas[-1]
+    n_steps = data.n_steps
+    if probe is not None and probe.shape != (n_steps, length):
+        raise ValueError(f"probe guesses must be (n_steps, target_length) = {(n_steps, length)}, got {probe.shape}")
+    records = []
+    for step in range(n_steps):
+        for pos in range(length):
+            masked = canvas[step, pos] == data.mask_id
+            records.append({
+                "step": step, "position": pos, "masked": bool(masked), "final": vocab.tokens[final[pos]],
+                "commit_step": int(commit[pos]),
+                "argmax": vocab.tokens[prediction[step, pos]] if prediction[step, pos] >= 0 else None,
+                "confidence": confidence[step, pos],
+                "argmax_is_final": bool(prediction[step, pos] == final[pos]),
+                **({probe_name: vocab.tokens[probe[step, pos]] if probe[step, pos] >= 0 else None} if probe is not None else {}),
+            })
+    table = pd.DataFrame(records)
+    fig = _plot(canvas, prediction, commit, final, probe, vocab, data.mask_id, n_steps, length)
+    prompt = data.prompt[example].tolist()
+    masked_guess = table[table["masked"]]
+    summary = (
+        f"Example {example} ({'solved' if data.solved[example] else 'not solved'}): {length} target positions over "
+        f"{n_steps} steps. While a position is still masked, the model's argmax already equals the token finally "
+        f"committed there in {100 * masked_guess['argmax_is_final'].mean():.0f}% of (step, position) pairs. "
+        f"Puzzle:\n\n```\n{task.render(prompt, final.tolist())}\n```"
+    )
+    return AnalysisResult("trajectory", f"Trajectory of example {example}", table, fig, summary,
+                          meta={"run": describe_run(data), "example": example})
+
+
+def _plot(canvas, prediction, commit, final, probe, vocab, mask_id, n_steps, length):
+    cell = 0.32
+    fig, (axis,) = figure(width=max(6.0, n_steps * cell + 2), height=max(3.0, length * cell * 0.75 + 1.2))
+    committed = canvas[:n_steps] != mask_id  # state seen by each step's forward pass
+    colour = np.where(committed, commit[None, :], np.nan).T.astype(float)  # (length, steps)
+    image = axis.imshow(colour, aspect="auto", cmap="viridis", vmin=0, vmax=max(n_steps - 1, 1), origin="upper")
+    axis.set_facecolor("#eeeeee")
+    fontsize = 7 if length <= 24 else 5.5
+    for step in range(n_steps):
+        for pos in range(length):
+            if committed[step, pos]:
+                axis.text(step, pos, vocab.tokens[canvas[step, pos]], ha="center", va="center", fontsize=fontsize,
+                          color="white")
+            else:
+                guess = prediction[step, pos]
+                text = vocab.tokens[guess] if guess >= 0 else ""
+                if probe is not None and probe[step, pos] >= 0:
+                    text += "|" + vocab.tokens[probe[step, pos]]
+                right = guess == final[pos]
+                axis.text(step, pos, text, ha="center", va="center", fontsize=fontsize * 0.9, style="italic",
+                          color="#2a7f2a" if right else "#b22222")
+    axis.set_xlabel("denoising step (the canvas each forward pass saw)")
+    axis.set_ylabel("target position")
+    axis.set_title("committed tokens (colour = commit step); grey: masked, with the model's guess "
+                   "(green = already the final token, red = not)" + (" | probe guess" if probe is not None else ""),
+                   fontsize=8)
+    fig.colorbar(image, ax=axis, fraction=0.03, label="commit step")
+    return fig
