@@ -41,6 +41,7 @@ def planning_lead(
     label: str | None = None,
     site: str | None = None,
     folds: int = 5,
+    predicted: np.ndarray | None = None,
     progress: bool = True,
 ) -> AnalysisResult:
     """The lead of the probe and of the model's argmax over the commit, per example and position.
@@ -50,15 +51,21 @@ def planning_lead(
             predicts it, so its own argmax has no lead by construction).
         label: the label whose positions are followed (default: the task's answer label).
         site: the probed site (default: the deepest stored one).
+        predicted: the site's out-of-fold probe predictions if already computed
+            (``ProbeGrid(label, sites=[site]).out_of_fold(data)[site]``), else they are computed here.
     """
     label = default_label(data, label)
     site = site or data.sites[-1]
     if site not in data.sites:
         raise ValueError(f"unknown site {site!r}; {data.path.name} has sites {data.sites}")
-    grid = ProbeGrid(label=label, sites=[site], folds=folds, control=False, random_baseline=False, bootstrap=0)
-    probe = grid.out_of_fold(data, progress=progress)[site]  # (n, stored steps, k)
     slots, _ = data.label(label)
     n, k = slots.shape
+    if predicted is None:
+        grid = ProbeGrid(label=label, sites=[site], folds=folds, control=False, random_baseline=False, bootstrap=0)
+        predicted = grid.out_of_fold(data, progress=progress)[site]
+    if predicted.shape != (n, len(data.steps), k):
+        raise ValueError(f"predicted must be (examples, stored steps, slots) = {(n, len(data.steps), k)}, got {predicted.shape}")
+    probe = predicted  # (n, stored steps, k)
     positions = data.target_start + slots
     rows = np.arange(n)[:, None]
     final = data.canvas[rows, -1, positions]  # (n, k)

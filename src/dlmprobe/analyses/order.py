@@ -92,7 +92,7 @@ def _plot(per_label, last, answer, reasoning, candidates):
     shown = [answer] + ([reasoning] if reasoning else []) + [n for n in per_label if n not in (answer, reasoning)]
     shown = shown[:6]
     values = [per_label[n][np.isfinite(per_label[n])] / last for n in shown]
-    axes[0].boxplot(values, vert=False, tick_labels=shown)
+    axes[0].boxplot(values, orientation="horizontal", tick_labels=shown)
     axes[0].set_xlabel("commit step / last step")
     axes[0].set_title("when each label's tokens are committed")
     axes[0].set_xlim(-0.02, 1.02)
