@@ -130,18 +130,77 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dlmprobe.models import load_model, shipped_checkpoints
-    from dlmprobe.sampling import evaluate
+    from dlmprobe.pipeline import DemoConfig, run_demo
 
     _set_threads(args.threads)
-    names = shipped_checkpoints()
-    if not names:
-        raise UsageError("no shipped checkpoints found in the installed package")
-    print(f"{'model':<28} {'params':>8} {'exact-solve':>12} {'n':>5}")
-    for name in names:
-        ckpt = load_model(name)
-        accuracy = evaluate(ckpt.model, ckpt.task, ckpt.kind, n=args.n, seed=args.seed, progress=True)
-        print(f"{name:<28} {ckpt.n_params:>8,} {accuracy:>12.3f} {args.n:>5}")
+    config = DemoConfig(n=args.n, n_model=args.n_model, record_every=args.record_every, seed=args.seed)
+    report = run_demo(args.out, config)
+    print(f"\nreport: {report.resolve()}\n(open it in a browser; the tables behind it are in {report.parent / 'results'})")
+    return 0
+
+
+def _open_store(path: str):
+    from dlmprobe.datasets.store import ActivationDataset
+
+    if not Path(path).is_file():
+        raise UsageError(f"expected an HDF5 activation dataset written by dlmprobe cache, got {path!r} (no such file)")
+    return ActivationDataset(path)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from dlmprobe import analyses
+    from dlmprobe.models import load_model
+
+    _set_threads(args.threads)
+    out = Path(args.out)
+    name = {"order": "order"}.get(args.analysis, args.analysis)
+    if (out / name).exists() and not args.overwrite:
+        raise UsageError(f"{out / name} already exists; pass --overwrite to replace it")
+    progress = not args.quiet
+    if args.analysis == "decodability":
+        steps = None if args.steps == "all" else _parse_steps(args.steps)
+        result = analyses.decodability(_open_store(args.store), label=args.label, target=args.target, sites=args.sites,
+                                       steps=steps if isinstance(steps, list) else None, progress=progress)
+    elif args.analysis == "lead":
+        result = analyses.planning_lead(_open_store(args.store), label=args.label, site=args.site, progress=progress)
+    elif args.analysis == "compare":
+        runs = {}
+        for spec in args.runs:
+            run, sep, path = spec.partition("=")
+            if not sep or not run or not path:
+                raise UsageError(f"compare expects runs as NAME=FILE.h5, got {spec!r}")
+            runs[run] = _open_store(path)
+        result = analyses.compare_runs(runs, label=args.label, sites=args.sites, progress=progress)
+    elif args.analysis == "order":
+        result = analyses.commit_order(_open_store(args.store), answer=args.answer, reasoning=args.reasoning)
+    elif args.analysis == "faithfulness":
+        twin = load_model(args.twin) if args.twin else None
+        result = analyses.faithfulness(load_model(args.model), n=args.n, seed=args.seed, corrupt_label=args.corrupt_label,
+                                       answer_label=args.answer_label, twin=twin, progress=progress)
+    elif args.analysis == "paraphrase":
+        result = analyses.paraphrase_run(load_model(args.model), n=args.n, seed=args.seed, probe_site=args.probe_site,
+                                         label=args.label, progress=progress)
+    elif args.analysis == "causal":
+        result = analyses.causal_check(load_model(args.model), _open_store(args.store), args.site, label=args.label,
+                                       n=args.n, seed=args.seed, progress=progress)
+    else:  # trajectory
+        result = analyses.trajectory_view(_open_store(args.store), example=args.example)
+    folder = result.save(out)
+    print(result.summary)
+    print(f"\nwrote {folder} (table.csv, figure.png, result.json); dlmprobe report {out} builds the HTML page")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dlmprobe.report import write_report
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise UsageError(f"expected a folder of saved analyses (from dlmprobe analyze or demo), got {args.folder!r}")
+    out = Path(args.out) if args.out else folder / "report.html"
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out} already exists; pass --overwrite to replace it")
+    print(f"wrote {write_report(folder, out, title=args.title)}")
     return 0
 
 
@@ -315,11 +374,72 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dlmprobe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="the main job on the built-in default: evaluate every shipped model")
-    p.add_argument("--n", type=int, default=100, help="held-out puzzles per model")
+    p = sub.add_parser("demo", help="the main job: sample, capture, probe, analyse and report on the shipped models")
+    p.add_argument("--out", default="runs/demo", help="folder for the datasets, results and report.html (replaced)")
+    p.add_argument("--n", type=int, default=192, help="held-out puzzles per activation dataset")
+    p.add_argument("--n-model", type=int, default=160, help="puzzles per model-based analysis")
+    p.add_argument("--record-every", type=int, default=3, help="record every k-th denoising step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("analyze", help="run one analysis and save its table, figure and summary")
+    p.add_argument("--out", default="runs/analyses", help="folder of saved analyses (one sub-folder each)")
+    p.add_argument("--overwrite", action="store_true", help="replace a saved analysis of the same name")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    kinds = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    q = kinds.add_parser("decodability", help="1: probe accuracy per layer and step before commit")
+    q.add_argument("store")
+    q.add_argument("--label")
+    q.add_argument("--target", choices=("output", "truth"), default="output")
+    q.add_argument("--sites", nargs="+")
+    q.add_argument("--steps", default="all", help="'all' or a list such as 0,4,8 (stored steps)")
+    q = kinds.add_parser("lead", help="2: how many steps before its commit a token is known")
+    q.add_argument("store")
+    q.add_argument("--label")
+    q.add_argument("--site")
+    q = kinds.add_parser("compare", help="3: diffusion vs autoregressive (vs left-to-right diffusion)")
+    q.add_argument("runs", nargs="+", help="NAME=FILE.h5, e.g. diffusion=d.h5 autoregressive=ar.h5")
+    q.add_argument("--label")
+    q.add_argument("--sites", nargs="+")
+    q = kinds.add_parser("order", help="4: when answer tokens are committed vs reasoning tokens")
+    q.add_argument("store")
+    q.add_argument("--answer")
+    q.add_argument("--reasoning")
+    q = kinds.add_parser("faithfulness", help="5: corrupt committed reasoning at step t; does the answer follow?")
+    q.add_argument("--model", required=True)
+    q.add_argument("--twin", help="the autoregressive twin to run the same corruption on")
+    q.add_argument("--n", type=int, default=200)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--corrupt-label")
+    q.add_argument("--answer-label")
+    q = kinds.add_parser("paraphrase", help="6: rewrite the canvas after every step, meaning preserved")
+    q.add_argument("--model", required=True)
+    q.add_argument("--n", type=int, default=200)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--probe-site")
+    q.add_argument("--label")
+    q = kinds.add_parser("causal", help="7: ablate or steer the probe subspace while sampling")
+    q.add_argument("store")
+    q.add_argument("--model", required=True)
+    q.add_argument("--site", required=True)
+    q.add_argument("--label")
+    q.add_argument("--n", type=int, default=200)
+    q.add_argument("--seed", type=int, default=1)
+    q = kinds.add_parser("trajectory", help="8: one example's canvas, token x step")
+    q.add_argument("store")
+    q.add_argument("--example", type=int, default=0)
+    for q in kinds.choices.values():
+        q.error = p.error  # one-line errors here too
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("report", help="a self-contained HTML page from a folder of saved analyses")
+    p.add_argument("folder")
+    p.add_argument("--out", help="the HTML file (default FOLDER/report.html)")
+    p.add_argument("--title", default="dlmprobe report")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("train", help="train a diffusion denoiser or its autoregressive twin on a task")
     p.add_argument("--task", choices=sorted(TASKS), required=True)
@@ -424,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (UsageError, ValueError, OSError) as err:
+    except (UsageError, ValueError, OSError, NotImplementedError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"dlmprobe {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -1,0 +1,512 @@
+"""Causal check of a probe: does the model use what the probe reads, or only carry it?
+
+A probe that decodes, from a still-masked position, the token the model will commit there shows
+that the information is present, not that the model acts on it (Nanda et al. 2023 intervened on
+Othello board directions for this reason). This analysis fits one multinomial probe for a label
+on a stored run and samples fresh puzzles again with a hook on the probed site that, from
+denoising step ``t`` on, edits the activation ``h`` of every label position still masked, within
+a rank ``C - 1`` subspace (``C`` classes):
+
+* ``ablate``: ``h - P (h - μ)``, ``μ`` the mean training activation: the subspace's component is
+  set to the mean's, everything else is kept;
+* ``steer``: ``h - α P (h - m_c)``, ``m_c`` the mean training activation of class ``c``, a seeded
+  random class other than the token the clean run commits there.
+
+``P`` projects onto one of these subspaces, each of rank ``C - 1``:
+
+* ``probe``: the probe's class directions in activation space, centred over classes and
+  orthonormalised (``P = U Uᵀ``). Removing it blinds this probe, not necessarily the model: probe
+  weights are filters (Haufe et al. 2014), which can lie in low-variance directions the model
+  never reads while the information itself stays elsewhere;
+* ``leace``: LEACE (Belrose et al. 2023, arXiv 2306.03819), the least-squares edit after which no
+  linear classifier reads the label better than a constant (an oblique projection of the same
+  rank). It asks whether the model uses the linearly decodable information at all;
+* ``random`` (control, ablated only): a random orthonormal basis;
+* ``pca`` (control, ablated only): the highest-variance directions of the training activations
+  after LEACE: an edit about as large as LEACE's that removes no linear label information (LEACE
+  moves activations much further than a random subspace when the label dominates the variance).
+
+What the model commits is compared with a clean run of the same puzzles and sampler: the fraction
+of edited positions whose token changes, the exact-solve rate, and for ``steer`` the fraction that
+commit ``c`` (chance ``1 / C``), each with a 95% bootstrap interval over puzzles.
+
+Example:
+    >>> ckpt = load_model("sudoku-diffusion")
+    >>> data = ActivationDataset("runs/sudoku.h5")      # dlmprobe cache --model sudoku-diffusion ...
+    >>> result = causal_check(ckpt, data, "blocks.3.hook_resid_post", label="blank")
+    >>> result.table[["intervention", "subspace", "start_step", "changed", "steered", "solved"]]
+    >>> print(result.summary)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float, Int
+from matplotlib.figure import Figure
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
+from dlmprobe.analyses.result import AnalysisResult
+from dlmprobe.datasets import Example, Task, get_task
+from dlmprobe.datasets.store import ActivationDataset
+from dlmprobe.hooks import layer_of
+from dlmprobe.models import Checkpoint
+from dlmprobe.probes.linear import LinearProbe
+from dlmprobe.sampling import DiffusionSamplerConfig, Trajectory, generate, solved
+
+SUBSPACES: tuple[str, ...] = ("probe", "leace")
+CONTROLS: tuple[str, ...] = ("random", "pca")
+SUBSPACE_COLOURS = {"probe": CONDITION_COLOURS["probe"], "leace": "#8c564b", "random": CONDITION_COLOURS["control"],
+                    "pca": "#17becf"}
+# An edit maps the activations of the edited rows, given each row's example index and canvas
+# position, to their new values.
+Edit = Callable[[Float[Tensor, "row d"], Int[Tensor, "row"], Int[Tensor, "row"]], Float[Tensor, "row d"]]
+
+
+@dataclass
+class Subspace:
+    """A rank-``r`` subspace of activation space, as the edit ``h - write readᵀ (h - x)``.
+
+    ``read`` (d, r) takes the coordinates of ``h - x`` in the subspace, ``write`` (d, r) maps them
+    back, so the edit gives ``h`` the subspace component of the point ``x`` and keeps the rest. For
+    an orthogonal projection both are the same orthonormal basis.
+    """
+
+    read: Float[Tensor, "d rank"]
+    write: Float[Tensor, "d rank"]
+
+    @property
+    def rank(self) -> int:
+        return self.read.shape[1]
+
+    def move(self, h: Float[Tensor, "row d"], towards: Float[Tensor, "row d"] | Float[Tensor, "d"],
+             alpha: float = 1.0) -> Float[Tensor, "row d"]:
+        """``h - α write readᵀ (h - towards)``: at ``α = 1`` h's component in the subspace is towards'."""
+        return h - alpha * (((h - towards) @ self.read) @ self.write.T)
+
+    def to(self, device: torch.device | str) -> Subspace:
+        return Subspace(self.read.to(device), self.write.to(device))
+
+
+def probe_subspace(coef: Float[np.ndarray, "cls d"]) -> Subspace:
+    """The orthonormalised class directions of a multinomial probe, centred over classes.
+
+    Only differences between class logits matter, so the mean direction is removed first; the
+    rank is at most ``C - 1``.
+    """
+    centred = np.asarray(coef, dtype=np.float64)
+    centred = centred - centred.mean(axis=0, keepdims=True)
+    u, s, _ = np.linalg.svd(centred.T, full_matrices=False)
+    basis = torch.as_tensor(u[:, : _rank(s)], dtype=torch.float32)
+    return Subspace(basis, basis)
+
+
+def leace_subspace(X: Float[np.ndarray, "row d"], y: Int[np.ndarray, "row"]) -> Subspace:
+    """The LEACE eraser of labels ``y`` from features ``X`` (Belrose et al. 2023, Theorem 4.3).
+
+    ``h - W⁺ P W (h - μ)`` with ``W`` the whitening ``Σ^{-1/2}`` and ``P`` the orthogonal
+    projection onto the column space of ``W Σ_xz`` (one-hot labels): the smallest edit in mean
+    squared distance after which every class has the same mean, so no linear probe beats a constant.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    centred = X - X.mean(axis=0)
+    values, vectors = np.linalg.eigh(centred.T @ centred / len(X))
+    keep = values > values.max() * 1e-8
+    vectors, root = vectors[:, keep], np.sqrt(values[keep])
+    whiten, unwhiten = (vectors / root) @ vectors.T, (vectors * root) @ vectors.T
+    onehot = (y[:, None] == np.unique(y)[None, :]).astype(np.float64)
+    cross = centred.T @ (onehot - onehot.mean(axis=0)) / len(X)  # Σ_xz, (d, classes)
+    u, s, _ = np.linalg.svd(whiten @ cross, full_matrices=False)
+    u = u[:, : _rank(s)]
+    return Subspace(read=torch.as_tensor(whiten @ u, dtype=torch.float32),
+                    write=torch.as_tensor(unwhiten @ u, dtype=torch.float32))
+
+
+def random_subspace(d: int, rank: int, seed: int) -> Subspace:
+    """A uniformly random orthonormal basis of ``rank`` directions in ``d`` dimensions."""
+    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, rank)))
+    basis = torch.as_tensor(q * np.sign(np.diag(r)), dtype=torch.float32)  # sign fix: uniform (Haar)
+    return Subspace(basis, basis)
+
+
+def pca_subspace(X: Float[np.ndarray, "row d"], rank: int) -> Subspace:
+    """The ``rank`` highest-variance directions of ``X``, as an orthonormal basis."""
+    X = np.asarray(X, dtype=np.float64)
+    centred = X - X.mean(axis=0)
+    _, vectors = np.linalg.eigh(centred.T @ centred)
+    basis = torch.as_tensor(vectors[:, ::-1][:, :rank].copy(), dtype=torch.float32)
+    return Subspace(basis, basis)
+
+
+def ablation_edit(subspace: Subspace, centre: Float[Tensor, "d"]) -> Edit:
+    """Every edited row gets the subspace component of ``centre``."""
+    return lambda h, example, position: subspace.move(h, centre)
+
+
+def steering_edit(subspace: Subspace, class_means: Float[Tensor, "cls d"], goal: Int[Tensor, "example pos"],
+                  alpha: float = 1.0) -> Edit:
+    """Row (example, position) moves ``alpha`` of the way to the subspace component of ``class_means[goal[example, position]]``."""
+    return lambda h, example, position: subspace.move(h, class_means[goal[example, position]], alpha)
+
+
+class _CountingModel(torch.nn.Module):
+    """The model, counting its forward passes and holding the canvas of the one in progress."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.inner = model
+        self.train(model.training)  # generate() restores this flag, and with it the inner model's
+        self.calls = 0
+        self.canvas: Tensor | None = None
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        self.canvas = tokens
+        try:
+            return self.inner(tokens)
+        finally:
+            self.calls += 1
+
+
+def sample_intervened(
+    model: torch.nn.Module,
+    task: Task,
+    examples: Sequence[Example],
+    site: str,
+    edit: Edit,
+    where: Bool[Tensor, "example pos"],
+    start_step: int,
+    sampler: DiffusionSamplerConfig | None = None,
+    batch_size: int = 256,
+) -> Trajectory:
+    """Sample ``examples`` with a diffusion ``model`` (TransformerLens) whose ``site`` is edited.
+
+    From the forward pass of denoising step ``start_step`` on, the rows at canvas positions
+    ``where[example]`` that are still masked in the canvas the model sees go through ``edit``. The
+    step is the number of forward passes since the batch started (one per step). Batches are the
+    ones :func:`~dlmprobe.sampling.generate` makes with the same ``batch_size``, so a clean
+    ``generate`` run with the same arguments is the matching control. The hook is removed on exit,
+    also when sampling raises.
+
+    Example:
+        >>> edit = ablation_edit(probe_subspace(probe.coef_), torch.zeros(d))
+        >>> run = sample_intervened(ckpt.model, task, examples, "blocks.3.hook_resid_post", edit, where, 9)
+    """
+    if site not in model.hook_dict:
+        raise ValueError(f"unknown site {site!r}: expected a hook name of this model such as blocks.0.hook_resid_post")
+    if tuple(where.shape) != (len(examples), task.sequence_length):
+        raise ValueError(f"where must have shape {(len(examples), task.sequence_length)}, got {tuple(where.shape)}")
+    counting = _CountingModel(model)
+    mask_id = task.vocab.mask_id
+    offset = 0  # index of the current batch's first example; the loop below rebinds it
+
+    def hook(activation: Tensor, hook: object) -> Tensor:
+        if counting.calls < start_step:
+            return activation
+        rows = where[offset : offset + activation.shape[0]].to(activation.device)
+        batch, position = (rows & (counting.canvas == mask_id)).nonzero(as_tuple=True)
+        if batch.numel() == 0:
+            return activation
+        edited = activation.clone()
+        edited[batch, position] = edit(activation[batch, position], batch + offset, position)
+        return edited
+
+    parts = []
+    with model.hooks(fwd_hooks=[(site, hook)]):
+        for offset in range(0, len(examples), batch_size):
+            counting.calls = 0
+            batch_examples = examples[offset : offset + batch_size]
+            parts.append(generate(counting, task, batch_examples, "diffusion", sampler, batch_size=len(batch_examples)))
+    return Trajectory.concat(parts)
+
+
+def causal_check(
+    checkpoint: Checkpoint,
+    data: ActivationDataset,
+    site: str,
+    label: str | None = None,
+    start_steps: Sequence[int] | None = None,
+    n: int = 200,
+    seed: int = 1,
+    alpha: float = 1.0,
+    batch_size: int = 256,
+    progress: bool = True,
+    subspaces: Sequence[str] = SUBSPACES,
+) -> AnalysisResult:
+    """Ablate and steer a probe's subspace while sampling fresh puzzles; measure what the model commits.
+
+    Args:
+        checkpoint: the diffusion model ``data`` was recorded from.
+        data: a store holding ``site`` at the label's positions.
+        site: the hook name to probe and edit, e.g. ``"blocks.3.hook_resid_post"``.
+        label: the label whose still-masked positions are probed and edited (default: the task's
+            answer label; ``"blank"`` for sudoku's cells to fill).
+        start_steps: denoising steps from which the edits act (default 0, 25%, 50%, 75% of the run).
+        n: fresh puzzles of the eval split, drawn with ``seed`` (not the store's seed).
+        seed: also seeds the probe's train/test split, the random basis and the steering classes.
+        alpha: steering strength; 1 gives the subspace component of the class mean.
+        subspaces: which of ``"probe"`` and ``"leace"`` to ablate and steer (the ``random`` and
+            ``pca`` controls are always ablated).
+
+    The probe is fitted on 80% of the store's examples (rows pooled over the stored steps, the
+    positions still masked, target = the token finally committed) and scored on the rest; the
+    means and LEACE use the same training rows. One row of the table per (intervention, subspace,
+    start step); ``tables["examples"]`` holds the per-puzzle counts behind it.
+    """
+    began = time.perf_counter()
+    if checkpoint.kind != "diffusion":
+        raise ValueError(f"causal_check needs a diffusion checkpoint, got a {checkpoint.kind} one")
+    if site not in data.sites:
+        raise ValueError(f"site {site!r} is not in the store {data.path}; stored sites: {data.sites}")
+    stored_model = data.config.get("model", {})
+    if stored_model.get("config") != checkpoint.config.to_dict() or (
+        stored_model.get("weights_sha256") and checkpoint.path is not None
+        and stored_model["weights_sha256"] != checkpoint.weights_sha256
+    ):
+        raise ValueError(f"the store {data.path} was recorded from model {stored_model.get('name')!r}, not from this checkpoint")
+    subspaces = list(dict.fromkeys(subspaces))
+    unknown = [s for s in subspaces if s not in SUBSPACES]
+    if unknown or not subspaces:
+        raise ValueError(f"subspaces must be some of {SUBSPACES}, got {list(subspaces)}")
+    task = get_task(data.config["task"]["name"], **data.config["task"]["params"])
+    label = label or task.answer_label
+    if label not in data.label_names:
+        raise ValueError(f"unknown label {label!r}; the store has labels {data.label_names}")
+    sampler = DiffusionSamplerConfig(**data.config["sampler"])
+    n_steps = sampler.resolve(task.target_length)[0]
+    if start_steps is None:
+        start_steps = [int(f * n_steps) for f in (0.0, 0.25, 0.5, 0.75)]
+    start_steps = sorted({int(t) for t in start_steps})
+    if not start_steps or start_steps[0] < 0 or start_steps[-1] >= n_steps:
+        raise ValueError(f"start_steps must lie in [0, {n_steps}), got {list(start_steps)}")
+    cache = data.config.get("cache", {})
+    if cache.get("split") == "eval" and cache.get("seed") == seed:
+        raise ValueError(f"seed {seed} draws the store's own puzzles; pass another seed")
+
+    fit = _fit_probe(data, site, label, seed)
+    classes = fit.probe.classes_
+    device = next(checkpoint.model.parameters()).device
+    leace = leace_subspace(fit.X_train, fit.y_train)
+    erased = leace.move(torch.as_tensor(fit.X_train), torch.as_tensor(fit.mean)).numpy()
+    spaces = {"probe": probe_subspace(fit.probe.coef_), "leace": leace}
+    spaces = {name: spaces[name] for name in subspaces}
+    spaces["random"] = random_subspace(fit.X_train.shape[1], len(classes) - 1, seed)
+    spaces["pca"] = pca_subspace(erased, len(classes) - 1)
+    variants = [("ablate", name) for name in spaces] + [("steer", name) for name in subspaces]
+    diagnostics = _diagnostics(fit, spaces, variants, alpha, seed)
+
+    examples = task.sample(n, split="eval", seed=seed)
+    where = _label_positions(task, examples, label)
+    bar = tqdm(total=len(variants) * len(start_steps) + 1, disable=not progress, desc=f"causal {site}", unit="run")
+    clean = generate(checkpoint.model, task, examples, "diffusion", sampler, batch_size=batch_size)
+    bar.update(1)
+    final = clean.canvases[:, -1]
+    goal = _steering_goals(final, where, classes, seed)
+    mean, class_means = (torch.as_tensor(a, dtype=torch.float32, device=device) for a in (fit.mean, fit.class_means))
+    edits: dict[tuple[str, str], Edit] = {}
+    for kind, name in variants:
+        space = spaces[name].to(device)
+        edits[kind, name] = (ablation_edit(space, mean) if kind == "ablate"
+                             else steering_edit(space, class_means, goal.to(device), alpha))
+    clean_solved = np.array(solved(task, examples, clean))
+    goal_token = torch.as_tensor(classes)[goal.clamp_min(0)]
+    per_example = []
+    for t in start_steps:
+        edited = where & (clean.canvases[:, t] == task.vocab.mask_id)  # the runs agree up to step t
+        for kind, name in variants:
+            run = sample_intervened(checkpoint.model, task, examples, site, edits[kind, name], where, t, sampler, batch_size)
+            bar.update(1)
+            output = run.canvases[:, -1]
+            per_example.append(pd.DataFrame({
+                "intervention": kind, "subspace": name, "start_step": t, "example": np.arange(n),
+                "n_edited": edited.sum(1).numpy(), "n_changed": (edited & (output != final)).sum(1).numpy(),
+                "n_steered": (edited & (output == goal_token)).sum(1).numpy(),
+                "solved": solved(task, examples, run), "clean_solved": clean_solved,
+            }))
+    bar.close()
+    examples_table = pd.concat(per_example, ignore_index=True)
+    table = _summarise(examples_table, len(classes), seed).merge(diagnostics, on=["intervention", "subspace"])
+    meta = {
+        "model": stored_model.get("name"), "store": str(data.path), "site": site, "layer": layer_of(site),
+        "label": label, "n": n, "seed": seed, "alpha": alpha, "start_steps": start_steps, "n_steps": n_steps,
+        "sampler": sampler.to_dict(), "subspaces": list(subspaces), "classes": classes.tolist(),
+        "ranks": {name: space.rank for name, space in spaces.items()},
+        "probe_accuracy": fit.accuracy, "probe_train_rows": len(fit.y_train), "probe_test_rows": len(fit.y_test),
+        "activation_norm": float(np.linalg.norm(fit.X_test - fit.mean, axis=1).mean()),
+        "clean_solved": float(clean_solved.mean()),
+        "puzzles_in_store": len(set(data.uid) & {ex.uid for ex in examples}),
+        "seconds": round(time.perf_counter() - began, 1),
+    }
+    return AnalysisResult(
+        name="causal",
+        title=f"Causal check of the {label!r} probe at {site}",
+        table=table,
+        figure=_figure(table, meta),
+        summary=_summary(table, meta),
+        tables={"examples": examples_table},
+        meta=meta,
+    )
+
+
+@dataclass
+class _ProbeFit:
+    probe: LinearProbe
+    accuracy: float
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    mean: np.ndarray
+    class_means: np.ndarray  # (classes, d), in the order of probe.classes_
+
+
+def _fit_probe(data: ActivationDataset, site: str, label: str, seed: int) -> _ProbeFit:
+    """One probe on the label's still-masked rows pooled over steps; 20% of examples held out."""
+    parts = [data.get(site, int(step), "label", label=label, target="output", only_masked=True) for step in data.steps]
+    X, y, groups = (np.concatenate(column) for column in zip(*parts))
+    held_out = np.random.default_rng(seed).permutation(data.n_examples)[: max(1, data.n_examples // 5)]
+    test = np.isin(groups, held_out)
+    if test.all() or not test.any():
+        raise ValueError(f"the probe needs masked rows of {label!r} in both train and test examples; "
+                         f"got {data.n_examples} examples with {len(y)} such rows")
+    X_train, y_train = X[~test], y[~test]
+    probe = LinearProbe().fit(X_train, y_train)
+    return _ProbeFit(
+        probe, float(probe.score(X[test], y[test])), X_train, y_train, X[test], y[test], X_train.mean(axis=0),
+        np.stack([X_train[y_train == c].mean(axis=0) for c in probe.classes_]),
+    )
+
+
+def _diagnostics(fit: _ProbeFit, spaces: dict[str, Subspace], variants: list[tuple[str, str]],
+                 alpha: float, seed: int) -> pd.DataFrame:
+    """Each edit applied to the held-out stored rows: how far it moves them, what the probe then reads."""
+    X = torch.as_tensor(fit.X_test)
+    classes = fit.probe.classes_
+    target = np.searchsorted(classes, fit.y_test)
+    rng = np.random.default_rng(seed)
+    goal = (target + rng.integers(1, len(classes), size=len(target))) % len(classes)  # never the row's own class
+    mean, class_means = torch.as_tensor(fit.mean), torch.as_tensor(fit.class_means)
+    records = []
+    for kind, name in variants:
+        if kind == "ablate":
+            moved = spaces[name].move(X, mean)
+            after = fit.probe.score(moved.numpy(), fit.y_test)
+        else:
+            moved = spaces[name].move(X, class_means[goal], alpha)
+            after = float((fit.probe.predict(moved.numpy()) == classes[goal]).mean())
+        records.append({"intervention": kind, "subspace": name, "displacement": float((moved - X).norm(dim=1).mean()),
+                        "probe_after": after})
+    return pd.DataFrame(records)
+
+
+def _label_positions(task: Task, examples: Sequence[Example], label: str) -> Bool[Tensor, "example pos"]:
+    where = torch.zeros((len(examples), task.sequence_length), dtype=torch.bool)
+    for i, ex in enumerate(examples):
+        where[i, [task.target_start + p for p in ex.labels[label].positions]] = True
+    return where
+
+
+def _steering_goals(final: Int[Tensor, "example pos"], where: Bool[Tensor, "example pos"],
+                    classes: np.ndarray, seed: int) -> Int[Tensor, "example pos"]:
+    """Per label position, the index of a random class other than the clean run's token (-1 elsewhere)."""
+    rng = np.random.default_rng(seed)
+    clean = final.numpy()
+    goal = np.full(clean.shape, -1, dtype=np.int64)
+    for example, position in zip(*np.nonzero(where.numpy())):
+        goal[example, position] = rng.choice(np.flatnonzero(classes != clean[example, position]))
+    return torch.from_numpy(goal)
+
+
+def _summarise(per_example: pd.DataFrame, n_classes: int, seed: int, n_boot: int = 1000) -> pd.DataFrame:
+    """Rates per (intervention, subspace, start step) with 95% bootstrap intervals over puzzles."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for (kind, name, t), group in per_example.groupby(["intervention", "subspace", "start_step"], sort=False):
+        draws = rng.integers(0, len(group), size=(n_boot, len(group)))
+        edited = group["n_edited"].to_numpy(float)
+        record = {"intervention": kind, "subspace": name, "start_step": int(t), "n_examples": len(group),
+                  "n_positions": int(edited.sum())}
+        for quantity in ("changed", "steered"):
+            hits = group[f"n_{quantity}"].to_numpy(float)
+            if quantity == "steered" and kind != "steer":
+                record.update({quantity: np.nan, f"{quantity}_low": np.nan, f"{quantity}_high": np.nan})
+                continue
+            record[quantity] = hits.sum() / max(edited.sum(), 1)
+            resampled = hits[draws].sum(1) / np.maximum(edited[draws].sum(1), 1)
+            record[f"{quantity}_low"], record[f"{quantity}_high"] = np.percentile(resampled, [2.5, 97.5])
+        wins = group["solved"].to_numpy(float)
+        record["solved"] = wins.mean()
+        record["solved_low"], record["solved_high"] = np.percentile(wins[draws].mean(1), [2.5, 97.5])
+        record["clean_solved"] = group["clean_solved"].mean()
+        record["chance"] = 1.0 / n_classes if kind == "steer" else np.nan
+        records.append(record)
+    return pd.DataFrame(records)
+
+
+def _figure(table: pd.DataFrame, meta: dict) -> Figure:
+    fig, (ablate_ax, steer_ax, solve_ax) = figure(ncols=3, width=4.6)
+    for (kind, name), group in table.groupby(["intervention", "subspace"], sort=False):
+        colour, (style, marker) = SUBSPACE_COLOURS[name], ("-", "o") if kind == "ablate" else ("--", "s")
+        steps = group["start_step"]
+        ax, column = (ablate_ax, "changed") if kind == "ablate" else (steer_ax, "steered")
+        ax.plot(steps, group[column], marker="o", color=colour, label=f"{name} (rank {meta['ranks'][name]})")
+        ax.fill_between(steps, group[f"{column}_low"], group[f"{column}_high"], color=colour, alpha=0.2)
+        solve_ax.plot(steps, group["solved"], marker=marker, ls=style, color=colour, label=f"{kind} {name}")
+        solve_ax.fill_between(steps, group["solved_low"], group["solved_high"], color=colour, alpha=0.1)
+    steer_ax.axhline(1 / len(meta["classes"]), color="black", ls=":", lw=1, label=f"chance 1/{len(meta['classes'])}")
+    solve_ax.axhline(meta["clean_solved"], color="black", ls=":", lw=1, label="clean run")
+    xlabel = "edits start at denoising step"
+    ablate_ax.set(xlabel=xlabel, ylabel=f"edited {meta['label']!r} positions changed", ylim=(-0.02, 1.02),
+                  title=f"ablate at {meta['site']}")
+    steer_ax.set(xlabel=xlabel, ylabel="positions committing the chosen class", ylim=(-0.02, 1.02), title="steer")
+    solve_ax.set(xlabel=xlabel, ylabel="exact-solve rate", ylim=(-0.02, 1.02), title="puzzles solved")
+    for ax in (ablate_ax, steer_ax, solve_ax):
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _summary(table: pd.DataFrame, meta: dict) -> str:
+    rows = {(r.intervention, r.subspace, r.start_step): r for r in table.itertuples()}
+    first, last = meta["start_steps"][0], meta["start_steps"][-1]
+    names = {"probe": "the probe's subspace", "leace": "the LEACE subspace", "random": "a random subspace",
+             "pca": "the top principal directions left after erasure"}
+
+    def ablated(name: str) -> str:
+        row = rows["ablate", name, first]
+        return (f"{names[name]} (moving activations by {row.displacement:.1f} on average) changes {_pct(row.changed)} "
+                f"({_ci(row, 'changed')}) and leaves {_pct(row.solved)} of puzzles solved")
+
+    parts = [(f"The {meta['label']!r} probe at {meta['site']} reads the token the model will commit with "
+              f"{_pct(meta['probe_accuracy'])} held-out accuracy; the clean run solves {_pct(meta['clean_solved'])}. "
+              f"Edits from step {first} on act on {rows['ablate', 'random', first].n_positions} still-masked positions.")]
+    for name in meta["subspaces"]:
+        steer = rows["steer", name, first]
+        parts.append(f"Ablating {ablated(name)}; steering in it commits the chosen class in {_pct(steer.steered)} "
+                     f"({_ci(steer, 'steered')}; chance {_pct(steer.chance)}).")
+    parts.append(f"Controls of rank {meta['ranks']['random']}: ablating {ablated('random')}; ablating {ablated('pca')}.")
+    if last != first:
+        late = ", ".join(f"{_pct(rows['ablate', name, last].changed)} ({name})" for name in [*meta["subspaces"], *CONTROLS])
+        parts.append(f"From step {last} on ({rows['ablate', 'random', last].n_positions} positions still masked) "
+                     f"ablation changes {late}.")
+    return " ".join(parts)
+
+
+def _rank(singular_values: np.ndarray) -> int:
+    """Numerical rank: singular values above a millionth of the largest."""
+    if not singular_values.size or singular_values.max() <= 0:
+        return 0
+    return int((singular_values > singular_values.max() * 1e-6).sum())
+
+
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:.0f}%"
+
+
+def _ci(row: object, column: str) -> str:
+    return f"95% CI {_pct(getattr(row, f'{column}_low'))}–{_pct(getattr(row, f'{column}_high'))}"
