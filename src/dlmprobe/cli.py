@@ -380,13 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-model", type=int, default=160, help="puzzles per model-based analysis")
     p.add_argument("--record-every", type=int, default=3, help="record every k-th denoising step")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the models are small, and more threads than free cores slow torch down)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("analyze", help="run one analysis and save its table, figure and summary")
     p.add_argument("--out", default="runs/analyses", help="folder of saved analyses (one sub-folder each)")
     p.add_argument("--overwrite", action="store_true", help="replace a saved analysis of the same name")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     kinds = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
     q = kinds.add_parser("decodability", help="1: probe accuracy per layer and step before commit")

@@ -1,0 +1,35 @@
+"""The main job end to end, small: every analysis runs on the shipped models and lands in the report."""
+
+import json
+
+import pytest
+
+from dlmprobe.cli import main
+from dlmprobe.pipeline import DemoConfig, run_demo
+from dlmprobe.report import ORDER
+
+
+def test_demo_runs_the_whole_chain(tmp_path):
+    config = DemoConfig(n=20, n_model=16, n_causal=10, record_every=12)
+    lines = []
+    report = run_demo(tmp_path / "demo", config, log=lines.append)
+    page = report.read_text()
+    results = tmp_path / "demo" / "results"
+    for name in ORDER:  # the eight analyses (order twice: sudoku and arith)
+        record = json.loads((results / name / "result.json").read_text())
+        assert record["title"] in page and (results / name / "figure.png").stat().st_size > 1000
+        # Summaries are computed: each quotes at least one number
+        assert any(ch.isdigit() for ch in record["summary"])
+    assert page.count("data:image/png;base64,") == len(ORDER)
+    assert any("report written" in line for line in lines)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--n", "5"], "n >= 10"),
+    (["demo", "--record-every", "0"], "record_every must be >= 1"),
+])
+def test_demo_bad_arguments(argv, message, capsys, tmp_path):
+    assert main(argv + ["--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d").exists()  # refused before anything was written
