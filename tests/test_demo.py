@@ -1,5 +1,6 @@
 """The main job end to end, small: every analysis runs on the shipped models and lands in the report."""
 
+import html
 import json
 
 import pytest
@@ -10,14 +11,14 @@ from dlmprobe.report import ORDER
 
 
 def test_demo_runs_the_whole_chain(tmp_path):
-    config = DemoConfig(n=20, n_model=16, n_causal=10, record_every=12)
+    config = DemoConfig(n=48, n_model=16, n_causal=10, record_every=12)
     lines = []
     report = run_demo(tmp_path / "demo", config, log=lines.append)
     page = report.read_text()
     results = tmp_path / "demo" / "results"
     for name in ORDER:  # the eight analyses (order twice: sudoku and arith)
         record = json.loads((results / name / "result.json").read_text())
-        assert record["title"] in page and (results / name / "figure.png").stat().st_size > 1000
+        assert html.escape(record["title"]) in page and (results / name / "figure.png").stat().st_size > 1000
         # Summaries are computed: each quotes at least one number
         assert any(ch.isdigit() for ch in record["summary"])
     assert page.count("data:image/png;base64,") == len(ORDER)
