@@ -47,7 +47,12 @@ def _markdown(text: str) -> str:
         escaped = html.escape(part)
         escaped = re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
         escaped = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", escaped)
-        out += [f"<p>{p.strip()}</p>" for p in escaped.split("\n\n") if p.strip()]
+        for paragraph in (p.strip() for p in escaped.split("\n\n")):
+            lines = paragraph.splitlines()
+            if lines and all(line.startswith("- ") for line in lines):
+                out.append("<ul>" + "".join(f"<li>{line[2:]}</li>" for line in lines) + "</ul>")
+            elif paragraph:
+                out.append(f"<p>{paragraph}</p>")
     return "\n".join(out)
 
 
@@ -79,8 +84,8 @@ def write_report(folder: str | Path, out: str | Path | None = None, title: str =
     sections, nav = [], []
     for path in found:
         result = load_result(path)
-        anchor = path.name
-        nav.append(f"<a href='#{anchor}'>{html.escape(path.name)}</a>")
+        anchor = html.escape(path.name, quote=True)
+        nav.append(f"<a href='#{anchor}'>{anchor}</a>")
         figure = path / "figure.png"
         image = (f"<img alt='{html.escape(result.title)}' src='data:image/png;base64,"
                  f"{base64.b64encode(figure.read_bytes()).decode()}'>") if figure.is_file() else ""

@@ -10,6 +10,7 @@ import pandas as pd
 
 from dlmprobe.datasets import Task, get_task
 from dlmprobe.datasets.store import ActivationDataset
+from dlmprobe.hooks import layer_of
 
 
 def task_of(data: ActivationDataset) -> Task:
@@ -49,6 +50,17 @@ def describe_run(data: ActivationDataset) -> dict[str, Any]:
 
 def percent(value: float) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{100 * value:.0f}%"
+
+
+def deepest_site(sites) -> str:
+    """The site of the highest layer (sites without a layer, e.g. ``hook_embed``, count as -1).
+
+    Stores list sites in name order (``blocks.10`` before ``blocks.2``), so never take the last one.
+    """
+    sites = list(dict.fromkeys(sites))
+    if not sites:
+        raise ValueError("no site to choose from")
+    return max(sites, key=lambda s: (layer_of(s) if layer_of(s) is not None else -1, s))
 
 
 def best_site(table: pd.DataFrame, column: str = "accuracy") -> str:

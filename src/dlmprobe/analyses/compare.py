@@ -21,11 +21,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from dlmprobe.analyses.common import default_label, describe_run, kind_of, percent, wilson_interval
+from dlmprobe.analyses.common import deepest_site, default_label, describe_run, kind_of, percent
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
 from dlmprobe.datasets.store import ActivationDataset
 from dlmprobe.probes import ProbeGrid
+from dlmprobe.probes.grid import bootstrap_by_example
 
 
 def reads_of(data: ActivationDataset) -> list[str]:
@@ -80,7 +81,7 @@ def compare_runs(
             if read == "frontier":
                 table.insert(0, "run", name)
                 distance_tables.append(table)
-                table = _pool_distances(table)
+                table = _pool_distances(table, grid, bootstrap)
             else:
                 table.insert(0, "run", name)
             table.insert(1, "kind", kind_of(data))
@@ -97,14 +98,18 @@ def compare_runs(
     )
 
 
-def _pool_distances(table: pd.DataFrame) -> pd.DataFrame:
-    """Per-distance cells of a (site, step) pooled into one row, weighted by rows; Wilson intervals
-    over rows (the cells' bootstrap intervals do not combine)."""
+def _pool_distances(table: pd.DataFrame, grid: ProbeGrid, bootstrap: int) -> pd.DataFrame:
+    """Per-distance cells of a (site, step) pooled into one row: accuracy over all their rows, with a
+    bootstrap interval over examples (rows of one example are not independent)."""
     records = []
+    rng = np.random.default_rng(grid.seed)
     for (site, step), group in table.groupby(["site", "step"], sort=True):
         n = int(group["n_rows"].sum())
-        hits = int(round(float((group["accuracy"] * group["n_rows"]).sum())))
-        low, high = wilson_interval(hits, n)
+        parts = [grid.row_hits[(site, int(step), int(d))] for d in group["distance"]]
+        examples = np.concatenate([e for e, _ in parts])
+        hit = np.concatenate([h for _, h in parts])
+        hits = int(hit.sum())
+        low, high = bootstrap_by_example(hit, examples, bootstrap, rng)
         first = group.iloc[0]
         records.append({
             "run": first["run"], "site": site, "layer": first["layer"], "step": int(step),
@@ -161,7 +166,7 @@ def _plot(table: pd.DataFrame, by_distance: pd.DataFrame):
         axis = axes[2]
         for (run, site), group in by_distance.groupby(["run", "site"], sort=False):
             axis.plot(group["distance"], group["accuracy"], marker=".", label=f"{run}, {site.split('.hook')[0]}",
-                      color=CONDITION_COLOURS.get(run), alpha=0.4 + 0.6 * (site == by_distance["site"].iloc[-1]))
+                      color=CONDITION_COLOURS.get(run), alpha=0.4 + 0.6 * (site == deepest_site(by_distance["site"])))
         axis.set_xlabel("positions ahead of the last written token")
         axis.set_ylabel("accuracy")
         axis.set_ylim(0, 1.02)
@@ -182,7 +187,7 @@ def _summary(table: pd.DataFrame, by_distance: pd.DataFrame, label: str) -> str:
         )
     text = f"Decoding `{label}` tokens before they are written. " + "; ".join(parts) + "."
     if len(by_distance):
-        last = by_distance[by_distance["site"] == by_distance["site"].iloc[-1]]
+        last = by_distance[by_distance["site"] == deepest_site(by_distance["site"])]
         near = last[last["distance"] == 1]
         far = last[last["distance"] >= 5]
         for run in last["run"].unique():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from dlmprobe.analyses.common import default_label, describe_run, percent
+from dlmprobe.analyses.common import deepest_site, default_label, describe_run, percent
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
 from dlmprobe.datasets.store import ActivationDataset
@@ -55,7 +55,7 @@ def planning_lead(
             (``ProbeGrid(label, sites=[site]).out_of_fold(data)[site]``), else they are computed here.
     """
     label = default_label(data, label)
-    site = site or data.sites[-1]
+    site = site or deepest_site(data.sites)
     if site not in data.sites:
         raise ValueError(f"unknown site {site!r}; {data.path.name} has sites {data.sites}")
     slots, _ = data.label(label)
@@ -106,7 +106,9 @@ def _summarise(rows: pd.DataFrame, n_steps: int, stored: np.ndarray) -> pd.DataF
             "mean_lead": lead.mean(), "median_lead": lead.median(),
             "mean_lead_fraction": rows[f"lead_{reader}_fraction"].mean(),
             "share_with_lead": (lead > 0).mean(),
-            "share_known_at_step0": (rows[f"first_{reader}_step"] == (stored[0] if reader == "probe" else 0)).mean(),
+            # Over positions with at least one step before their commit (a step-0 commit has none).
+            "share_known_at_step0": (rows.loc[rows["commit_step"] > 0, f"first_{reader}_step"]
+                                     == (stored[0] if reader == "probe" else 0)).mean(),
         })
     return pd.DataFrame(records)
 

@@ -123,7 +123,13 @@ def _summary(table, pairs, candidates, answer, reasoning, n_steps) -> str:
     if candidates is not None:
         rho, p = spearmanr(candidates["candidates"], candidates["commit_step"])
         by = candidates.groupby("candidates")["commit_step"].mean()
-        text += (f" Sudoku blanks with fewer candidates are committed earlier: Spearman ρ = {rho:.2f} "
+        if p < 0.05 and rho > 0:
+            verdict = "Sudoku blanks with fewer candidates are committed earlier"
+        elif p < 0.05:
+            verdict = "Sudoku blanks with fewer candidates are committed later"
+        else:
+            verdict = "No easy-first order: a blank's candidate count does not predict when it is committed"
+        text += (f" {verdict}: Spearman ρ = {rho:.2f} "
                  f"(p = {p:.1g}) between a blank's candidate count at the start and its commit step; mean commit step "
                  + ", ".join(f"{c} candidates: {v:.1f}" for c, v in by.items()) + ".")
     return text

@@ -36,7 +36,7 @@ from dlmprobe.analyses.result import AnalysisResult
 from dlmprobe.datasets import Example, Task
 from dlmprobe.hooks import ActivationRecorder
 from dlmprobe.models import Checkpoint
-from dlmprobe.probes.grid import _bootstrap
+from dlmprobe.probes.grid import bootstrap_by_example
 from dlmprobe.probes.linear import fit_logistic
 from dlmprobe.sampling import StepCallback, Trajectory
 from dlmprobe.sampling.generate import SamplerConfig
@@ -173,7 +173,7 @@ def _probe_hits(runs: dict[str, _Run], train: np.ndarray, n_classes: int) -> dic
 def _rate_row(hits: np.ndarray, examples: np.ndarray, rng: np.random.Generator) -> dict:
     if not len(hits):
         return {"k": 0, "n": 0, "n_examples": 0, "rate": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
-    low, high = _bootstrap(hits, examples, N_BOOTSTRAP, rng)
+    low, high = bootstrap_by_example(hits, examples, N_BOOTSTRAP, rng)
     return {"k": int(hits.sum()), "n": len(hits), "n_examples": len(np.unique(examples)),
             "rate": float(hits.mean()), "ci_low": low, "ci_high": high}
 

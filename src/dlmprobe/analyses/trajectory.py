@@ -59,11 +59,13 @@ def trajectory_view(data: ActivationDataset, example: int = 0, probe: np.ndarray
     table = pd.DataFrame(records)
     fig = _plot(canvas, prediction, commit, final, probe, vocab, data.mask_id, n_steps, length)
     prompt = data.prompt[example].tolist()
-    masked_guess = table[table["masked"]]
+    # Only pairs where the model made a prediction (an autoregressive model predicts one position a step).
+    masked_guess = table[table["masked"] & table["argmax"].notna()]
     summary = (
         f"Example {example} ({'solved' if data.solved[example] else 'not solved'}): {length} target positions over "
         f"{n_steps} steps. While a position is still masked, the model's argmax already equals the token finally "
-        f"committed there in {100 * masked_guess['argmax_is_final'].mean():.0f}% of (step, position) pairs. "
+        f"committed there in {100 * masked_guess['argmax_is_final'].mean():.0f}% of the {len(masked_guess)} "
+        f"(step, masked position) pairs with a prediction. "
         f"Puzzle:\n\n```\n{task.render(prompt, final.tolist())}\n```"
     )
     return AnalysisResult("trajectory", f"Trajectory of example {example}", table, fig, summary,

@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
@@ -104,6 +104,9 @@ class ProbeGrid:
     cells_per_fit: int = 16
     device: str = "cpu"
     skipped: list[str] = field(default_factory=list, init=False, repr=False)
+    # After run(): per cell (site, step, slot), the example and out-of-fold hit of every row.
+    row_hits: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = field(
+        default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.target not in ("output", "truth"):
@@ -120,7 +123,7 @@ class ProbeGrid:
             raise ValueError(f"C must be positive, got {self.C}")
 
     def settings(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "skipped"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
     # -- rows ----------------------------------------------------------------------------------
     def _select(self, data: ActivationDataset) -> tuple[list[str], list[int]]:
@@ -217,11 +220,12 @@ class ProbeGrid:
         sources = {"task": StoredFeatures(data)}
         if self.random_baseline:
             sources["random_weights"] = RandomWeightsFeatures(data, sites)
-        committed = 1.0 - (data.canvas[:, :, data.target_start : data.target_start + layout["positions"].shape[1]]
-                           == data.mask_id).mean(axis=(0, 2))  # fraction of the target committed, per step
+        target = slice(data.target_start, data.target_start + data.output.shape[1])
+        committed = 1.0 - (data.canvas[:, :, target] == data.mask_id).mean(axis=(0, 2))  # of the whole target, per step
 
         records: dict[tuple[str, int, int], dict[str, Any]] = {}
         self.skipped = []
+        self.row_hits = {}
         total = len(sites) * len(steps) * (layout["positions"].shape[1] if self.per_slot else 1)
         bar = tqdm(total=None if self.per_distance else total * len(sources), disable=not progress, desc=f"probe {self.label}", unit="cell")
         for variant, source in sources.items():
@@ -261,7 +265,8 @@ class ProbeGrid:
                 hits = guess == y
                 key = (cell.site, cell.step, cell.slot)
                 if name == "task":
-                    low, high = _bootstrap(hits, cell.examples, self.bootstrap, rng)
+                    self.row_hits[key] = (cell.examples, hits)
+                    low, high = bootstrap_by_example(hits, cell.examples, self.bootstrap, rng)
                     records[key] = {
                         "site": cell.site, "layer": layer_of(cell.site), "step": cell.step,
                         ("distance" if self.per_distance else "slot"): cell.slot,
@@ -436,7 +441,7 @@ def _majority_accuracy(y: np.ndarray, examples: np.ndarray, fold_of: np.ndarray,
     return hits / len(y)
 
 
-def _bootstrap(hits: np.ndarray, examples: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
+def bootstrap_by_example(hits: np.ndarray, examples: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
     """95% percentile interval of accuracy, resampling examples (not rows)."""
     if n_boot < 1:
         return float("nan"), float("nan")
@@ -465,3 +470,4 @@ def _pad_int(values: list[np.ndarray], rows: int, device: str) -> torch.Tensor:
     for i, v in enumerate(values):
         out[i, : len(v)] = torch.as_tensor(v, dtype=torch.long)
     return out
+
