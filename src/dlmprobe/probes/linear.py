@@ -5,6 +5,8 @@
 objective per probe is scikit-learn's ``LogisticRegression(C=C)``:
 ``C * sum_i CE(x_i, y_i) + ||W||^2 / 2`` (the intercept is not penalised), divided by ``C * n`` so
 that probes of different sizes are on one scale (as scikit-learn's lbfgs solver divides it too).
+With two classes the objective stays multinomial (one weight vector per class): scikit-learn fits
+a single vector there, and the two match at twice the C (the penalty on ``w1 - w0`` is halved).
 
 :class:`LinearProbe` is one such probe with the scikit-learn estimator contract, so it works in
 pipelines, ``cross_val_score`` and ``GridSearchCV``; it saves as safetensors + JSON.
