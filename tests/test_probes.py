@@ -201,3 +201,40 @@ def test_probe_command_end_to_end(tiny_config, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(["probe", str(run), "--label", "nope", "--out", str(tmp_path / "p2")]) == 2
     assert "unknown label 'nope'" in capsys.readouterr().err
+
+
+def test_per_distance_cells_find_a_read_ahead_planted_one_position_ahead(tmp_path):
+    """The vector at the first target position holds the token one position further on, nothing else:
+    per-distance probes read from there find it at distance 1 only."""
+    rng = np.random.default_rng(1)
+    answers = rng.integers(10, 14, size=(N, T))  # a different token at every slot
+    canvas = np.full((N, STEPS + 1, L), MASK)
+    canvas[:, :, : P + 2] = 7
+    canvas[:, :, -1] = 3
+    canvas[:, -1, P + 2 : P + 2 + T] = answers
+    directions = rng.normal(size=(14, D))
+    acts = rng.normal(size=(N, STEPS, T, D))
+    acts[:, :, 0] += 3 * directions[answers[:, 1]][:, None, :]
+    site = "blocks.0.hook_resid_post"
+    path = tmp_path / "ahead.h5"
+    with ActivationWriter(path, config={"task": {"answer_label": "answer"}}, n_examples=N, n_steps=STEPS,
+                          canvas_length=L, prompt_length=P, target_length=T, mask_id=MASK, labels={"answer": T},
+                          sites={site: D}, steps=range(STEPS), positions=list(range(P + 2, P + 2 + T)),
+                          dtype="float32") as writer:
+        writer.write_batch({
+            "uid": [f"ex{i}" for i in range(N)], "prompt": canvas[:, 0, 1 : P + 1], "target": answers,
+            "output": answers, "solved": np.ones(N, bool), "canvas": canvas, "commit_step": np.full((N, L), -1),
+            "prediction": np.zeros((N, STEPS, L), int), "confidence": np.zeros((N, STEPS, L), np.float16),
+            "labels": {"answer": (np.tile(np.arange(T), (N, 1)), answers)}, "activations": {site: acts},
+        })
+    data = ActivationDataset(path)
+    grid = ProbeGrid(label="answer", read=P + 2, per_distance=True, control=False, random_baseline=False, folds=4)
+    table = grid.run(data, progress=False)
+    assert sorted(table["distance"].unique()) == [0, 1, 2]
+    assert (table.loc[table["distance"] == 1, "accuracy"] > 0.9).all()
+    assert (table.loc[table["distance"] != 1, "accuracy"] < 0.45).all()
+    # Every row's out-of-fold hit is kept per cell, keyed by (site, step, distance).
+    examples, hits = grid.row_hits[(site, 0, 1)]
+    assert len(examples) == N and abs(hits.mean() - table.query("step == 0 and distance == 1")["accuracy"].item()) < 1e-9
+    with pytest.raises(ValueError, match="per_distance"):
+        ProbeGrid(label="answer", read="pooled", per_distance=True)
