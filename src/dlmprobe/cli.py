@@ -153,7 +153,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     out = Path(args.out)
-    name = {"order": "order"}.get(args.analysis, args.analysis)
+    name = args.analysis  # each analysis saves into a sub-folder of its own name
     if (out / name).exists() and not args.overwrite:
         raise UsageError(f"{out / name} already exists; pass --overwrite to replace it")
     progress = not args.quiet

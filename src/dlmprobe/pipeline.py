@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,8 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, ov
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_dir, results_dir = out / "data", out / "results"
+    if results_dir.exists():  # the demo's own folder: a rerun replaces it, stale results never mix in
+        shutil.rmtree(results_dir)
     started = time.perf_counter()
 
     def stage(text: str) -> None:
@@ -112,7 +115,7 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, ov
     stage("7 causal check of the probe direction")
     # Layer 1: at the last layer an erasure removes what the unembedding reads, which proves little.
     keep(causal_check(sudoku_model, sudoku, config.causal_site, label="blank", n=config.n_causal,
-                      seed=config.seed + 1, start_steps=[0, 18]))
+                      seed=config.seed + 1, start_steps=[0, sudoku.n_steps // 2]))
     stage("8 trajectory view")
     keep(trajectory_view(sudoku, example=config.example, probe=_spread(predicted, sudoku, config.example, "blank")))
 
