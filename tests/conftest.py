@@ -1,6 +1,10 @@
 import pytest
 import torch
 
+# dlmprobe's test models are tiny: one thread is as fast, and more threads than free cores (another
+# job on a shared CI machine) slow torch's small operations down by an order of magnitude.
+torch.set_num_threads(1)
+
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")

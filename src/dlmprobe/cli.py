@@ -40,12 +40,14 @@ def _task_params(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def _set_threads(threads: int | None) -> None:
+    """One torch thread unless told otherwise: dlmprobe's models are small, and torch threads beyond
+    the free cores (another job on the machine) slow small operations down by an order of magnitude."""
     import torch
 
-    if threads is not None:
-        if threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+    threads = 1 if threads is None else threads
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
 
 
 def _sampler_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -380,14 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-model", type=int, default=160, help="puzzles per model-based analysis")
     p.add_argument("--record-every", type=int, default=3, help="record every k-th denoising step")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the models are small, and more threads than free cores slow torch down)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("analyze", help="run one analysis and save its table, figure and summary")
     p.add_argument("--out", default="runs/analyses", help="folder of saved analyses (one sub-folder each)")
     p.add_argument("--overwrite", action="store_true", help="replace a saved analysis of the same name")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     kinds = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
     q = kinds.add_parser("decodability", help="1: probe accuracy per layer and step before commit")
@@ -459,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-heads", type=int, default=4)
     p.add_argument("--d-mlp", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     _add_output_mode(p, "checkpoint")
     p.set_defaults(func=cmd_train)
 
@@ -467,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="shipped model name (e.g. arith-diffusion) or checkpoint folder")
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     _add_sampler_args(p)
     p.set_defaults(func=cmd_eval)
@@ -494,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard", help="i/n: write the i-th of n slices of the examples (merge them with dlmprobe merge)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     p.add_argument("--out", required=True, help="the HDF5 file to write")
     _add_output_mode(p, "interrupted run")
     p.set_defaults(func=cmd_cache)
@@ -528,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("csv", "parquet"), default="csv")
     p.add_argument("--device", default="cpu", help="where the probes are fitted (e.g. cuda)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--out", required=True, help="folder for the tables")
     p.set_defaults(func=cmd_probe)
