@@ -65,3 +65,27 @@ def test_bad_checkpoints_are_clear_errors(tiny_config, tmp_path):
 def test_bad_model_config(field, value, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(task="arith", **{field: value})
+
+
+def test_rotary_positions_build_round_trip_and_match_the_bridge(tiny_config, tmp_path):
+    from dataclasses import replace
+
+    from dlmprobe.models import build_native, load_model, save_checkpoint, to_bridge
+
+    config = replace(tiny_config, positions="rotary")
+    native = build_native(config)
+    assert not any("pos" in name for name, _ in native.named_parameters())  # no absolute position table
+    tokens = torch.randint(0, config.d_vocab, (3, config.n_ctx))
+    with torch.no_grad():
+        raw = native(tokens)
+        raw = raw if torch.is_tensor(raw) else raw[0]
+        bridged = to_bridge(native, config)(tokens)
+    torch.testing.assert_close(bridged, raw, atol=1e-4, rtol=0)
+    assert config.twin().positions == "rotary"
+    save_checkpoint(build_native(config), config, tmp_path / "rot")  # to_bridge wrapped `native` in place
+    loaded = load_model(tmp_path / "rot")
+    assert loaded.config.positions == "rotary"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(tokens), bridged, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="positions must be one of"):
+        replace(tiny_config, positions="alibi")

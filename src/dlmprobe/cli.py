@@ -87,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     model = ModelConfig(task=args.task, kind=args.kind, task_params=_task_params(args.task_param),
                         n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads,
-                        d_mlp=args.d_mlp, seed=args.seed)
+                        d_mlp=args.d_mlp, seed=args.seed, positions=args.positions)
     config = TrainConfig(model, steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
                          warmup=args.warmup, eval_every=args.eval_every, eval_n=args.eval_n,
                          seed=args.seed, command=command_line())
@@ -459,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--n-heads", type=int, default=4)
     p.add_argument("--d-mlp", type=int, default=512)
+    p.add_argument("--positions", choices=("learned", "rotary"), default="learned",
+                   help="position encoding: learned absolute embeddings or rotary (relative)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     _add_output_mode(p, "checkpoint")

@@ -36,7 +36,7 @@ CONFIG_FILE = "config.json"
 
 
 def bridge_config(config: ModelConfig, device: str = "cpu") -> TransformerBridgeConfig:
-    return TransformerBridgeConfig(
+    cfg = TransformerBridgeConfig(
         n_layers=config.n_layers,
         d_model=config.d_model,
         n_heads=config.n_heads,
@@ -50,6 +50,10 @@ def bridge_config(config: ModelConfig, device: str = "cpu") -> TransformerBridge
         seed=config.seed,
         device=device,
     )
+    if config.positions == "rotary":  # read by TransformerLens's native model; learned is its default
+        cfg.positional_embedding_type = "rotary"
+        cfg.rotary_dim = config.d_head
+    return cfg
 
 
 def build_native(config: ModelConfig, init: bool = True) -> NativeModel:

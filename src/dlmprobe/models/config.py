@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 ModelKind = Literal["diffusion", "autoregressive"]
 KINDS: tuple[str, ...] = ("diffusion", "autoregressive")
+POSITIONS: tuple[str, ...] = ("learned", "rotary")
 
 
 @dataclass
@@ -19,6 +20,9 @@ class ModelConfig:
     """Architecture and task of a built-in model.
 
     ``d_vocab`` and ``n_ctx`` are derived from the task in ``__post_init__`` when left at 0.
+    ``positions``: ``"learned"`` absolute position embeddings, or ``"rotary"`` (relative, on the
+    queries and keys), which gives a bidirectional model the "token next to me" bias that causal
+    attention gets for free (path-star's edge look-up needs it).
     """
 
     task: str
@@ -31,10 +35,13 @@ class ModelConfig:
     d_vocab: int = 0
     n_ctx: int = 0
     seed: int = 0
+    positions: str = "learned"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"model kind must be one of {KINDS}, got {self.kind!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"model positions must be one of {POSITIONS}, got {self.positions!r}")
         for name in ("n_layers", "d_model", "n_heads", "d_mlp"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"model {name} must be a positive integer, got {getattr(self, name)!r}")
