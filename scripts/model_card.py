@@ -31,7 +31,12 @@ SHORTFALL_NOTES = {
         "n_nodes=10 run for 5000 steps plateaued at a few percent. A run at lr 3e-3 learned slower. "
         "A third run of the shipped configuration, planned for 16000 steps, was stopped at 7000: "
         "even the one-hop look-up (the parent of the goal, every other target token given) was still "
-        "at 21-25%, chance level, with the loss creeping from 0.94 to 0.88. "
+        "at 21-25%, chance level, with the loss creeping from 0.94 to 0.88. Three more configurations "
+        "(3 layers/8 heads/batch 256/lr 2e-3; 2 layers/d 64; 16 heads/warmup 500) and a run with rotary "
+        "position encoding (`--positions rotary`, 5000 steps) stayed at 1-7% with the look-up at chance. "
+        "The twin's first layer has a head sending each child to its parent (attention 0.98) on which its "
+        "look-up is built; no denoiser grew one (best partner attention 0.04-0.11, uniform 0.036): with "
+        "bidirectional attention an untrained head averages all tokens alike and gives that head no signal. "
         "Copying the start and goal is learned at once. The look-up is an induction-style circuit "
         "that forms after a long plateau; it needs GPU-scale training or a curriculum."
     ),
