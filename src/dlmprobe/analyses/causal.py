@@ -52,6 +52,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from dlmprobe.analyses.common import label_mask, percent
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
 from dlmprobe.datasets import Example, Task, get_task
@@ -406,9 +407,9 @@ def _diagnostics(fit: _ProbeFit, spaces: dict[str, Subspace], variants: list[tup
 
 
 def _label_positions(task: Task, examples: Sequence[Example], label: str) -> Bool[Tensor, "example pos"]:
+    """:func:`label_mask` laid out on the whole canvas."""
     where = torch.zeros((len(examples), task.sequence_length), dtype=torch.bool)
-    for i, ex in enumerate(examples):
-        where[i, [task.target_start + p for p in ex.labels[label].positions]] = True
+    where[:, task.target_start : task.target_start + task.target_length] = label_mask(task, examples, label)
     return where
 
 
@@ -479,19 +480,19 @@ def _summary(table: pd.DataFrame, meta: dict) -> str:
 
     def ablated(name: str) -> str:
         row = rows["ablate", name, first]
-        return (f"{names[name]} (moving activations by {row.displacement:.1f} on average) changes {_pct(row.changed)} "
-                f"({_ci(row, 'changed')}) and leaves {_pct(row.solved)} of puzzles solved")
+        return (f"{names[name]} (moving activations by {row.displacement:.1f} on average) changes {percent(row.changed)} "
+                f"({_ci(row, 'changed')}) and leaves {percent(row.solved)} of puzzles solved")
 
     parts = [(f"The {meta['label']!r} probe at {meta['site']} reads the token the model will commit with "
-              f"{_pct(meta['probe_accuracy'])} held-out accuracy; the clean run solves {_pct(meta['clean_solved'])}. "
+              f"{percent(meta['probe_accuracy'])} held-out accuracy; the clean run solves {percent(meta['clean_solved'])}. "
               f"Edits from step {first} on act on {rows['ablate', 'random', first].n_positions} still-masked positions.")]
     for name in meta["subspaces"]:
         steer = rows["steer", name, first]
-        parts.append(f"Ablating {ablated(name)}; steering in it commits the chosen class in {_pct(steer.steered)} "
-                     f"({_ci(steer, 'steered')}; chance {_pct(steer.chance)}).")
+        parts.append(f"Ablating {ablated(name)}; steering in it commits the chosen class in {percent(steer.steered)} "
+                     f"({_ci(steer, 'steered')}; chance {percent(steer.chance)}).")
     parts.append(f"Controls of rank {meta['ranks']['random']}: ablating {ablated('random')}; ablating {ablated('pca')}.")
     if last != first:
-        late = ", ".join(f"{_pct(rows['ablate', name, last].changed)} ({name})" for name in [*meta["subspaces"], *CONTROLS])
+        late = ", ".join(f"{percent(rows['ablate', name, last].changed)} ({name})" for name in [*meta["subspaces"], *CONTROLS])
         parts.append(f"From step {last} on ({rows['ablate', 'random', last].n_positions} positions still masked) "
                      f"ablation changes {late}.")
     return " ".join(parts)
@@ -504,9 +505,5 @@ def _rank(singular_values: np.ndarray) -> int:
     return int((singular_values > singular_values.max() * 1e-6).sum())
 
 
-def _pct(fraction: float) -> str:
-    return f"{100 * fraction:.0f}%"
-
-
 def _ci(row: object, column: str) -> str:
-    return f"95% CI {_pct(getattr(row, f'{column}_low'))}–{_pct(getattr(row, f'{column}_high'))}"
+    return f"95% CI {percent(getattr(row, f'{column}_low'))}–{percent(getattr(row, f'{column}_high'))}"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
-from dlmprobe.datasets import Task, get_task
+from dlmprobe.datasets import Example, Task, get_task
 from dlmprobe.datasets.store import ActivationDataset
 from dlmprobe.hooks import layer_of
 
@@ -83,3 +84,11 @@ def wilson_rate(k: int, n: int) -> dict[str, float | int]:
     """``k``, ``n``, the rate ``k / n`` (NaN when ``n == 0``) and its Wilson 95% interval, as table columns."""
     low, high = wilson_interval(k, n)
     return {"k": k, "n": n, "rate": k / n if n else float("nan"), "ci_low": low, "ci_high": high}
+
+
+def label_mask(task: Task, examples: Sequence[Example], label: str) -> torch.Tensor:
+    """(example, target position) True where ``label`` sits."""
+    mask = torch.zeros((len(examples), task.target_length), dtype=torch.bool)
+    for i, ex in enumerate(examples):
+        mask[i, list(ex.labels[label].positions)] = True
+    return mask

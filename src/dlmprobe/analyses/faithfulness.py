@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from dlmprobe.analyses.common import wilson_interval, wilson_rate  # noqa: F401  (re-exported)
+from dlmprobe.analyses.common import label_mask, wilson_rate
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
 from dlmprobe.datasets import Arith, Example, Task
@@ -66,14 +66,6 @@ def sample_in_chunks(
     for start in range(0, len(examples), batch_size):
         rows = slice(start, min(start + batch_size, len(examples)))
         yield rows, generate(model, task, examples[rows], kind, sampler, len(examples[rows]), make_callback(rows))
-
-
-def label_mask(task: Task, examples: Sequence[Example], label: str) -> torch.Tensor:
-    """(example, target position) True where ``label`` sits."""
-    mask = torch.zeros((len(examples), task.target_length), dtype=torch.bool)
-    for i, ex in enumerate(examples):
-        mask[i, list(ex.labels[label].positions)] = True
-    return mask
 
 
 def _follows(task: Task, answer_label: str, prompt: Sequence[int], output: list[int]) -> bool:

@@ -72,7 +72,7 @@ def planning_lead(
     commit = data.commit_step[rows, positions]  # (n, k)
     stored = np.asarray(data.steps)
     all_steps = np.arange(data.n_steps)
-    argmax = data.prediction[:, :, :][rows[:, :, None], all_steps[None, None, :], positions[:, :, None]]  # (n, k, S)
+    argmax = data.prediction[rows[:, :, None], all_steps[None, None, :], positions[:, :, None]]  # (n, k, S)
 
     flat_commit = commit.reshape(-1)
     probe_correct = (probe.transpose(0, 2, 1) == final[:, :, None]).reshape(n * k, -1)

@@ -29,8 +29,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from dlmprobe.analyses.common import wilson_rate
-from dlmprobe.analyses.faithfulness import label_mask, sample_in_chunks
+from dlmprobe.analyses.common import label_mask, wilson_rate
+from dlmprobe.analyses.faithfulness import sample_in_chunks
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
 from dlmprobe.datasets import Example, Task

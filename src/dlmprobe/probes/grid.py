@@ -165,6 +165,7 @@ class ProbeGrid:
         rows = np.arange(n)[:, None]
         for step in steps:
             masked = data.canvas[rows, step, positions] == data.mask_id  # (n, k)
+            frontier = frontier_positions(data, step) if self.read == "frontier" else None
             keep = masked if self.phase == "before_commit" else ~masked
             for site in sites:
                 acts = features(site, step)  # (n, stored_pos, d)
@@ -174,7 +175,6 @@ class ProbeGrid:
                 elif self.read == "pooled":
                     X_all = np.broadcast_to(acts.mean(axis=1, keepdims=True), (n, k, acts.shape[2]))
                 elif self.read == "frontier":
-                    frontier = frontier_positions(data, step)
                     read_at = np.broadcast_to(frontier[:, None], (n, k))
                     index = data.position_index(frontier)
                     X_all = np.broadcast_to(acts[np.arange(n), index][:, None], (n, k, acts.shape[2]))
