@@ -23,22 +23,26 @@ ROOT = Path(__file__).resolve().parent.parent
 CARD_SEED = 0
 TARGETS = {"sudoku": 0.90, "pathstar": 0.95, "arith": 0.95}  # diffusion exact-solve targets
 # What was tried where a target is missed (a person's account, printed only while it is missed).
-SHORTFALL_NOTES = {
-    "pathstar": (
-        "Two CPU runs failed to teach the denoiser the edge look-up (find the edge whose child is a "
-        "known node, read its parent): arms=3, arm_length=4, n_nodes=20 for 6000 steps ended at 0% "
-        "(one-masked accuracy of inner nodes ~20%, chance ~8%); the shipped arms=3, arm_length=3, "
-        "n_nodes=10 run for 5000 steps plateaued at a few percent. A run at lr 3e-3 learned slower. "
-        "A third run of the shipped configuration, planned for 16000 steps, was stopped at 7000: "
-        "even the one-hop look-up (the parent of the goal, every other target token given) was still "
-        "at 21-25%, chance level, with the loss creeping from 0.94 to 0.88. Three more configurations "
-        "(3 layers/8 heads/batch 256/lr 2e-3; 2 layers/d 64; 16 heads/warmup 500) and a run with rotary "
-        "position encoding (`--positions rotary`, 5000 steps) stayed at 1-7% with the look-up at chance. "
-        "The twin's first layer has a head sending each child to its parent (attention 0.98) on which its "
-        "look-up is built; no denoiser grew one (best partner attention 0.04-0.11, uniform 0.036): with "
-        "bidirectional attention an untrained head averages all tokens alike and gives that head no signal. "
-        "Copying the start and goal is learned at once. The look-up is an induction-style circuit "
-        "that forms after a long plateau; it needs GPU-scale training or a curriculum."
+SHORTFALL_NOTES: dict[str, str] = {}
+# How a model came to be trained the way it was (a person's account, printed while the model is shipped).
+TRAINING_NOTES = {
+    "pathstar-diffusion": (
+        "Initialised from its autoregressive twin's weights (`--init-from pathstar-autoregressive`), as "
+        "Dream-7B starts from Qwen2.5 and DiffuLLaMA from LLaMA, then trained with the masked-diffusion "
+        "objective only (a trial with warm-up 100 on a 3000-step schedule was at 98% held-out exact-solve "
+        "after 1000 steps). From a random "
+        "start the denoiser never learned the edge look-up (find the edge whose child is a known node, read "
+        "its parent) on this CPU: the shipped configuration for 5000 steps (3.5%) and for 7000 of a planned "
+        "16000 (the one-hop look-up still at chance, 21-25%); arms=3, arm_length=4, n_nodes=20 for 6000 "
+        "steps (0%); lr 3e-3; 3 layers/8 heads/batch 256/lr 2e-3; 2 layers/d 64; 16 heads/warmup 500; "
+        "rotary positions for 5000 steps: all 0-7%. The twin's first layer has a head sending each child "
+        "to its parent (attention 0.98), the base of its look-up; no randomly started denoiser grew one "
+        "(best partner attention 0.04-0.11, uniform 0.036): under bidirectional attention an untrained "
+        "head averages all tokens alike and gives that head no signal, while causal attention puts half "
+        "of position 1's attention on position 0. Starting from the twin supplies that head. Read this "
+        "model's circuits as possibly inherited from the twin's: the look-up the denoiser runs (parent of "
+        "a known child) is the reverse of the twin's (child of a known parent), so training did more than "
+        "switch the attention mask, but a comparison with the twin is not one of two independent starts."
     ),
 }
 
@@ -60,6 +64,8 @@ def measure(name: str, n: int) -> dict:
         "eval_seed": CARD_SEED,
         "eval_seconds": round(time.perf_counter() - start, 1),
         "command": info.get("command", ""),
+        "init_from": info.get("init_from", ""),
+        "init_weights_sha256": info.get("init_weights_sha256", ""),
         "seed": info.get("train_config", {}).get("seed"),
         "train_steps": info.get("steps_done"),
         "wall_time_s": info.get("wall_time_s"),
@@ -77,20 +83,22 @@ def render(cards: list[dict]) -> str:
         "Every task has a masked-diffusion denoiser (bidirectional attention) and an autoregressive twin",
         "(causal attention) with the same architecture and parameter count, trained on the same stream of",
         "puzzles by `dlmprobe train` on a 2-core CPU (one thread per job; wall times include sharing the",
-        "machine with other jobs). Training steps are per model in the table: the arith and path-star",
-        "twins got fewer steps than their denoisers (next-token training converged or plateaued early).",
+        "machine with other jobs). Training steps are per model in the table: the arith twin got fewer",
+        "steps than its denoiser (next-token training converged early). `start` says where training began:",
+        "a random draw from the seed, or another checkpoint's weights (see the notes below the table).",
         "Accuracy: exact-solve rate on held-out puzzles (hash-based eval split) with the default sampler",
         "(diffusion: steps = target length, one block, max-probability commit order, temperature 0;",
         "autoregressive: greedy). Written by `python scripts/model_card.py`; do not edit by hand.",
         "",
-        "| model | task | params | accuracy | n | train steps | wall time | seed |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | task | params | accuracy | n | train steps | wall time | seed | start |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for c in cards:
         params = ", ".join(f"{k}={v}" for k, v in c["task_params"].items())
         lines.append(
             f"| `{c['name']}` | {c['task']} ({params}) | {c['n_params']:,} | {c['accuracy']:.1%} | {c['n_eval']} "
-            f"| {c['train_steps']} | {c['wall_time_s'] / 60:.1f} min | {c['seed']} |"
+            f"| {c['train_steps']} | {c['wall_time_s'] / 60:.1f} min | {c['seed']} "
+            f"| {'`' + c['init_from'] + '`' if c.get('init_from') else 'random'} |"
         )
     lines += ["", "## Diffusion vs its autoregressive twin", ""]
     by_task: dict[str, dict[str, dict]] = {}
@@ -106,10 +114,16 @@ def render(cards: list[dict]) -> str:
         for c in missed:
             lines.append(f"- `{c['name']}`: {c['accuracy']:.1%}, target {TARGETS[c['task']]:.0%}. "
                          + SHORTFALL_NOTES.get(c["task"], ""))
+    notes = [c for c in cards if c["name"] in TRAINING_NOTES]
+    if notes:
+        lines += ["", "## How some models were trained", ""]
+        lines += [f"- `{c['name']}`: {TRAINING_NOTES[c['name']]}" for c in notes]
     lines += ["", "## Commands (reproduce with exactly these)", ""]
     for c in cards:
-        lines += [f"`{c['name']}` (sha256 of weights `{c['weights_sha256'][:16]}…`, {c['size_bytes'] / 1e6:.1f} MB):", "",
-                  "```", c["command"], "```", ""]
+        start = (f"; starts from `{c['init_from']}`, weights sha256 `{c['init_weights_sha256'][:16]}…`"
+                 if c.get("init_from") else "")
+        lines += [f"`{c['name']}` (sha256 of weights `{c['weights_sha256'][:16]}…`, {c['size_bytes'] / 1e6:.1f} MB{start}):",
+                  "", "```", c["command"], "```", ""]
     lines += ["## Training curves (held-out exact-solve during training, 200 puzzles each)", ""]
     for c in cards:
         curve = ", ".join(f"{step}: {acc:.0%}" for step, acc in c["curve"])

@@ -30,6 +30,10 @@ def _bad(capsys, argv, message):
         (["train", "--task", "arith", "--kind", "diffusion", "--task-param", "n_ops=0"], "n_ops must be >= 1"),
         (["train", "--task", "arith", "--kind", "diffusion", "--train-steps", "0"], "steps must be a positive"),
         (["eval", "/no/such/model"], "no checkpoint at '/no/such/model'"),
+        (["train", "--task", "arith", "--kind", "diffusion", "--init-from", "/no/such/model"],
+         "no checkpoint at '/no/such/model'"),
+        (["train", "--task", "pathstar", "--kind", "diffusion", "--init-from", "arith-autoregressive"],
+         "cannot initialise from 'arith-autoregressive'"),
         (["frobnicate"], "invalid choice"),
     ],
 )

@@ -35,9 +35,9 @@ def test_recorded_accuracy_reproduces(card):
 
 
 TARGETS = {"sudoku": 0.90, "pathstar": 0.95, "arith": 0.95}
-# Known shortfall, kept visible rather than hidden: CPU training has not taught the path-star
-# denoiser the edge look-up (see MODELS.md). strict: this fails loudly once a checkpoint meets it.
-SHORTFALLS = {"pathstar": "the CPU-trained path-star denoiser has not learned the edge look-up; see MODELS.md"}
+# Known shortfalls, kept visible rather than hidden: task -> reason (see MODELS.md). A listed task is
+# a strict xfail, so it fails loudly once its checkpoint meets the target. None at present.
+SHORTFALLS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(

@@ -76,3 +76,43 @@ def test_existing_output_needs_resume_or_overwrite(tiny_config, tmp_path):
         train(other, tmp_path / "run", resume=True, progress=False)
     with pytest.raises(FileNotFoundError, match="cannot resume"):
         train(config, tmp_path / "fresh", resume=True, progress=False)
+
+
+def test_a_denoiser_can_start_from_its_autoregressive_twin(tiny_config, tmp_path):
+    from dlmprobe.models import ModelConfig
+
+    twin_model = ModelConfig.from_dict({**tiny_config.twin().to_dict(), "seed": 1})
+    twin = TrainConfig(twin_model, steps=4, batch_size=8, warmup=1, eval_every=4, eval_n=4)
+    train(twin, tmp_path / "twin", progress=False)
+    config = TrainConfig(tiny_config, steps=4, batch_size=8, warmup=1, eval_every=2, eval_n=4,
+                         init_from=str(tmp_path / "twin"))
+    weights, provenance = config.initial_weights()
+    saved = load_file(str(tmp_path / "twin" / "model.safetensors"))
+    assert weights.keys() == saved.keys() and all(torch.equal(weights[k], saved[k]) for k in saved)
+    assert provenance["init_kind"] == "autoregressive" and len(provenance["init_weights_sha256"]) == 64
+
+    out = train(config, tmp_path / "denoiser", progress=False)
+    info = json.loads((out / "config.json").read_text())["info"]
+    assert info["init_from"] == str(tmp_path / "twin") and info["init_weights_sha256"] == provenance["init_weights_sha256"]
+    trained = load_file(str(out / "model.safetensors"))
+    random_start = build_native(tiny_config).state_dict()  # what seed 0 would have drawn
+    # Four small steps move the weights a little: they stay far nearer the twin's than the random draw.
+    for key in saved:
+        if saved[key].dim() == 2:
+            assert (trained[key] - saved[key]).norm() < 0.5 * (random_start[key] - saved[key]).norm(), key
+
+
+def test_starting_weights_must_match_the_architecture(tiny_config, tmp_path):
+    from dlmprobe.models import ModelConfig
+
+    wider = ModelConfig.from_dict({**tiny_config.twin().to_dict(), "d_model": 64})
+    train(TrainConfig(wider, steps=1, batch_size=4, warmup=1, eval_every=1, eval_n=2), tmp_path / "wide", progress=False)
+    config = TrainConfig(tiny_config, steps=2, batch_size=4, warmup=1, eval_every=2, eval_n=2,
+                         init_from=str(tmp_path / "wide"))
+    with pytest.raises(ValueError, match=r"differs in \['d_model'\]"):
+        train(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    missing = TrainConfig(tiny_config, steps=2, batch_size=4, warmup=1, eval_every=2, eval_n=2,
+                          init_from=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(missing, tmp_path / "run", progress=False)

@@ -90,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                         d_mlp=args.d_mlp, seed=args.seed, positions=args.positions)
     config = TrainConfig(model, steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
                          warmup=args.warmup, eval_every=args.eval_every, eval_n=args.eval_n,
-                         seed=args.seed, command=command_line())
+                         seed=args.seed, init_from=args.init_from or "", command=command_line())
     out = args.out or f"runs/{args.task}-{args.kind}"
     train(config, out, resume=args.resume, overwrite=args.overwrite)
     print(f"checkpoint written to {out}")
@@ -461,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-mlp", type=int, default=512)
     p.add_argument("--positions", choices=("learned", "rotary"), default="learned",
                    help="position encoding: learned absolute embeddings or rotary (relative)")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (same architecture and task; the kind may differ, "
+                        "e.g. a denoiser from its autoregressive twin) instead of a random draw")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     _add_output_mode(p, "checkpoint")

@@ -6,10 +6,15 @@ Diffusion (MDLM / LLaDA): draw ``t ~ U(0, 1]`` per sequence, mask each target to
 stream of training puzzles. Training is seeded and resumable: the batch and the noise of step ``s``
 depend only on ``(seed, s)``, and the optimiser state is saved beside the weights (safetensors +
 JSON).
+
+A model may start from another checkpoint's weights (``init_from``) instead of a random draw: a
+denoiser initialised from its autoregressive twin, as Dream-7B is from Qwen2.5 and DiffuLLaMA from
+LLaMA. The architecture must match in everything but the attention direction.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -25,6 +30,7 @@ from tqdm.auto import tqdm
 
 from dlmprobe import __version__
 from dlmprobe.models import ModelConfig, build_native, load_native, save_checkpoint
+from dlmprobe.models.checkpoint import WEIGHTS_FILE
 from dlmprobe.sampling import evaluate
 
 STATE_DIR = "train_state"
@@ -44,6 +50,7 @@ class TrainConfig:
     eval_every: int = 500
     eval_n: int = 200
     seed: int = 0
+    init_from: str = ""
     command: str = field(default="")
 
     def __post_init__(self) -> None:
@@ -52,6 +59,26 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
+
+    def initial_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The weights ``init_from`` names and their provenance; None for a random start.
+
+        Raises ValueError when that checkpoint's architecture or task differs from ``model``'s
+        (the attention direction may differ: that is the point of starting from a twin; so may the
+        seed, which only draws random weights).
+        """
+        if not self.init_from:
+            return None
+        native, source, _, path = load_native(self.init_from)
+        ignored = {"kind": "", "seed": 0}  # the attention direction, and the seed of a random draw not taken
+        mine, theirs = self.model.to_dict() | ignored, source.to_dict() | ignored
+        if mine != theirs:
+            diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+            raise ValueError(f"cannot initialise from {self.init_from!r}: expected a checkpoint with this model's "
+                             f"architecture and task, but it differs in {diff} "
+                             f"({', '.join(f'{k}={theirs.get(k)!r}' for k in diff)})")
+        digest = hashlib.sha256((path / WEIGHTS_FILE).read_bytes()).hexdigest()
+        return native.state_dict(), {"init_from": self.init_from, "init_kind": source.kind, "init_weights_sha256": digest}
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to a tenth of ``lr``."""
@@ -88,6 +115,15 @@ def autoregressive_loss(model: torch.nn.Module, tokens: torch.Tensor, target_sta
     # Positions target_start-1 ... L-2 predict the target and <eos>.
     logits = model(tokens[:, :-1])[:, target_start - 1 :]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, target_start:].reshape(-1))
+
+
+def _init_info(out: Path) -> dict[str, Any]:
+    """The provenance of a resumed run's initial weights, as its first save recorded it."""
+    try:
+        saved = json.loads((out / "config.json").read_text())["info"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {k: saved[k] for k in ("init_from", "init_kind", "init_weights_sha256") if k in saved}
 
 
 def _save_optimizer(optimizer: torch.optim.Optimizer, folder: Path, meta: dict[str, Any]) -> None:
@@ -135,6 +171,9 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, overwrite:
     mc = config.model
     task = mc.build_task()
     model = build_native(mc)
+    start = None if resume else config.initial_weights()
+    if start is not None:
+        model.load_state_dict(start[0])
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
     start_step, elapsed_before = 0, 0.0
     if resume:
@@ -195,6 +234,8 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, overwrite:
                 "threads": torch.get_num_threads(),
                 "last_eval": record,
             }
+            if config.init_from:
+                info.update(start[1] if start is not None else _init_info(out))
             save_checkpoint(model, mc, out, info)
             _save_optimizer(optimizer, out / STATE_DIR,
                             {"step": done, "elapsed_s": elapsed, "train_config": config.to_dict()})
