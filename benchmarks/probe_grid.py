@@ -1,6 +1,7 @@
 """Batched probe grid vs. a loop of scikit-learn LogisticRegression over the same grid.
 
     python benchmarks/probe_grid.py [--model sudoku-diffusion] [--n 128] [--steps 6,12,18] [--threads 1] [--repeats 2]
+                                    [--device cuda]
 
 Caches a run of a shipped model (every layer's residual stream), then fits the same cells with the
 same k folds twice: once with :class:`dlmprobe.probes.ProbeGrid` (all cells and folds in batched
@@ -13,6 +14,9 @@ Both sides get the same number of threads: torch's intra-op threads and the BLAS
 scipy use (threadpoolctl), ``--threads`` each. Leaving scikit-learn's BLAS at its default while
 torch has one thread is not a fair race, and on a loaded machine it is not even a stable one: with
 two OpenBLAS threads on two busy cores the loop ran 50x slower than with one.
+
+``--device cuda`` runs the batched side on a GPU (one untimed warm-up run first, so CUDA's start-up
+is not counted); the scikit-learn loop stays on the CPU, where it runs.
 
 With ``--repeats`` the two sides alternate that many times; the ratio is of the median times. The
 convergence of both is measured apart (untimed) by the quantity scikit-learn's lbfgs stops on: the
@@ -107,8 +111,15 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads, both sides")
     parser.add_argument("--repeats", type=int, default=2, help="alternate the two sides this many times")
+    parser.add_argument("--device", default="cpu", help="where the batched side runs (cpu, cuda)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    try:
+        kind = torch.device(args.device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda") or (kind == "cuda" and not torch.cuda.is_available()):
+        parser.error(f"--device expects cpu or an available cuda device, got {args.device!r}")
     torch.set_num_threads(args.threads)
     steps = [int(s) for s in args.steps.split(",")]
     # Both sides stop at 100 L-BFGS iterations (scikit-learn's default) at most; it warns when it does.
@@ -119,7 +130,10 @@ def main() -> None:
         run_cache(CacheConfig(model=args.model, n=args.n, steps=steps), path, progress=False)
         with ActivationDataset(path) as data:
             label = args.label or data.config["task"]["answer_label"]
-            grid = ProbeGrid(label=label, folds=args.folds, control=False, random_baseline=False, bootstrap=0)
+            grid = ProbeGrid(label=label, folds=args.folds, control=False, random_baseline=False, bootstrap=0,
+                             device=args.device)
+            if args.device != "cpu":
+                grid.run(data, progress=False)  # warm-up: CUDA context and kernels
             for _ in range(args.repeats):
                 start = time.perf_counter()
                 table = grid.run(data, progress=False)
@@ -139,7 +153,8 @@ def main() -> None:
     result = {
         "model": args.model, "n_examples": args.n, "label": label, "steps": steps, "cells": len(table),
         "folds": args.folds, "rows_per_cell": float(table["n_rows"].mean()),
-        "threads": args.threads, "blas_threads": args.threads,
+        "threads": args.threads, "blas_threads": args.threads, "device": args.device,
+        "gpu": torch.cuda.get_device_name(args.device) if args.device != "cpu" else None,
         "batched_s": round(batched_s, 3), "sklearn_loop_s": round(sklearn_s, 3),
         "speedup": round(sklearn_s / batched_s, 1),
         "runs": [{"batched_s": round(b, 3), "sklearn_loop_s": round(s, 3), "speedup": round(s / b, 1)}

@@ -16,7 +16,7 @@ def test_demo_runs_the_whole_chain(tmp_path):
     report = run_demo(tmp_path / "demo", config, log=lines.append)
     page = report.read_text()
     results = tmp_path / "demo" / "results"
-    for name in ORDER:  # the eight analyses (order twice: sudoku and arith)
+    for name in ORDER:  # the eight analyses (compare on sudoku and path-star, order on sudoku and arith)
         record = json.loads((results / name / "result.json").read_text())
         assert html.escape(record["title"]) in page and (results / name / "figure.png").stat().st_size > 1000
         # Summaries are computed: each quotes at least one number

@@ -3,7 +3,8 @@
 ``dlmprobe demo`` runs :func:`run_demo`: it records activation datasets of the shipped sudoku
 denoiser (its default order and forced left-to-right) and of its autoregressive twin, runs the eight
 analyses on them (faithfulness and commit order also on arith, whose target writes intermediate
-results before the answer), and writes ``report.html`` with every figure and table.
+results before the answer; the diffusion-vs-autoregressive comparison also on path-star, whose arm
+only the far-away goal decides), and writes ``report.html`` with every figure and table.
 
 Example:
     >>> report = run_demo("runs/demo", n=192)
@@ -93,6 +94,8 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, ov
     twin = cache("sudoku-autoregressive", "sudoku-autoregressive", "sep+target")
     left_to_right = cache("sudoku-diffusion-left-to-right", "sudoku-diffusion", "sep+target", {"block_length": 1})
     arith = cache("arith-diffusion", "arith-diffusion", "target", sites=[config.probe_site], n=256, every=1)
+    paths = cache("pathstar-diffusion", "pathstar-diffusion", "target", every=1)
+    paths_twin = cache("pathstar-autoregressive", "pathstar-autoregressive", "sep+target", every=1)
 
     stage("1 decodability over time (probe grid with controls)")
     keep(decodability(sudoku, label="blank"))
@@ -103,6 +106,8 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, ov
     stage("3 diffusion vs autoregressive vs left-to-right diffusion")
     keep(compare_runs({"diffusion": sudoku, "autoregressive": twin, "diffusion, left-to-right": left_to_right},
                       label="blank", sites=["blocks.1.hook_resid_post", config.probe_site]))
+    # Path-star: only the far-away goal decides the arm; does either model know it before writing it?
+    keep(compare_runs({"diffusion": paths, "autoregressive": paths_twin}, label="arm"), "compare-pathstar")
     stage("4 commit order")
     keep(commit_order(sudoku, answer="blank"))
     keep(commit_order(arith, answer="answer", reasoning="intermediate"), "order-arith")
@@ -121,7 +126,8 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, ov
 
     report = write_report(results_dir, out / "report.html", title="dlmprobe demo: do small diffusion LMs plan?",
                           intro=_intro(config, {"sudoku-diffusion": sudoku, "sudoku-autoregressive": twin,
-                                               "sudoku-diffusion-left-to-right": left_to_right, "arith-diffusion": arith}))
+                                               "sudoku-diffusion-left-to-right": left_to_right, "arith-diffusion": arith,
+                                               "pathstar-diffusion": paths, "pathstar-autoregressive": paths_twin}))
     stage(f"report written: {report}")
     return report
 

@@ -22,7 +22,7 @@ from dlmprobe import __version__
 from dlmprobe.analyses.result import load_result
 
 # The order the page tells the story in; other analyses follow alphabetically.
-ORDER = ("decodability", "lead", "compare", "order", "order-arith", "faithfulness", "paraphrase", "causal", "trajectory")
+ORDER = ("decodability", "lead", "compare", "compare-pathstar", "order", "order-arith", "faithfulness", "paraphrase", "causal", "trajectory")
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, Helvetica, Arial, sans-serif; max-width: 1200px;

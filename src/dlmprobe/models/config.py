@@ -21,8 +21,9 @@ class ModelConfig:
 
     ``d_vocab`` and ``n_ctx`` are derived from the task in ``__post_init__`` when left at 0.
     ``positions``: ``"learned"`` absolute position embeddings, or ``"rotary"`` (relative, on the
-    queries and keys), which gives a bidirectional model the "token next to me" bias that causal
-    attention gets for free (path-star's edge look-up needs it).
+    queries and keys), which lets a head prefer "the token next to me" at any position. It did not
+    teach a randomly started path-star denoiser its edge look-up (MODELS.md); starting from the
+    autoregressive twin did (``TrainConfig.init_from``).
     """
 
     task: str
