@@ -174,6 +174,8 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, overwrite:
     start = None if resume else config.initial_weights()
     if start is not None:
         model.load_state_dict(start[0])
+    # Where the weights began: from the source now, or as a resumed run's first save recorded it.
+    provenance = start[1] if start is not None else _init_info(out) if resume and config.init_from else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
     start_step, elapsed_before = 0, 0.0
     if resume:
@@ -234,8 +236,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, overwrite:
                 "threads": torch.get_num_threads(),
                 "last_eval": record,
             }
-            if config.init_from:
-                info.update(start[1] if start is not None else _init_info(out))
+            info.update(provenance)
             save_checkpoint(model, mc, out, info)
             _save_optimizer(optimizer, out / STATE_DIR,
                             {"step": done, "elapsed_s": elapsed, "train_config": config.to_dict()})
