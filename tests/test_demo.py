@@ -10,6 +10,7 @@ from dlmprobe.pipeline import DemoConfig, run_demo
 from dlmprobe.report import ORDER
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_chain(tmp_path):
     config = DemoConfig(n=48, n_model=16, n_causal=10, record_every=12)
     lines = []

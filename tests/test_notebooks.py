@@ -42,6 +42,7 @@ def test_notebook_is_saved_without_outputs(path):
     assert not dirty, f"{path.name}: code cells {dirty} have outputs or an execution count; clear them before committing"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_notebook_executes(path, tmp_path):
     notebook = nbformat.read(path, as_version=4)

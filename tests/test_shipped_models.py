@@ -26,6 +26,7 @@ def test_checkpoints_fit_the_size_budget():
     assert total < 30e6, f"shipped checkpoints take {total / 1e6:.1f} MB"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("card", CARDS, ids=[c["name"] for c in CARDS])
 def test_recorded_accuracy_reproduces(card):
     ckpt = load_model(card["name"])
@@ -38,6 +39,7 @@ TARGETS = {"sudoku": 0.90, "pathstar": 0.95, "arith": 0.95}
 # Known shortfalls, kept visible rather than hidden: task -> reason (see MODELS.md). A listed task is
 # a strict xfail, so it fails loudly once its checkpoint meets the target. None at present.
 SHORTFALLS: dict[str, str] = {}
+N_TARGET = 200  # fresh held-out puzzles: enough to tell 90% from the card's 99.9%, in seconds
 
 
 @pytest.mark.parametrize(
@@ -46,5 +48,8 @@ SHORTFALLS: dict[str, str] = {}
      for t in sorted({c["task"] for c in CARDS})],
 )
 def test_diffusion_models_meet_their_targets(task):
+    """Measured, not read from the card: the shipped denoiser samples fresh held-out puzzles."""
     card = next(c for c in CARDS if c["task"] == task and c["kind"] == "diffusion")
-    assert card["accuracy"] >= TARGETS[task], f"{card['name']} reaches {card['accuracy']:.1%}, target {TARGETS[task]:.0%}"
+    ckpt = load_model(card["name"])
+    accuracy = evaluate(ckpt.model, ckpt.task, ckpt.kind, n=N_TARGET, seed=card["eval_seed"] + 2)
+    assert accuracy >= TARGETS[task], f"{card['name']} solves {accuracy:.1%} of {N_TARGET}, target {TARGETS[task]:.0%}"
