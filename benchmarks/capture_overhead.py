@@ -36,10 +36,10 @@ from typing import Any
 import torch
 
 from dlmprobe.capture import CacheConfig, CachePlan, capture_batch, plan_cache, run_cache
-from dlmprobe.datasets.store import ActivationWriter
 from dlmprobe.hooks import ActivationRecorder
 from dlmprobe.models import shipped_checkpoints
 from dlmprobe.sampling import generate
+from dlmprobe.store import ActivationWriter
 
 SITES = ["blocks.*.hook_resid_post"]
 OVERHEAD_GOAL = 1.25
@@ -121,14 +121,9 @@ def capture_in_memory(plan: CachePlan) -> list[dict[str, Any]]:
 
 def time_write(plan: CachePlan, batches: list[dict[str, Any]], folder: Path) -> tuple[float, int]:
     """Seconds to create a store (as ``run_cache`` does) and write ``batches`` into it, and its size."""
-    task, out = plan.task, folder / "write.h5"
+    out = folder / "write.h5"
     start = time.perf_counter()
-    with ActivationWriter(
-        out, config=plan.store_config(), n_examples=len(plan.examples), n_steps=plan.n_steps,
-        canvas_length=task.sequence_length, prompt_length=task.prompt_length, target_length=task.target_length,
-        mask_id=task.vocab.mask_id, labels=plan.labels, sites=plan.sites, steps=plan.steps,
-        positions=plan.positions, dtype=plan.config.dtype,
-    ) as writer:
+    with ActivationWriter(out, plan.layout, config=plan.store_config(), mask_id=plan.task.vocab.mask_id) as writer:
         for batch in batches:
             writer.write_batch(batch)
     elapsed = time.perf_counter() - start

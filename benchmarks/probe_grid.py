@@ -43,8 +43,8 @@ from threadpoolctl import threadpool_limits
 
 import dlmprobe.probes.grid as grid_module
 from dlmprobe.capture import CacheConfig, run_cache
-from dlmprobe.datasets.store import ActivationDataset
 from dlmprobe.probes import ProbeGrid
+from dlmprobe.store import ActivationDataset
 
 
 def sklearn_loop(grid: ProbeGrid, data: ActivationDataset, fits: list | None = None) -> dict[tuple[str, int], float]:

@@ -10,7 +10,7 @@ from dlmprobe.analyses import commit_order, compare_runs, decodability, load_res
 from dlmprobe.analyses.lead import first_stable_step
 from dlmprobe.capture import CacheConfig, run_cache
 from dlmprobe.cli import main
-from dlmprobe.datasets.store import ActivationDataset
+from dlmprobe.store import ActivationDataset
 from dlmprobe.probes.grid import frontier_positions
 from dlmprobe.report import write_report
 

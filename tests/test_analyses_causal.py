@@ -14,7 +14,7 @@ from dlmprobe.analyses.causal import (
     sample_intervened,
 )
 from dlmprobe.capture import CacheConfig, run_cache
-from dlmprobe.datasets.store import ActivationDataset
+from dlmprobe.store import ActivationDataset
 from dlmprobe.models import load_model, random_model
 from dlmprobe.probes.linear import LinearProbe
 from dlmprobe.sampling import generate

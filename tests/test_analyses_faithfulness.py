@@ -9,7 +9,7 @@ torch.set_num_threads(1)
 from dlmprobe.analyses.common import wilson_interval
 from dlmprobe.analyses.faithfulness import faithfulness
 from dlmprobe.analyses.paraphrase import _sample, compose, invert, paraphrase_run, translate
-from dlmprobe.datasets import Task, get_task
+from dlmprobe.tasks import Task, get_task
 from dlmprobe.models import ModelConfig, load_model, random_model
 
 TASKS = [("sudoku", {"size": 4}), ("sudoku", {"size": 6}), ("pathstar", {}), ("arith", {})]

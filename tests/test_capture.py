@@ -13,8 +13,8 @@ import torch
 
 from dlmprobe.capture import CacheConfig, plan_cache, run_cache
 from dlmprobe.cli import main
-from dlmprobe.datasets.store import ActivationDataset
 from dlmprobe.models import ModelConfig, build_native, load_model, save_checkpoint
+from dlmprobe.store import ActivationDataset
 
 
 @pytest.fixture
@@ -63,7 +63,11 @@ def test_autoregressive_store_is_exact_at_the_positions_already_computed(checkpo
 
 
 def test_positions_rules_and_reader(checkpoints, tmp_path):
-    run_cache(CacheConfig(model=checkpoints["diffusion"], n=8, positions="masked"), tmp_path / "m.h5", progress=False)
+    # "masked" is an alias of "target": the same layout; reading chooses the still-masked rows.
+    target, masked = (plan_cache(CacheConfig(model=checkpoints["diffusion"], n=8, positions=rule))
+                      for rule in ("target", "masked"))
+    assert masked.layout == target.layout and masked.bytes_needed == target.bytes_needed
+    run_cache(masked.config, tmp_path / "m.h5", progress=False, plan=masked)
     with ActivationDataset(tmp_path / "m.h5") as data:
         task = load_model(checkpoints["diffusion"]).task
         assert list(data.positions) == list(range(task.target_start, task.target_start + task.target_length))

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from dlmprobe.cli import main
-from dlmprobe.pipeline import DemoConfig, run_demo
+from dlmprobe.demo import DemoConfig, run_demo
 from dlmprobe.report import ORDER
 
 

@@ -9,7 +9,7 @@ from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from dlmprobe.datasets.store import ActivationDataset, ActivationWriter
+from dlmprobe.store import ActivationDataset, ActivationWriter
 from dlmprobe.probes import LinearProbe, ProbeGrid, clock_table
 
 

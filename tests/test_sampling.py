@@ -161,7 +161,7 @@ def test_kind_and_sampler_must_match(diffusion):
 
 
 def test_prompt_longer_than_context_is_refused(diffusion):
-    from dlmprobe.datasets import get_task
+    from dlmprobe.tasks import get_task
 
     longer = get_task("arith", n_ops=8)
     with pytest.raises(ValueError, match="the model's context is"):

@@ -13,13 +13,14 @@ import h5py
 import numpy as np
 import pytest
 
-from dlmprobe.datasets.store import (
+from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.store import (
     SCHEMA_VERSION,
     ActivationDataset,
     ActivationWriter,
     Batch,
     StoreError,
-    bytes_needed,
+    StoreLayout,
     merge_shards,
 )
 
@@ -73,7 +74,9 @@ def make_batch(start: int, rows: int, sizes: dict[str, Any] = SIZES) -> Batch:
 
 
 def open_writer(path: Path, config: dict[str, Any] = CONFIG, **kwargs: Any) -> ActivationWriter:
-    return ActivationWriter(path, config=config, mask_id=MASK_ID, **{**SIZES, **kwargs})
+    """A writer of the SIZES layout; ``kwargs`` replace sizes (and ``dtype``) or set writer options."""
+    sizes = {key: kwargs.pop(key) for key in list(kwargs) if key in SIZES or key == "dtype"}
+    return ActivationWriter(path, StoreLayout(**{**SIZES, **sizes}), config=config, mask_id=MASK_ID, **kwargs)
 
 
 def write_run(path: Path, batch_size: int = 2, config: dict[str, Any] = CONFIG, **kwargs: Any) -> list[Batch]:
@@ -157,7 +160,7 @@ def test_bytes_needed_covers_the_file(tmp_path: Path) -> None:
     path = tmp_path / "run.h5"
     write_run(path, n_examples=40, sites={"blocks.0.hook_resid_post": 256})
     size = path.stat().st_size
-    needed = bytes_needed(**{**SIZES, "n_examples": 40, "sites": {"blocks.0.hook_resid_post": 256}})
+    needed = StoreLayout(**{**SIZES, "n_examples": 40, "sites": {"blocks.0.hook_resid_post": 256}}).bytes_needed()
     assert size <= needed <= size + 2**21
 
 
@@ -216,12 +219,26 @@ def test_batch_validation(tmp_path: Path) -> None:
 
 
 def test_sizes_are_validated(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"steps must be increasing indices in \[0, 4\), got \[0, 4\]"):
-        open_writer(tmp_path / "run.h5", steps=[0, 4])
-    with pytest.raises(ValueError, match=r"canvas_length must fit .* \(12 tokens\), got 11"):
-        open_writer(tmp_path / "run.h5", canvas_length=11)
-    with pytest.raises(ValueError, match="site name must be a non-empty str without '/'"):
-        open_writer(tmp_path / "run.h5", sites={"blocks/0": 8})
+    with pytest.raises(DlmprobeInputError, match=r"steps must be increasing indices in \[0, 4\), got \[0, 4\]"):
+        StoreLayout(**{**SIZES, "steps": [0, 4]})
+    with pytest.raises(DlmprobeInputError, match=r"canvas_length must fit .* \(12 tokens\), got 11"):
+        StoreLayout(**{**SIZES, "canvas_length": 11})
+    with pytest.raises(DlmprobeInputError, match="site name must be a non-empty str without '/'"):
+        StoreLayout(**{**SIZES, "sites": {"blocks/0": 8}})
+    with pytest.raises(DlmprobeInputError, match="dtype must be one of"):
+        StoreLayout(**SIZES, dtype="bfloat16")
+    with pytest.raises(DlmprobeInputError, match="layout should be a StoreLayout, got dict"):
+        ActivationWriter(tmp_path / "run.h5", SIZES, config=CONFIG, mask_id=MASK_ID)  # type: ignore[arg-type]
+    assert not (tmp_path / "run.h5").exists()
+
+
+def test_a_layout_owns_its_sizes() -> None:
+    sites = dict(SITES)
+    layout = StoreLayout(**{**SIZES, "sites": sites, "steps": range(0, 4, 2)})
+    sites["blocks.2.hook_resid_post"] = 8
+    assert list(layout.sites) == list(SITES) and layout.steps == (0, 2)
+    assert layout == StoreLayout(**{**SIZES, "steps": [0, 2]})
+    assert layout.target_start == TARGET_START
 
 
 class _FailingWriter(ActivationWriter):
@@ -230,7 +247,7 @@ class _FailingWriter(ActivationWriter):
 
 
 def test_an_error_in_the_writing_thread_reaches_the_caller(tmp_path: Path) -> None:
-    writer = _FailingWriter(tmp_path / "run.h5", config=CONFIG, mask_id=MASK_ID, **SIZES)
+    writer = _FailingWriter(tmp_path / "run.h5", StoreLayout(**SIZES), config=CONFIG, mask_id=MASK_ID)
     writer.write_batch(make_batch(0, 2))
     with pytest.raises(OSError, match="No space left"):
         writer.close()
@@ -392,3 +409,19 @@ def test_merge_refuses_shards_that_disagree(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="'activations/blocks.0.hook_resid_post' is"):
         merge_shards([a, b], tmp_path / "merged.h5")
     assert not (tmp_path / "merged.h5").exists()
+
+
+LOADED = "import sys, {module}; print(sorted(m for m in ('torch', 'h5py') if m in sys.modules))"
+
+
+@pytest.mark.parametrize(
+    "module,loaded",
+    [("dlmprobe.store.reader", ["h5py"]), ("dlmprobe.tasks", []), ("dlmprobe.models", ["torch"])],
+)
+def test_each_stage_loads_only_what_it_needs(module: str, loaded: list[str]) -> None:
+    """Reading a store needs no torch; tasks and models (stages before the store) need no h5py."""
+    result = subprocess.run(
+        [sys.executable, "-c", LOADED.format(module=module)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == repr(loaded)

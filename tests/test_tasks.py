@@ -1,7 +1,8 @@
 import pytest
 
-from dlmprobe.datasets import TASKS, get_task, split_of
-from dlmprobe.datasets.sudoku import count_solutions
+from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.tasks import TASKS, get_task, split_of
+from dlmprobe.tasks.sudoku import count_solutions
 
 ALL_TASKS = [("sudoku", {"size": 4}), ("sudoku", {"size": 6}), ("sudoku", {"size": 9}), ("pathstar", {}), ("arith", {})]
 
@@ -84,7 +85,7 @@ def test_arith_writes_each_intermediate_result():
     ],
 )
 def test_bad_task_parameters_are_one_line_errors(name, params, message):
-    with pytest.raises(ValueError, match=message) as err:
+    with pytest.raises(DlmprobeInputError, match=message) as err:
         get_task(name, **params)
     assert "\n" not in str(err.value)
 
@@ -94,6 +95,6 @@ def test_vocab_round_trip_and_specials():
     v = task.vocab
     assert v.tokens[:5] == ("<pad>", "<bos>", "<sep>", "<eos>", "<mask>")
     assert v.decode(v.encode(["3", "+", "4"])) == ["3", "+", "4"]
-    with pytest.raises(ValueError, match="unknown token"):
+    with pytest.raises(DlmprobeInputError, match="unknown token"):
         v.encode(["x"])
     assert set(TASKS) == {"sudoku", "pathstar", "arith"}

@@ -9,27 +9,36 @@ same schema.
 
 Example:
     >>> config = CacheConfig(model="arith-diffusion", n=256, sites=["blocks.*.hook_resid_post"])
-    >>> print(config.describe())
-    >>> run_cache(config, "runs/arith.h5")
+    >>> plan = plan_cache(config)
+    >>> print(plan.describe())  # sizes and the disk space the file will take
+    >>> run_cache(config, "runs/arith.h5", plan=plan)
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from dlmprobe import __version__
-from dlmprobe.datasets import Example, Task, get_task
-from dlmprobe.datasets.store import ActivationWriter, bytes_needed
+from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.hooks import ActivationRecorder, firing_hook_names, resolve_sites
 from dlmprobe.models import Checkpoint, load_model
-from dlmprobe.sampling import AutoregressiveSamplerConfig, DiffusionSamplerConfig, Trajectory, generate, solved
+from dlmprobe.sampling import (
+    AutoregressiveSamplerConfig,
+    DiffusionSamplerConfig,
+    Trajectory,
+    generate,
+    solved,
+)
+from dlmprobe.store import ActivationWriter, StoreLayout
+from dlmprobe.tasks import Example, Task, get_task
 
 PositionRule = Literal["all", "target", "masked", "answer", "last_prompt", "sep+target"]
 POSITION_RULES: tuple[str, ...] = ("all", "target", "masked", "answer", "last_prompt", "sep+target")
@@ -44,11 +53,13 @@ class CacheConfig:
         n: examples (puzzles of ``split``, drawn with ``seed``).
         sites: TransformerLens hook names or globs.
         steps: denoising steps to record: ``"all"``, every k-th (an int) or a list of indices.
-        positions: ``all`` canvas positions; the ``target`` region; ``masked``: the target region,
-            and readers keep rows still masked at each step (``only_masked``); ``answer``: the task's
+        positions: ``all`` canvas positions; the ``target`` region; ``answer``: the task's
             answer label positions; ``last_prompt``: the ``<sep>`` token just before the target;
             ``sep+target``: that token and the target region, what an autoregressive model reads
-            ahead from (``ProbeGrid(read="frontier")``).
+            ahead from (``ProbeGrid(read="frontier")``). ``masked`` is an alias of ``target``
+            (the same positions, kept for ``dlmprobe cache --positions masked`` and the files it
+            wrote); which rows are still masked at a step is chosen when reading
+            (``ActivationDataset.get(..., only_masked=True)``).
         sampler: sampler options (``steps``, ``block_length``, ``temperature``, ``order``, ``seed``).
         task_params: overrides of the model's task options (evaluate a variant).
         shard: ``(i, n)`` writes the i-th of n contiguous slices of the examples.
@@ -69,22 +80,22 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+            raise DlmprobeInputError(f"n must be >= 1, got {self.n}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise DlmprobeInputError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.positions not in POSITION_RULES:
-            raise ValueError(f"positions must be one of {POSITION_RULES}, got {self.positions!r}")
+            raise DlmprobeInputError(f"positions must be one of {POSITION_RULES}, got {self.positions!r}")
         if self.dtype not in ("float16", "float32"):
-            raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+            raise DlmprobeInputError(f"dtype must be float16 or float32, got {self.dtype!r}")
         if self.shard is not None:
             i, k = self.shard
             if not 0 <= i < k:
-                raise ValueError(f"shard must be i/n with 0 <= i < n, got {i}/{k}")
+                raise DlmprobeInputError(f"shard must be i/n with 0 <= i < n, got {i}/{k}")
             if k > self.n:
-                raise ValueError(f"cannot split {self.n} examples into {k} shards")
+                raise DlmprobeInputError(f"cannot split {self.n} examples into {k} shards")
             self.shard = (int(i), int(k))
         if isinstance(self.steps, str) and self.steps != "all":
-            raise ValueError(f"steps must be 'all', an int k (every k-th step) or a list of steps, got {self.steps!r}")
+            raise DlmprobeInputError(f"steps must be 'all', an int k (every k-th step) or a list of steps, got {self.steps!r}")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -112,12 +123,18 @@ class CachePlan:
         return {name: len(span.positions) for name, span in self.examples[0].labels.items()}
 
     @property
-    def bytes_needed(self) -> int:
-        return bytes_needed(
-            n_examples=len(self.examples), n_steps=self.n_steps, canvas_length=self.task.sequence_length,
-            prompt_length=self.task.prompt_length, target_length=self.task.target_length, labels=self.labels,
+    def layout(self) -> StoreLayout:
+        """The sizes of the store this job writes."""
+        task = self.task
+        return StoreLayout(
+            n_examples=len(self.examples), n_steps=self.n_steps, canvas_length=task.sequence_length,
+            prompt_length=task.prompt_length, target_length=task.target_length, labels=self.labels,
             sites=self.sites, steps=self.steps, positions=self.positions, dtype=self.config.dtype,
         )
+
+    @property
+    def bytes_needed(self) -> int:
+        return self.layout.bytes_needed()
 
     def describe(self) -> str:
         c = self.config
@@ -153,14 +170,14 @@ def plan_cache(config: CacheConfig, checkpoint: Checkpoint | None = None) -> Cac
     task = get_task(ckpt.config.task, **{**ckpt.task.params(), **config.task_params}) if config.task_params else ckpt.task
     needed = task.sequence_length
     if needed > ckpt.config.n_ctx:
-        raise ValueError(f"{task!r} needs a context of {needed} tokens; the model's context is {ckpt.config.n_ctx}")
+        raise DlmprobeInputError(f"{task!r} needs a context of {needed} tokens; the model's context is {ckpt.config.n_ctx}")
     if ckpt.kind == "diffusion":
         sampler: Any = DiffusionSamplerConfig(**config.sampler)
         n_steps, _ = sampler.resolve(task.target_length)
     else:
         unknown = set(config.sampler) - {"temperature", "seed"}
         if unknown:
-            raise ValueError(f"an autoregressive model takes only temperature and seed, got {sorted(unknown)}")
+            raise DlmprobeInputError(f"an autoregressive model takes only temperature and seed, got {sorted(unknown)}")
         sampler = AutoregressiveSamplerConfig(**config.sampler)
         n_steps = task.target_length
     sites = resolve_sites(config.sites, firing_hook_names(ckpt.model))
@@ -183,7 +200,7 @@ def _site_widths(ckpt: Checkpoint, sites: Sequence[str]) -> dict[str, int]:
     for site in sites:
         activation = cache[site]
         if activation.dim() != 3:
-            raise ValueError(
+            raise DlmprobeInputError(
                 f"site {site!r} has shape {tuple(activation.shape)}; dlmprobe stores per-position sites of "
                 f"shape (batch, pos, d) such as hook_resid_post, attn.hook_out or mlp.hook_out"
             )
@@ -196,11 +213,11 @@ def _resolve_steps(steps: str | int | Sequence[int], n_steps: int) -> list[int]:
         return list(range(n_steps))
     if isinstance(steps, int):
         if steps < 1:
-            raise ValueError(f"record every k-th step needs k >= 1, got {steps}")
+            raise DlmprobeInputError(f"record every k-th step needs k >= 1, got {steps}")
         return list(range(0, n_steps, steps))
     chosen = sorted({int(s) for s in steps})
     if not chosen or chosen[0] < 0 or chosen[-1] >= n_steps:
-        raise ValueError(f"steps to record must lie in [0, {n_steps}), got {list(steps)}")
+        raise DlmprobeInputError(f"steps to record must lie in [0, {n_steps}), got {list(steps)}")
     return chosen
 
 
@@ -289,21 +306,16 @@ def run_cache(config: CacheConfig, out: str | Path, *, overwrite: bool = False, 
     free = shutil.disk_usage(out.resolve().parent if out.resolve().parent.exists() else Path.cwd()).free
     if plan.bytes_needed > free:
         raise OSError(f"{out} needs {plan.bytes_needed / 2**30:.2f} GiB but the disk has {free / 2**30:.2f} GiB free")
-    task = plan.task
     recorder_steps = plan.steps if plan.checkpoint.kind == "diffusion" else None
     recorder = ActivationRecorder(plan.checkpoint.model, list(plan.sites), steps=recorder_steps,
                                   positions=plan.positions, dtype=torch.float32)
-    writer = ActivationWriter(
-        out, config=plan.store_config(), n_examples=len(plan.examples), n_steps=plan.n_steps,
-        canvas_length=task.sequence_length, prompt_length=task.prompt_length, target_length=task.target_length,
-        mask_id=task.vocab.mask_id, labels=plan.labels, sites=plan.sites, steps=plan.steps,
-        positions=plan.positions, dtype=config.dtype, overwrite=overwrite, resume=resume,
-    )
+    writer = ActivationWriter(out, plan.layout, config=plan.store_config(), mask_id=plan.task.vocab.mask_id,
+                              overwrite=overwrite, resume=resume)
     size = config.batch_size
     with writer:
         start = writer.n_complete
         if start % size and start != len(plan.examples):
-            raise ValueError(f"cannot resume {out}: {start} examples written is not a multiple of batch_size {size}")
+            raise DlmprobeInputError(f"cannot resume {out}: {start} examples written is not a multiple of batch_size {size}")
         bar = tqdm(total=len(plan.examples), initial=start, disable=not progress, unit="ex",
                    desc=f"cache {plan.config.model}")
         for begin in range(start, len(plan.examples), size):

@@ -70,8 +70,8 @@ def _sampler(args: argparse.Namespace, kind: str):
 
 def _load(args: argparse.Namespace):
     """The checkpoint named on the command line, with its task's options overridden by --task-param."""
-    from dlmprobe.datasets import get_task
     from dlmprobe.models import load_model
+    from dlmprobe.tasks import get_task
 
     ckpt = load_model(args.model)
     if args.task_param:
@@ -132,7 +132,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dlmprobe.pipeline import DemoConfig, run_demo
+    from dlmprobe.demo import DemoConfig, run_demo
 
     _set_threads(args.threads)
     config = DemoConfig(n=args.n, n_model=args.n_model, record_every=args.record_every, seed=args.seed)
@@ -142,7 +142,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _open_store(path: str):
-    from dlmprobe.datasets.store import ActivationDataset
+    from dlmprobe.store import ActivationDataset
 
     if not Path(path).is_file():
         raise UsageError(f"expected an HDF5 activation dataset written by dlmprobe cache, got {path!r} (no such file)")
@@ -251,7 +251,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from dlmprobe.datasets.store import ActivationDataset, merge_shards
+    from dlmprobe.store import ActivationDataset, merge_shards
 
     merge_shards(args.shards, args.out, overwrite=args.overwrite)
     with ActivationDataset(args.out) as data:
@@ -260,7 +260,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from dlmprobe.datasets.store import ActivationDataset
+    from dlmprobe.store import ActivationDataset
 
     with ActivationDataset(args.path) as data:
         config = data.config
@@ -287,8 +287,8 @@ def _read_rule(text: str):
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from dlmprobe.datasets.store import ActivationDataset
     from dlmprobe.probes import ProbeGrid, clock_table
+    from dlmprobe.store import ActivationDataset
 
     _set_threads(args.threads)
     out = Path(args.out)
@@ -339,7 +339,7 @@ def _summary(table, clock) -> str:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from dlmprobe.datasets import TASKS, get_task
+    from dlmprobe.tasks import TASKS, get_task
 
     for name in sorted(TASKS):
         task = get_task(name)
@@ -369,8 +369,8 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from dlmprobe import __version__
-    from dlmprobe.datasets import TASKS
     from dlmprobe.models import KINDS
+    from dlmprobe.tasks import TASKS
 
     parser = _Parser(prog="dlmprobe", description="Probe kit for diffusion language models.")
     parser.add_argument("--version", action="version", version=f"dlmprobe {__version__}")

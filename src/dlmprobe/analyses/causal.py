@@ -55,12 +55,12 @@ from tqdm.auto import tqdm
 from dlmprobe.analyses.common import label_mask, percent
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
-from dlmprobe.datasets import Example, Task, get_task
-from dlmprobe.datasets.store import ActivationDataset
 from dlmprobe.hooks import layer_of
 from dlmprobe.models import Checkpoint
 from dlmprobe.probes.linear import LinearProbe
 from dlmprobe.sampling import DiffusionSamplerConfig, Trajectory, generate, solved
+from dlmprobe.store import ActivationDataset
+from dlmprobe.tasks import Example, Task, get_task
 
 SUBSPACES: tuple[str, ...] = ("probe", "leace")
 CONTROLS: tuple[str, ...] = ("random", "pca")

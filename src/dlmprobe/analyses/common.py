@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dlmprobe.datasets import Example, Task, get_task
-from dlmprobe.datasets.store import ActivationDataset
 from dlmprobe.hooks import layer_of
+from dlmprobe.store import ActivationDataset
+from dlmprobe.tasks import Example, Task, get_task
 
 
 def task_of(data: ActivationDataset) -> Task:

@@ -24,7 +24,7 @@ import pandas as pd
 from dlmprobe.analyses.common import deepest_site, default_label, describe_run, kind_of, percent
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
-from dlmprobe.datasets.store import ActivationDataset
+from dlmprobe.store import ActivationDataset
 from dlmprobe.probes import ProbeGrid
 from dlmprobe.probes.grid import bootstrap_by_example
 

@@ -22,8 +22,8 @@ import pandas as pd
 from dlmprobe.analyses.common import best_site, default_label, describe_run, percent
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure, layer_colours
 from dlmprobe.analyses.result import AnalysisResult
-from dlmprobe.datasets.store import ActivationDataset
 from dlmprobe.probes import ProbeGrid
+from dlmprobe.store import ActivationDataset
 
 
 def decodability(

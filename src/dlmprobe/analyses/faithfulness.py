@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 from dlmprobe.analyses.common import label_mask, wilson_rate
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
-from dlmprobe.datasets import Arith, Example, Task
 from dlmprobe.models import Checkpoint
 from dlmprobe.sampling import StepCallback, Trajectory, generate
 from dlmprobe.sampling.generate import SamplerConfig
+from dlmprobe.tasks import Arith, Example, Task
 
 MODES: tuple[str, ...] = ("replace", "remask")
 AR_REMASK_NOTE = "not run: an autoregressive model never rewrites a written position, so remasking is meaningless"

@@ -18,8 +18,8 @@ import pandas as pd
 from dlmprobe.analyses.common import deepest_site, default_label, describe_run, percent
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
-from dlmprobe.datasets.store import ActivationDataset
 from dlmprobe.probes import ProbeGrid
+from dlmprobe.store import ActivationDataset
 
 
 def first_stable_step(correct: np.ndarray, commit: np.ndarray, steps: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from scipy.stats import spearmanr
 from dlmprobe.analyses.common import default_label, describe_run, percent, task_of
 from dlmprobe.analyses.plotting import figure
 from dlmprobe.analyses.result import AnalysisResult
-from dlmprobe.datasets.store import ActivationDataset
+from dlmprobe.store import ActivationDataset
 
 
 def commit_order(data: ActivationDataset, answer: str | None = None, reasoning: str | None = None) -> AnalysisResult:

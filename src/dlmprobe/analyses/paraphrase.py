@@ -33,13 +33,13 @@ from dlmprobe.analyses.common import label_mask, wilson_rate
 from dlmprobe.analyses.faithfulness import sample_in_chunks
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
-from dlmprobe.datasets import Example, Task
 from dlmprobe.hooks import ActivationRecorder
 from dlmprobe.models import Checkpoint
 from dlmprobe.probes.grid import bootstrap_by_example
 from dlmprobe.probes.linear import fit_logistic
 from dlmprobe.sampling import StepCallback, Trajectory
 from dlmprobe.sampling.generate import SamplerConfig
+from dlmprobe.tasks import Example, Task
 
 RUNS: tuple[str, ...] = ("plain", "paraphrased")
 N_BOOTSTRAP = 500

@@ -17,7 +17,7 @@ import pandas as pd
 from dlmprobe.analyses.common import describe_run, task_of
 from dlmprobe.analyses.plotting import figure
 from dlmprobe.analyses.result import AnalysisResult
-from dlmprobe.datasets.store import ActivationDataset
+from dlmprobe.store import ActivationDataset
 
 
 def trajectory_view(data: ActivationDataset, example: int = 0, probe: np.ndarray | None = None,

@@ -64,7 +64,7 @@ class ModelConfig:
         return "bidirectional" if self.kind == "diffusion" else "causal"
 
     def build_task(self):
-        from dlmprobe.datasets import get_task
+        from dlmprobe.tasks import get_task
 
         return get_task(self.task, **self.task_params)
 

@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dlmprobe.datasets.store import ActivationDataset
 from dlmprobe.hooks import layer_of
 from dlmprobe.probes.linear import fit_logistic, predict_logits
+from dlmprobe.store import ActivationDataset
 
 
 def clock_table(data: ActivationDataset, label: str, sites: Sequence[str] | None = None, folds: int = 5,

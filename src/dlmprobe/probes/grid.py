@@ -35,10 +35,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from dlmprobe.datasets.store import ActivationDataset
 from dlmprobe.hooks import layer_of
 from dlmprobe.models import ModelConfig, random_model
 from dlmprobe.probes.linear import fit_logistic, predict_logits
+from dlmprobe.store import ActivationDataset
 
 Phase = Literal["before_commit", "after_commit"]
 Target = Literal["output", "truth"]

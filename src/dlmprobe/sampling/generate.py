@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from dlmprobe.datasets import Example, Task
+from dlmprobe.tasks import Example, Task
 from dlmprobe.sampling.autoregressive import AutoregressiveSamplerConfig, sample_autoregressive
 from dlmprobe.sampling.diffusion import DiffusionSamplerConfig, sample_diffusion
 from dlmprobe.sampling.trajectory import StepCallback, Trajectory

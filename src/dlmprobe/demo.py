@@ -14,22 +14,28 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from dlmprobe.analyses import (
-    causal_check, commit_order, compare_runs, decodability, faithfulness, paraphrase_run, planning_lead,
+    causal_check,
+    commit_order,
+    compare_runs,
+    decodability,
+    faithfulness,
+    paraphrase_run,
+    planning_lead,
     trajectory_view,
 )
 from dlmprobe.analyses.result import AnalysisResult
 from dlmprobe.capture import CacheConfig, run_cache
-from dlmprobe.datasets.store import ActivationDataset
 from dlmprobe.models import load_model
 from dlmprobe.probes import ProbeGrid
 from dlmprobe.report import write_report
+from dlmprobe.store import ActivationDataset
 
 
 @dataclass

@@ -10,12 +10,15 @@ the centre).
 
 from __future__ import annotations
 
+import itertools
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from dlmprobe.datasets.task import LabelSpan, Task, Vocab
+from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.tasks.task import LabelSpan, Task, Vocab
 
 
 class PathStar(Task):
@@ -24,11 +27,11 @@ class PathStar(Task):
 
     def __init__(self, arms: int = 3, arm_length: int = 3, n_nodes: int = 10):
         if arms < 2:
-            raise ValueError(f"pathstar needs at least 2 arms, got {arms!r}")
+            raise DlmprobeInputError(f"pathstar needs at least 2 arms, got {arms!r}")
         if arm_length < 2:
-            raise ValueError(f"pathstar arm_length must be >= 2, got {arm_length!r}")
+            raise DlmprobeInputError(f"pathstar arm_length must be >= 2, got {arm_length!r}")
         if n_nodes < arms * arm_length + 1:
-            raise ValueError(
+            raise DlmprobeInputError(
                 f"pathstar n_nodes must be >= arms*arm_length+1 = {arms * arm_length + 1}, got {n_nodes!r}"
             )
         self.arms, self.arm_length, self.n_nodes = arms, arm_length, n_nodes
@@ -74,7 +77,7 @@ class PathStar(Task):
         return (
             output[0] == start
             and output[-1] == goal
-            and all((a, b) in edges for a, b in zip(output, output[1:]))
+            and all((a, b) in edges for a, b in itertools.pairwise(output))
         )
 
     def paraphrase(

@@ -7,11 +7,13 @@ Labels: ``cell`` (every cell's value) and ``blank`` (only the cells the model ha
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from dlmprobe.datasets.task import LabelSpan, Task, Vocab
+from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.tasks.task import LabelSpan, Task, Vocab
 
 BOX_SHAPES = {4: (2, 2), 6: (2, 3), 9: (3, 3)}
 DEFAULT_BLANKS = {4: 8, 6: 20, 9: 45}
@@ -73,10 +75,10 @@ class Sudoku(Task):
 
     def __init__(self, size: int = 6, blanks: int | None = None):
         if size not in BOX_SHAPES:
-            raise ValueError(f"sudoku size must be one of {sorted(BOX_SHAPES)}, got {size!r}")
+            raise DlmprobeInputError(f"sudoku size must be one of {sorted(BOX_SHAPES)}, got {size!r}")
         blanks = DEFAULT_BLANKS[size] if blanks is None else blanks
         if not 0 < blanks < size * size:
-            raise ValueError(f"sudoku blanks must be between 1 and {size * size - 1}, got {blanks!r}")
+            raise DlmprobeInputError(f"sudoku blanks must be between 1 and {size * size - 1}, got {blanks!r}")
         self.size, self.blanks = size, blanks
         self.box_rows, self.box_cols = BOX_SHAPES[size]
         self.vocab = Vocab(["_"] + [str(d) for d in range(1, size + 1)])

@@ -6,7 +6,7 @@ positions hold a planned answer or goal, and their values. A model sees the sequ
 ``<bos> prompt <sep> target <eos>``; only the target is ever masked or generated.
 
 Example:
-    >>> from dlmprobe.datasets import get_task
+    >>> from dlmprobe.tasks import get_task
     >>> task = get_task("arith")
     >>> ex = task.sample(1, split="eval", seed=0)[0]
     >>> task.verify(ex.prompt, ex.target)
@@ -18,10 +18,13 @@ from __future__ import annotations
 import hashlib
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
+
+from dlmprobe.errors import DlmprobeInputError
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<sep>", "<eos>", "<mask>")
 Split = Literal["train", "eval"]
@@ -55,7 +58,7 @@ class Vocab:
         try:
             return self._ids[token]
         except KeyError:
-            raise ValueError(f"unknown token {token!r}; expected one of {list(self.tokens)}") from None
+            raise DlmprobeInputError(f"unknown token {token!r}; expected one of {list(self.tokens)}") from None
 
     def encode(self, tokens: Sequence[str]) -> list[int]:
         return [self.id(t) for t in tokens]
@@ -65,7 +68,7 @@ class Vocab:
         for i in ids:
             i = int(i)
             if not 0 <= i < len(self.tokens):
-                raise ValueError(f"token id {i} is outside the vocabulary of size {len(self.tokens)}")
+                raise DlmprobeInputError(f"token id {i} is outside the vocabulary of size {len(self.tokens)}")
             out.append(self.tokens[i])
         return out
 
@@ -168,9 +171,9 @@ class Task(ABC):
     def sample(self, n: int, split: Split = "train", seed: int = 0) -> list[Example]:
         """``n`` distinct puzzles of one split; the same arguments give the same puzzles."""
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+            raise DlmprobeInputError(f"split must be one of {SPLITS}, got {split!r}")
         if n < 0:
-            raise ValueError(f"number of examples must be >= 0, got {n}")
+            raise DlmprobeInputError(f"number of examples must be >= 0, got {n}")
         # Seed from the split and task configuration too, so streams of different splits differ.
         rng = random.Random(f"{self.name}|{sorted(self.params().items())}|{split}|{seed}")
         examples: list[Example] = []
@@ -179,7 +182,7 @@ class Task(ABC):
         while len(examples) < n:
             attempts += 1
             if attempts > 1000 * (n + 10):
-                raise ValueError(
+                raise DlmprobeInputError(
                     f"{self.name}: could only find {len(examples)} distinct {split} puzzles of "
                     f"{n} requested with {self.params()}; the configuration has too few puzzles"
                 )

@@ -9,11 +9,13 @@ alone), so analyses can corrupt one intermediate result and watch the answer.
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from dlmprobe.datasets.task import LabelSpan, Task, Vocab
+from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.tasks.task import LabelSpan, Task, Vocab
 
 OPERATIONS = {
     "+": lambda a, b, m: (a + b) % m,
@@ -28,11 +30,11 @@ class Arith(Task):
 
     def __init__(self, n_ops: int = 4, modulus: int = 10, ops: str = "+-*"):
         if n_ops < 1:
-            raise ValueError(f"arith n_ops must be >= 1, got {n_ops!r}")
+            raise DlmprobeInputError(f"arith n_ops must be >= 1, got {n_ops!r}")
         if modulus < 2:
-            raise ValueError(f"arith modulus must be >= 2, got {modulus!r}")
+            raise DlmprobeInputError(f"arith modulus must be >= 2, got {modulus!r}")
         if not ops or any(o not in OPERATIONS for o in ops) or len(set(ops)) != len(ops):
-            raise ValueError(f"arith ops must be distinct characters of {''.join(OPERATIONS)!r}, got {ops!r}")
+            raise DlmprobeInputError(f"arith ops must be distinct characters of {''.join(OPERATIONS)!r}, got {ops!r}")
         self.n_ops, self.modulus, self.ops = n_ops, modulus, ops
         self.vocab = Vocab([str(v) for v in range(modulus)] + list(ops))
         self._num_ids = [self.vocab.id(str(v)) for v in range(modulus)]
