@@ -21,7 +21,11 @@ from types import ModuleType
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from transformers import ModernBertConfig, ModernBertForMaskedLM, PreTrainedTokenizerFast
+from transformers import (
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    PreTrainedTokenizerFast,
+)
 
 from dlmprobe.datasets import get_task
 from dlmprobe.tasks.text import ANSWER_PREFIX, BuiltinTextTask
@@ -41,11 +45,17 @@ def _corpus() -> list[str]:
     return texts
 
 
-def build_tokenizer(mask: bool = True) -> PreTrainedTokenizerFast:
-    """A WordLevel tokenizer over the task texts; prepends [BOS]; [MASK] (optional) is the last id."""
+def build_tokenizer(mask: bool = True, split_digits: bool = False, corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A WordLevel tokenizer over the task texts; prepends [BOS]; [MASK] (optional) is the last id.
+
+    ``split_digits`` makes every digit its own token (``n12`` -> ``n``, ``1``, ``2``), as in the
+    Qwen and LLaMA-3 tokenizers, so that answer items span several tokens.
+    """
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(_corpus(), trainer=trainers.WordLevelTrainer(special_tokens=SPECIALS))
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    tok.train_from_iterator(corpus or _corpus(), trainer=trainers.WordLevelTrainer(special_tokens=SPECIALS))
     tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", tok.token_to_id("[BOS]"))])
     extra = {"mask_token": "[MASK]"} if mask else {}
     if mask:

@@ -110,7 +110,9 @@ def _model_class(arch: str, backend: str, kind: Kind) -> Any:
     import transformers
 
     if backend == "transformer_lens":
-        from transformer_lens.model_bridge.sources.transformers.helpers import get_hf_model_class_for_architecture
+        from transformer_lens.model_bridge.sources.transformers.helpers import (
+            get_hf_model_class_for_architecture,
+        )
 
         return get_hf_model_class_for_architecture(arch)
     return transformers.AutoModelForMaskedLM if kind == "diffusion" else transformers.AutoModelForCausalLM
@@ -122,8 +124,12 @@ def _prepare_tl_loading(config: Any, arch: str, name: str, dtype: torch.dtype, k
     Dream's remote code, for one, needs transformers-4 rotary defaults restored before its modules
     are built; the adapter's ``prepare_loading`` does exactly that.
     """
-    from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_config_from_hf
+    from transformer_lens.factories.architecture_adapter_factory import (
+        ArchitectureAdapterFactory,
+    )
+    from transformer_lens.model_bridge.sources._bridge_builder import (
+        build_bridge_config_from_hf,
+    )
 
     try:
         adapter = ArchitectureAdapterFactory.select_architecture_adapter(build_bridge_config_from_hf(config, arch, name, dtype))
