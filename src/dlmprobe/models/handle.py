@@ -38,7 +38,6 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from dlmprobe.errors import DlmprobeInputError
-from dlmprobe.hooks.sites import layer_of as _layer_of
 from dlmprobe.models.checkpoint import Checkpoint, random_model
 from dlmprobe.models.config import ModelConfig
 
@@ -115,7 +114,8 @@ class ModelHandle:
     @staticmethod
     def layer_of(site: str) -> int | None:
         """The block index of a site name (``blocks.3.hook_resid_post`` -> 3), else None."""
-        return _layer_of(site)
+        parts = site.split(".")
+        return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else None
 
     @property
     def site_paths(self) -> dict[str, str]:
