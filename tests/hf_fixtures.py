@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from dlmprobe.datasets import get_task
+from dlmprobe.tasks import get_task
 from dlmprobe.tasks.text import ANSWER_PREFIX, BuiltinTextTask
 
 REMOTE_CODE = Path(__file__).parent / "remote_code"

@@ -8,7 +8,7 @@ import torch
 from hf_fixtures import build_tokenizer, save_dream, save_llada, save_modernbert
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
-from dlmprobe.datasets import get_task
+from dlmprobe.tasks import get_task
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.models import random_model, shipped_checkpoints
 from dlmprobe.models.checkpoint import CHECKPOINT_DIR

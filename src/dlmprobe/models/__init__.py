@@ -1,4 +1,5 @@
-"""Built-in diffusion denoisers and their autoregressive twins, as TransformerLens models."""
+"""Models behind one interface (:class:`ModelHandle`): the built-in denoisers and their autoregressive
+twins, and Hugging Face diffusion and causal LMs (:func:`load_hf_model`)."""
 
 from dlmprobe.models.checkpoint import (
     CHECKPOINT_DIR,
@@ -13,13 +14,18 @@ from dlmprobe.models.checkpoint import (
     to_bridge,
 )
 from dlmprobe.models.config import KINDS, ModelConfig
+from dlmprobe.models.handle import ModelHandle, from_checkpoint
+from dlmprobe.models.huggingface import load_hf_model
 
 __all__ = [
     "CHECKPOINT_DIR",
     "KINDS",
     "Checkpoint",
     "ModelConfig",
+    "ModelHandle",
     "build_native",
+    "from_checkpoint",
+    "load_hf_model",
     "load_model",
     "load_native",
     "random_model",

@@ -43,8 +43,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from dlmprobe.datasets import LabelSpan, Task
-from dlmprobe.datasets.task import Split, puzzle_uid, split_of
+from dlmprobe.tasks.task import LabelSpan, Task
+from dlmprobe.tasks.task import Split, puzzle_uid, split_of
 from dlmprobe.errors import DlmprobeInputError
 
 ANSWER_PREFIX = "The answer is"
