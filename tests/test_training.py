@@ -45,8 +45,7 @@ class Crash(Exception):
 @pytest.mark.parametrize("where,at_step", [("commit", 4), ("commit", 8), ("export", 8)])
 def test_resume_ends_where_an_uninterrupted_run_ends(tiny_config, tmp_path, monkeypatch, where, at_step):
     """A save dies before its commit (at the very first save too) or between commit and export."""
-    import dlmprobe.training.state as state
-    import dlmprobe.training.trainer as trainer
+    from dlmprobe.training import state, trainer
 
     config = TrainConfig(tiny_config, steps=8, batch_size=8, warmup=2, eval_every=4, eval_n=4)
     train(config, tmp_path / "straight", progress=False)

@@ -80,7 +80,7 @@ class Sudoku(Task):
     answer_label = "cell"
 
     def __init__(self, size: int = 6, blanks: int | None = None):
-        if isinstance(size, bool) or size not in BOX_SHAPES:
+        if type(size) is not int or size not in BOX_SHAPES:
             raise DlmprobeInputError(f"sudoku size must be one of {sorted(BOX_SHAPES)}, got size={size!r}")
         blanks = DEFAULT_BLANKS[size] if blanks is None else blanks
         check_int("sudoku", "blanks", blanks, 1, MAX_BLANKS[size],

@@ -38,10 +38,15 @@ MAX_VOCAB_SIZE = 4096
 
 def check_int(task: str, name: str, value: Any, low: int, high: int, why: str = "") -> int:
     """``value`` if it is an integer in ``low..high``; else one DlmprobeInputError line naming ``name=value``."""
-    kind = "" if isinstance(value, int) and not isinstance(value, bool) else "an integer "
-    if kind or not low <= value <= high:
-        raise DlmprobeInputError(f"{task} {name} must be {kind}between {low} and {high}{why}, got {name}={value!r}")
-    return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        expected = f"an integer between {low} and {high}"
+    elif value < low:
+        expected = f">= {low}"
+    elif value > high:
+        expected = f"between {low} and {high}"
+    else:
+        return value
+    raise DlmprobeInputError(f"{task} {name} must be {expected}{why}, got {name}={value!r}")
 
 
 class Vocab:
