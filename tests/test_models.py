@@ -54,8 +54,10 @@ def test_bad_checkpoints_are_clear_errors(tiny_config, tmp_path):
         load_model(tmp_path / "missing")
     save_checkpoint(build_native(tiny_config), tiny_config, tmp_path / "ckpt")
     (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="cannot load weights"):
+    with pytest.raises(ValueError, match="do not match the sha256 recorded"):
         load_model(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="expected a safetensors file"):
+        load_model(tmp_path / "ckpt", verify=False)
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model": {"task": "arith", "colour": 1}}))
     with pytest.raises(ValueError, match="unknown model config fields"):
         load_model(tmp_path / "ckpt")

@@ -38,25 +38,35 @@ def test_training_lowers_the_loss(tiny_config, tmp_path, kind):
     assert info["steps_done"] == 60 and info["n_params"] > 0
 
 
-def test_resume_ends_where_an_uninterrupted_run_ends(tiny_config, tmp_path, monkeypatch):
-    import dlmprobe.training.trainer as trainer
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where,at_step", [("commit", 4), ("commit", 8), ("export", 8)])
+def test_resume_ends_where_an_uninterrupted_run_ends(tiny_config, tmp_path, monkeypatch, where, at_step):
+    """A save dies before its commit (at the very first save too) or between commit and export."""
+    from dlmprobe.training import state, trainer
 
     config = TrainConfig(tiny_config, steps=8, batch_size=8, warmup=2, eval_every=4, eval_n=4)
     train(config, tmp_path / "straight", progress=False)
 
-    class Crash(Exception):
-        pass
+    module, name = (state, "commit") if where == "commit" else (trainer, "write_checkpoint")
+    real = getattr(module, name)
 
-    save_optimizer = trainer._save_optimizer
+    def die_at_step(*args):
+        if (args[1]["step"] if where == "commit" else args[3]["steps_done"]) == at_step:
+            raise Crash
+        return real(*args)
 
-    def save_then_crash(optimizer, folder, meta):
-        save_optimizer(optimizer, folder, meta)
-        raise Crash  # the job dies right after its step-4 save
-
-    monkeypatch.setattr(trainer, "_save_optimizer", save_then_crash)
+    monkeypatch.setattr(module, name, die_at_step)
     with pytest.raises(Crash):
         train(config, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(trainer, "_save_optimizer", save_optimizer)
+    monkeypatch.setattr(module, name, real)
+    marker = tmp_path / "resumed" / "train_state" / "state.json"
+    committed = json.loads(marker.read_text())["step"] if marker.exists() else 0
+    assert committed == (at_step if where == "export" else at_step - 4)
+    with pytest.raises(FileExistsError):  # a killed run is still a run: a plain rerun does not clobber it
+        train(config, tmp_path / "resumed", progress=False)
     train(config, tmp_path / "resumed", resume=True, progress=False)
 
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
@@ -64,6 +74,8 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny_config, tmp_path, monk
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
     assert steps == [4, 8]
+    assert sorted(p.name for p in (tmp_path / "resumed" / "train_state").iterdir()) == [
+        "state.json", "step-00000008.model.safetensors", "step-00000008.optimizer.safetensors"]
 
 
 def test_existing_output_needs_resume_or_overwrite(tiny_config, tmp_path):

@@ -2,7 +2,7 @@
 
 Every analysis saved with :meth:`AnalysisResult.save` is a sub-folder (``result.json``,
 ``table.csv``, ``figure.png``); the page embeds the figures (base64 PNG), the computed summaries and
-the head of each table, and links the full CSVs next to it. Nothing in the page is typed by hand:
+the head of each table, and links the full CSVs next to it. The page is written atomically. Nothing in the page is typed by hand:
 it is all read from the saved results.
 """
 
@@ -20,6 +20,7 @@ import pandas as pd
 
 from dlmprobe import __version__
 from dlmprobe.analyses.result import load_result
+from dlmprobe.files import atomic_write_text
 
 # The order the page tells the story in; other analyses follow alphabetically.
 ORDER = ("decodability", "lead", "compare", "compare-pathstar", "order", "order-arith", "faithfulness", "paraphrase", "causal", "trajectory")
@@ -38,7 +39,7 @@ details { margin: 0.5em 0; } nav a { margin-right: 1em; }
 
 def _markdown(text: str) -> str:
     """The little markdown summaries use: ``` blocks, `code`, **bold**, paragraphs."""
-    parts = re.split(r"```\n?(.*?)```", text, flags=re.S)
+    parts = re.split(r"```\n?(.*?)```", text, flags=re.DOTALL)
     out = []
     for i, part in enumerate(parts):
         if i % 2:
@@ -66,7 +67,8 @@ def _table_html(table: pd.DataFrame, rows: int = 12) -> str:
 
 def analyses_in(folder: Path) -> list[Path]:
     """Sub-folders of ``folder`` holding a saved analysis, in the report's order."""
-    found = {p.parent.name: p.parent for p in folder.glob("*/result.json")}
+    # Hidden folders are saves still being written (or left by a killed one), not analyses.
+    found = {p.parent.name: p.parent for p in folder.glob("*/result.json") if not p.parent.name.startswith(".")}
     rank = {name: i for i, name in enumerate(ORDER)}
     return [found[name] for name in sorted(found, key=lambda n: (rank.get(n, len(ORDER)), n))]
 
@@ -112,8 +114,4 @@ def write_report(folder: str | Path, out: str | Path | None = None, title: str =
         f"every number on this page was computed by the run.</p>{_markdown(intro)}<nav>{''.join(nav)}</nav>"
         + "".join(sections) + "</body></html>\n"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(page)
-    tmp.replace(out)
-    return out
+    return atomic_write_text(out, page)

@@ -3,7 +3,7 @@
 Training runs on the plain torch module (TransformerLens' ``NativeModel``) for speed; loading wraps
 it in a ``TransformerBridge``, so every activation has a TransformerLens hook name
 (``blocks.{i}.hook_resid_post`` ...). Checkpoints are a folder with ``model.safetensors`` and
-``config.json``: never pickle.
+``config.json`` (which records the weights' sha256, checked on loading): never pickle.
 
 Example:
     >>> from dlmprobe.models import load_model
@@ -20,14 +20,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
-from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+from transformer_lens.model_bridge.sources._bridge_builder import (
+    build_bridge_from_module,
+)
 from transformer_lens.model_bridge.sources.native.init import initialize_native_model
 from transformer_lens.model_bridge.sources.native.model import NativeModel
 
 from dlmprobe.tasks import Task
+from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.files import (
+    atomic_folder,
+    atomic_write_bytes,
+    atomic_write_text,
+    load_json_object,
+    one_line,
+)
 from dlmprobe.models.config import ModelConfig
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -104,19 +115,33 @@ class Checkpoint:
         return hashlib.sha256((self.path / WEIGHTS_FILE).read_bytes()).hexdigest()
 
 
-def save_checkpoint(module: torch.nn.Module, config: ModelConfig, path: str | Path, info: dict[str, Any] | None = None) -> Path:
-    """Write ``module``'s weights and ``config`` (plus free-form ``info``) into the folder ``path``.
+def weights_bytes(module: torch.nn.Module) -> bytes:
+    """``module``'s weights as the bytes of a safetensors file (the same weights give the same bytes)."""
+    return save({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()})
 
-    Files are written to a temporary name first, so an interrupted save leaves the old checkpoint.
+
+def save_checkpoint(module: torch.nn.Module, config: ModelConfig, path: str | Path, info: dict[str, Any] | None = None) -> Path:
+    """Write ``module``'s weights and ``config`` (plus free-form ``info``) into the folder ``path``."""
+    return write_checkpoint(path, weights_bytes(module), config, info)
+
+
+def write_checkpoint(path: str | Path, weights: bytes, config: ModelConfig, info: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint folder from the bytes of its weights file; ``config.json`` records their sha256.
+
+    A new folder appears whole (built beside it, then renamed into place). In an existing folder
+    each file is replaced atomically, the weights first and ``config.json`` last: a save killed
+    between the two leaves weights that do not match the recorded sha256, which loading reports.
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    tmp_weights, tmp_config = path / (WEIGHTS_FILE + ".tmp"), path / (CONFIG_FILE + ".tmp")
-    save_file(state, str(tmp_weights))
-    tmp_config.write_text(json.dumps({"model": config.to_dict(), "info": info or {}}, indent=2) + "\n")
-    tmp_weights.replace(path / WEIGHTS_FILE)
-    tmp_config.replace(path / CONFIG_FILE)
+    record = {"model": config.to_dict(), "info": info or {}, "weights_sha256": hashlib.sha256(weights).hexdigest()}
+    text = json.dumps(record, indent=2) + "\n"
+    if path.exists():
+        atomic_write_bytes(path / WEIGHTS_FILE, weights)
+        atomic_write_text(path / CONFIG_FILE, text)
+    else:
+        with atomic_folder(path) as tmp:
+            (tmp / WEIGHTS_FILE).write_bytes(weights)
+            (tmp / CONFIG_FILE).write_text(text)
     return path
 
 
@@ -141,34 +166,77 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     )
 
 
-def read_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
+def read_config(path: Path) -> tuple[ModelConfig, dict[str, Any], str]:
+    """A checkpoint folder's model config, its ``info`` and the recorded weights sha256 ("" if none).
+
+    Checkpoints written before the sha256 was recorded have none and load unverified.
+    """
+    file = path / CONFIG_FILE
+    data = load_json_object(file, {"model": dict}, optional={"info": dict, "weights_sha256": str})
+    config = ModelConfig.from_dict(data["model"], where=f"{file} field 'model'")
+    return config, data.get("info", {}), data.get("weights_sha256", "")
+
+
+def read_weights(file: Path, recorded_sha256: str = "", verify: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; with ``verify``, first checked against ``recorded_sha256``.
+
+    Any damage (a sha256 mismatch, a truncated or foreign file) is one DlmprobeInputError line.
+    """
     try:
-        data = json.loads((path / CONFIG_FILE).read_text())
-        return ModelConfig.from_dict(data["model"]), data.get("info", {})
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path / CONFIG_FILE} is not a dlmprobe model config: {err}") from None
+        data = file.read_bytes()
+    except OSError as err:
+        raise DlmprobeInputError(f"{file}: cannot read it ({one_line(err.strerror or err)})") from None
+    if verify and recorded_sha256:
+        found = hashlib.sha256(data).hexdigest()
+        if found != recorded_sha256:
+            raise DlmprobeInputError(
+                f"{file}: weights do not match the sha256 recorded when they were written ({recorded_sha256[:16]}…, "
+                f"found {found[:16]}…): damaged, or edited (pass --no-verify to load edited weights)")
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as err:  # damaged header or tensor bytes
+        raise DlmprobeInputError(f"{file}: expected a safetensors file, found damaged content ({one_line(err)})") from None
 
 
-def load_native(name_or_path: str | Path) -> tuple[NativeModel, ModelConfig, dict[str, Any], Path]:
-    """The plain torch module of a checkpoint (what training resumes from)."""
+def _check_shapes(state: dict[str, torch.Tensor], config: ModelConfig, file: Path) -> None:
+    """Refuse weights whose names or shapes differ from ``config``'s model, before building it."""
+    with torch.device("meta"):  # shapes only: a config edited to a huge size allocates nothing
+        expected = {k: tuple(v.shape) for k, v in NativeModel(bridge_config(config)).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found != expected:
+        diff = sorted(set(found) ^ set(expected)) or sorted(k for k in found if found[k] != expected[k])
+        key = diff[0]
+        raise DlmprobeInputError(
+            f"{file}: expected the tensors of {config.task}-{config.kind} (n_layers={config.n_layers}, "
+            f"d_model={config.d_model}, d_vocab={config.d_vocab}, n_ctx={config.n_ctx}), found a mismatch at "
+            f"{key!r}: expected {expected.get(key, 'no such tensor')}, found {found.get(key, 'no such tensor')}")
+
+
+def load_native(name_or_path: str | Path, verify: bool = True) -> tuple[NativeModel, ModelConfig, dict[str, Any], Path]:
+    """The plain torch module of a checkpoint (what training resumes from).
+
+    ``verify``: check the weights against the sha256 recorded in ``config.json`` (off for weights
+    edited on purpose).
+    """
     path = resolve_checkpoint(name_or_path)
-    config, info = read_config(path)
+    config, info, recorded = read_config(path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint {path} has no {WEIGHTS_FILE}")
+    state = read_weights(weights, recorded, verify)
+    _check_shapes(state, config, weights)
     module = build_native(config, init=False)
-    try:
-        state = load_file(str(weights))
-        module.load_state_dict(state)
-    except Exception as err:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"cannot load weights {weights}: expected tensors matching {config.to_dict()} ({err})") from None
+    module.load_state_dict(state)
     module.eval()
     return module, config, info, path
 
 
-def load_model(name_or_path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a shipped model by name (``arith-diffusion``) or a checkpoint folder, as a TransformerBridge."""
-    module, config, info, path = load_native(name_or_path)
+def load_model(name_or_path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> Checkpoint:
+    """Load a shipped model by name (``arith-diffusion``) or a checkpoint folder, as a TransformerBridge.
+
+    ``verify``: check the weights against the sha256 recorded in ``config.json``.
+    """
+    module, config, info, path = load_native(name_or_path, verify=verify)
     bridge = to_bridge(module, config)
     if torch.device(device) != torch.device("cpu"):
         bridge = bridge.to(device)

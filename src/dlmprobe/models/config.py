@@ -10,9 +10,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.files import check_object
+
 ModelKind = Literal["diffusion", "autoregressive"]
 KINDS: tuple[str, ...] = ("diffusion", "autoregressive")
 POSITIONS: tuple[str, ...] = ("learned", "rotary")
+# The JSON type of every field, checked when a config is read from a file.
+FIELD_TYPES: dict[str, type] = {"task": str, "kind": str, "task_params": dict, "n_layers": int, "d_model": int,
+                                "n_heads": int, "d_mlp": int, "d_vocab": int, "n_ctx": int, "seed": int,
+                                "positions": str}
 
 
 @dataclass
@@ -40,14 +47,17 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"model kind must be one of {KINDS}, got {self.kind!r}")
+            raise DlmprobeInputError(f"model kind must be one of {KINDS}, got {self.kind!r}")
         if self.positions not in POSITIONS:
-            raise ValueError(f"model positions must be one of {POSITIONS}, got {self.positions!r}")
+            raise DlmprobeInputError(f"model positions must be one of {POSITIONS}, got {self.positions!r}")
         for name in ("n_layers", "d_model", "n_heads", "d_mlp"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"model {name} must be a positive integer, got {getattr(self, name)!r}")
+                raise DlmprobeInputError(f"model {name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("d_vocab", "n_ctx", "seed"):
+            if int(getattr(self, name)) < 0:
+                raise DlmprobeInputError(f"model {name} must be >= 0, got {getattr(self, name)!r}")
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+            raise DlmprobeInputError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         task = self.build_task()
         self.task_params = task.params()
         if not self.d_vocab:
@@ -68,7 +78,7 @@ class ModelConfig:
 
         return get_task(self.task, **self.task_params)
 
-    def twin(self) -> "ModelConfig":
+    def twin(self) -> ModelConfig:
         """The same architecture with the other attention direction."""
         other = "autoregressive" if self.kind == "diffusion" else "diffusion"
         return ModelConfig.from_dict({**self.to_dict(), "kind": other})
@@ -77,9 +87,15 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any], where: str = "model config") -> ModelConfig:
+        """The config ``data`` describes; ``where`` (e.g. a file name) starts any error line."""
+        check_object(data, {"task": str}, where, optional=FIELD_TYPES)
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown model config fields {sorted(unknown)}; expected a subset of {sorted(known)}")
-        return cls(**data)
+            raise DlmprobeInputError(f"{where}: unknown model config fields {sorted(unknown)}; "
+                                     f"expected a subset of {sorted(known)}")
+        try:
+            return cls(**data)
+        except ValueError as err:  # a bad value: the task's or the architecture's one-line reason
+            raise DlmprobeInputError(f"{where}: {err}") from None

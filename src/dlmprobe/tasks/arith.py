@@ -14,8 +14,15 @@ from typing import Any
 
 import numpy as np
 
+from dlmprobe.tasks.task import (
+    MAX_SEQUENCE_LENGTH,
+    MAX_VOCAB_SIZE,
+    LabelSpan,
+    Task,
+    Vocab,
+    check_int,
+)
 from dlmprobe.errors import DlmprobeInputError
-from dlmprobe.tasks.task import LabelSpan, Task, Vocab
 
 OPERATIONS = {
     "+": lambda a, b, m: (a + b) % m,
@@ -29,15 +36,14 @@ class Arith(Task):
     answer_label = "answer"
 
     def __init__(self, n_ops: int = 4, modulus: int = 10, ops: str = "+-*"):
-        if n_ops < 1:
-            raise DlmprobeInputError(f"arith n_ops must be >= 1, got {n_ops!r}")
-        if modulus < 2:
-            raise DlmprobeInputError(f"arith modulus must be >= 2, got {modulus!r}")
-        if not ops or any(o not in OPERATIONS for o in ops) or len(set(ops)) != len(ops):
-            raise DlmprobeInputError(f"arith ops must be distinct characters of {''.join(OPERATIONS)!r}, got {ops!r}")
+        check_int("arith", "n_ops", n_ops, 1, (MAX_SEQUENCE_LENGTH - 4) // 3)
+        check_int("arith", "modulus", modulus, 2, MAX_VOCAB_SIZE - 5 - len(OPERATIONS))
+        if not isinstance(ops, str) or not ops or any(o not in OPERATIONS for o in ops) or len(set(ops)) != len(ops):
+            raise DlmprobeInputError(f"arith ops must be distinct characters of {''.join(OPERATIONS)!r}, got ops={ops!r}")
         self.n_ops, self.modulus, self.ops = n_ops, modulus, ops
         self.vocab = Vocab([str(v) for v in range(modulus)] + list(ops))
         self._num_ids = [self.vocab.id(str(v)) for v in range(modulus)]
+        self._check_size()
 
     @property
     def prompt_length(self) -> int:

@@ -17,8 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from dlmprobe.errors import DlmprobeInputError
-from dlmprobe.tasks.task import LabelSpan, Task, Vocab
+from dlmprobe.tasks.task import (
+    MAX_SEQUENCE_LENGTH,
+    MAX_VOCAB_SIZE,
+    LabelSpan,
+    Task,
+    Vocab,
+    check_int,
+)
 
 
 class PathStar(Task):
@@ -26,17 +32,14 @@ class PathStar(Task):
     answer_label = "arm"
 
     def __init__(self, arms: int = 3, arm_length: int = 3, n_nodes: int = 10):
-        if arms < 2:
-            raise DlmprobeInputError(f"pathstar needs at least 2 arms, got {arms!r}")
-        if arm_length < 2:
-            raise DlmprobeInputError(f"pathstar arm_length must be >= 2, got {arm_length!r}")
-        if n_nodes < arms * arm_length + 1:
-            raise DlmprobeInputError(
-                f"pathstar n_nodes must be >= arms*arm_length+1 = {arms * arm_length + 1}, got {n_nodes!r}"
-            )
+        check_int("pathstar", "arms", arms, 2, MAX_SEQUENCE_LENGTH)
+        check_int("pathstar", "arm_length", arm_length, 2, MAX_SEQUENCE_LENGTH)
+        check_int("pathstar", "n_nodes", n_nodes, arms * arm_length + 1, MAX_VOCAB_SIZE - 6,
+                  " (at least arms*arm_length+1)")
         self.arms, self.arm_length, self.n_nodes = arms, arm_length, n_nodes
         self.vocab = Vocab([f"n{i}" for i in range(n_nodes)] + ["/"])
         self._node_ids = [self.vocab.id(f"n{i}") for i in range(n_nodes)]
+        self._check_size()
 
     @property
     def prompt_length(self) -> int:

@@ -31,6 +31,23 @@ Split = Literal["train", "eval"]
 SPLITS: tuple[str, ...] = ("train", "eval")
 # One puzzle in ten goes to the evaluation split, decided by a hash of the prompt.
 EVAL_FRACTION_DENOMINATOR = 10
+# Limits every task's parameters are checked against before any work: past them a model would not
+# fit or a puzzle would take unbounded time to draw.
+MAX_SEQUENCE_LENGTH = 4096
+MAX_VOCAB_SIZE = 4096
+
+
+def check_int(task: str, name: str, value: Any, low: int, high: int, why: str = "") -> int:
+    """``value`` if it is an integer in ``low..high``; else one DlmprobeInputError line naming ``name=value``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        expected = f"an integer between {low} and {high}"
+    elif value < low:
+        expected = f">= {low}"
+    elif value > high:
+        expected = f"between {low} and {high}"
+    else:
+        return value
+    raise DlmprobeInputError(f"{task} {name} must be {expected}{why}, got {name}={value!r}")
 
 
 class Vocab:
@@ -160,6 +177,13 @@ class Task(ABC):
     def render(self, prompt: Sequence[int], output: Sequence[int] | None = None) -> str:
         """A human-readable picture of a puzzle and, if given, an output."""
 
+    def _check_size(self) -> None:
+        """Refuse a configuration whose sequences or vocabulary exceed the kit's limits (call at the end of ``__init__``)."""
+        if self.sequence_length > MAX_SEQUENCE_LENGTH or len(self.vocab) > MAX_VOCAB_SIZE:
+            raise DlmprobeInputError(
+                f"{self.name} with {self.params()} is too large: expected sequences of at most {MAX_SEQUENCE_LENGTH} "
+                f"tokens and a vocabulary of at most {MAX_VOCAB_SIZE}, got {self.sequence_length} and {len(self.vocab)}")
+
     def answer_positions(self) -> tuple[int, ...]:
         """Target-relative positions of the answer label (the same for every example)."""
         return self.sample(1, split="eval", seed=0)[0].labels[self.answer_label].positions
@@ -181,10 +205,10 @@ class Task(ABC):
         attempts = 0
         while len(examples) < n:
             attempts += 1
-            if attempts > 1000 * (n + 10):
+            if attempts > 1000 * (n + 10):  # far past what any configuration with n puzzles needs
                 raise DlmprobeInputError(
                     f"{self.name}: could only find {len(examples)} distinct {split} puzzles of "
-                    f"{n} requested with {self.params()}; the configuration has too few puzzles"
+                    f"n={n} requested with {self.params()}; the configuration has too few puzzles"
                 )
             prompt, target, labels = self._generate(rng)
             uid = puzzle_uid(prompt)

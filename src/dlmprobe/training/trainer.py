@@ -5,7 +5,7 @@ Diffusion (MDLM / LLaDA): draw ``t ~ U(0, 1]`` per sequence, mask each target to
 ``1/t``. Autoregressive twin: next-token cross-entropy on the target and ``<eos>``. Both see the same
 stream of training puzzles. Training is seeded and resumable: the batch and the noise of step ``s``
 depend only on ``(seed, s)``, and the optimiser state is saved beside the weights (safetensors +
-JSON).
+JSON), as one unit per save (see :mod:`dlmprobe.training.state`).
 
 A model may start from another checkpoint's weights (``init_from``) instead of a random draw: a
 denoiser initialised from its autoregressive twin, as Dream-7B is from Qwen2.5 and DiffuLLaMA from
@@ -15,8 +15,8 @@ LLaMA. The architecture must match in everything but the attention direction.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -25,16 +25,34 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from dlmprobe import __version__
-from dlmprobe.models import ModelConfig, build_native, load_native, save_checkpoint
-from dlmprobe.models.checkpoint import WEIGHTS_FILE
+from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.files import check_object
+from dlmprobe.models import ModelConfig, build_native, load_native
+from dlmprobe.models.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    weights_bytes,
+    write_checkpoint,
+)
 from dlmprobe.sampling import evaluate
+from dlmprobe.training.state import (
+    LOG_FILE,
+    STATE_DIR,
+    STATE_FILE,
+    append_log,
+    load_optimizer,
+    read_state,
+    remove_uncommitted,
+    restore_log,
+    save_state,
+)
 
-STATE_DIR = "train_state"
-LOG_FILE = "train_log.jsonl"
+# The JSON type of every field but ``model``, checked when a saved config is read back.
+FIELD_TYPES: dict[str, type] = {"steps": int, "batch_size": int, "lr": float, "weight_decay": float, "warmup": int,
+                                "eval_every": int, "eval_n": int, "seed": int, "init_from": str, "command": str}
 
 
 @dataclass
@@ -56,25 +74,25 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "eval_n"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise DlmprobeInputError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
+            raise DlmprobeInputError(f"lr must be positive, got {self.lr!r}")
 
-    def initial_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    def initial_weights(self, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """The weights ``init_from`` names and their provenance; None for a random start.
 
-        Raises ValueError when that checkpoint's architecture or task differs from ``model``'s
-        (the attention direction may differ: that is the point of starting from a twin; so may the
-        seed, which only draws random weights).
+        Raises DlmprobeInputError when that checkpoint's architecture or task differs from
+        ``model``'s (the attention direction may differ: that is the point of starting from a twin;
+        so may the seed, which only draws random weights). ``verify``: check its weights' sha256.
         """
         if not self.init_from:
             return None
-        native, source, _, path = load_native(self.init_from)
+        native, source, _, path = load_native(self.init_from, verify=verify)
         ignored = {"kind": "", "seed": 0}  # the attention direction, and the seed of a random draw not taken
         mine, theirs = self.model.to_dict() | ignored, source.to_dict() | ignored
         if mine != theirs:
             diff = sorted(k for k in mine if mine[k] != theirs.get(k))
-            raise ValueError(f"cannot initialise from {self.init_from!r}: expected a checkpoint with this model's "
+            raise DlmprobeInputError(f"cannot initialise from {self.init_from!r}: expected a checkpoint with this model's "
                              f"architecture and task, but it differs in {diff} "
                              f"({', '.join(f'{k}={theirs.get(k)!r}' for k in diff)})")
         digest = hashlib.sha256((path / WEIGHTS_FILE).read_bytes()).hexdigest()
@@ -93,9 +111,15 @@ class TrainConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any], where: str = "training config") -> TrainConfig:
+        """The config ``data`` describes; ``where`` (e.g. a file name) starts any error line."""
+        check_object(data, {"model": dict}, where, optional=FIELD_TYPES)
+        model = ModelConfig.from_dict(data["model"], where=f"{where} field 'model'")
         known = {f.name for f in fields(cls)}
-        return cls(**{**{k: v for k, v in data.items() if k in known}, "model": ModelConfig.from_dict(data["model"])})
+        try:
+            return cls(**{**{k: v for k, v in data.items() if k in known}, "model": model})
+        except ValueError as err:
+            raise DlmprobeInputError(f"{where}: {err}") from None
 
 
 def diffusion_loss(model: torch.nn.Module, tokens: torch.Tensor, target_start: int, target_length: int,
@@ -117,79 +141,58 @@ def autoregressive_loss(model: torch.nn.Module, tokens: torch.Tensor, target_sta
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, target_start:].reshape(-1))
 
 
-def _init_info(out: Path) -> dict[str, Any]:
-    """The provenance of a resumed run's initial weights, as its first save recorded it."""
-    try:
-        saved = json.loads((out / "config.json").read_text())["info"]
-    except (OSError, ValueError, KeyError):
-        return {}
-    return {k: saved[k] for k in ("init_from", "init_kind", "init_weights_sha256") if k in saved}
-
-
-def _save_optimizer(optimizer: torch.optim.Optimizer, folder: Path, meta: dict[str, Any]) -> None:
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for idx, param_state in state["state"].items():
-        for name, value in param_state.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{name}"] = value.detach().contiguous().cpu()
-            else:
-                scalars[f"{idx}.{name}"] = value
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "optimizer.safetensors.tmp"))
-    (folder / "state.json.tmp").write_text(json.dumps(
-        {**meta, "param_groups": state["param_groups"], "scalars": scalars}, indent=2))
-    (folder / "optimizer.safetensors.tmp").replace(folder / "optimizer.safetensors")
-    (folder / "state.json.tmp").replace(folder / "state.json")
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> dict[str, Any]:
-    meta = json.loads((folder / "state.json").read_text())
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    per_param: dict[int, dict[str, Any]] = {}
-    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, name = key.split(".", 1)
-        per_param.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
-    return meta
+def _clear_run(out: Path) -> None:
+    """Remove a run's files from ``out`` (what ``--overwrite`` replaces; nothing else in the folder)."""
+    for name in (CONFIG_FILE, WEIGHTS_FILE, LOG_FILE):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
 
 
 def train(config: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
-          progress: bool = True) -> Path:
+          progress: bool = True, verify: bool = True) -> Path:
     """Train ``config.model`` into the checkpoint folder ``out``; returns the folder.
 
     The folder holds the weights and config (a loadable checkpoint after every evaluation), the
-    training log (``train_log.jsonl``, one line per evaluation) and ``train_state/`` for resuming.
+    training log (``train_log.jsonl``, one line per evaluation) and ``train_state/``, the last
+    committed unit to resume from. ``resume`` continues from that unit, or starts again when the
+    run was killed before its first save. ``verify``: check saved and starting weights' sha256.
     """
     out = Path(out)
-    has_checkpoint = (out / "config.json").exists()
-    if has_checkpoint and not (resume or overwrite):
+    state_dir = out / STATE_DIR
+    if any((out / name).exists() for name in (CONFIG_FILE, STATE_DIR, LOG_FILE)) and not (resume or overwrite):
         raise FileExistsError(f"{out} already holds a checkpoint; pass --resume to continue it or --overwrite to replace it")
-    if resume and not (out / STATE_DIR / "state.json").exists():
-        raise FileNotFoundError(f"cannot resume: {out / STATE_DIR / 'state.json'} does not exist")
+    if resume and not state_dir.is_dir():
+        raise FileNotFoundError(f"cannot resume: {out} holds no training run ({state_dir} does not exist)")
 
     mc = config.model
     task = mc.build_task()
     model = build_native(mc)
-    start = None if resume else config.initial_weights()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
+    committed = None
+    if resume and (state_dir / STATE_FILE).exists():
+        committed, weights, moments = read_state(state_dir, verify)
+        saved = TrainConfig.from_dict(committed["train_config"], where=f"{state_dir / STATE_FILE} field 'train_config'")
+        if saved.to_dict() | {"command": ""} != config.to_dict() | {"command": ""}:
+            raise DlmprobeInputError(f"cannot resume {out}: it was trained with a different configuration {saved.to_dict()}")
+        model.load_state_dict(weights)
+        load_optimizer(optimizer, moments, state_dir / STATE_FILE)
+    start = None if committed else config.initial_weights(verify)
     if start is not None:
         model.load_state_dict(start[0])
-    # Where the weights began: from the source now, or as a resumed run's first save recorded it.
-    provenance = start[1] if start is not None else _init_info(out) if resume and config.init_from else {}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
+    # Where the weights began: from the source now, or as the committed unit recorded it.
+    provenance = start[1] if start is not None else {
+        k: v for k, v in (committed or {}).get("info", {}).items() if k in ("init_from", "init_kind", "init_weights_sha256")}
+
     start_step, elapsed_before = 0, 0.0
-    if resume:
-        saved = TrainConfig.from_dict(json.loads((out / STATE_DIR / "state.json").read_text())["train_config"])
-        if saved.to_dict() | {"command": ""} != config.to_dict() | {"command": ""}:
-            raise ValueError(f"cannot resume {out}: it was trained with a different configuration {saved.to_dict()}")
-        native, _, _, _ = load_native(out)
-        model.load_state_dict(native.state_dict())
-        meta = _load_optimizer(optimizer, out / STATE_DIR)
-        start_step, elapsed_before = meta["step"], meta["elapsed_s"]
-    elif overwrite:
-        for name in ("config.json", "model.safetensors", LOG_FILE):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    if committed:
+        start_step, elapsed_before = committed["step"], committed["elapsed_s"]
+        restore_log(out, committed["log_bytes"])
+        remove_uncommitted(state_dir, committed)
+        if start_step:  # a kill between the two files of the last export: write it again
+            write_checkpoint(out, (state_dir / committed["weights"]).read_bytes(), mc, committed["info"])
+    else:
+        _clear_run(out)
+    state_dir.mkdir(parents=True, exist_ok=True)
 
     vocab = task.vocab
     n_params = sum(p.numel() for p in model.parameters())
@@ -223,8 +226,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, overwrite:
             record = {"step": done, "loss": loss_sum / loss_n, "lr": config.lr_at(step),
                       "eval_accuracy": accuracy, "eval_n": config.eval_n, "elapsed_s": round(elapsed, 1)}
             loss_sum, loss_n = 0.0, 0
-            with open(out / LOG_FILE, "a") as log:
-                log.write(json.dumps(record) + "\n")
+            log_bytes = append_log(out, record)
             bar.write(f"step {done}: loss {record['loss']:.4f}  eval exact-solve {accuracy:.3f}")
             info = {
                 "dlmprobe_version": __version__,
@@ -237,9 +239,10 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, overwrite:
                 "last_eval": record,
             }
             info.update(provenance)
-            save_checkpoint(model, mc, out, info)
-            _save_optimizer(optimizer, out / STATE_DIR,
-                            {"step": done, "elapsed_s": elapsed, "train_config": config.to_dict()})
+            weights = weights_bytes(model)
+            save_state(state_dir, done, weights, optimizer, log_bytes,
+                       {"elapsed_s": elapsed, "train_config": config.to_dict(), "info": info})
+            write_checkpoint(out, weights, mc, info)
     return out
 
 
