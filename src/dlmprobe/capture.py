@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dlmprobe import __version__
+from dlmprobe.choices import POSITION_RULES
 from dlmprobe.datasets import Example, Task, get_task
 from dlmprobe.datasets.store import ActivationWriter, bytes_needed
 from dlmprobe.hooks import ActivationRecorder, firing_hook_names, resolve_sites
@@ -32,7 +33,6 @@ from dlmprobe.models import Checkpoint, load_model
 from dlmprobe.sampling import AutoregressiveSamplerConfig, DiffusionSamplerConfig, Trajectory, generate, solved
 
 PositionRule = Literal["all", "target", "masked", "answer", "last_prompt", "sep+target"]
-POSITION_RULES: tuple[str, ...] = ("all", "target", "masked", "answer", "last_prompt", "sep+target")
 
 
 @dataclass

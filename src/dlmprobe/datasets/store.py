@@ -31,9 +31,9 @@ import numpy as np
 from jaxtyping import Bool, Float, Int
 
 from dlmprobe import __version__
+from dlmprobe.choices import ACTIVATION_DTYPES
 
 SCHEMA_VERSION = 1
-ACTIVATION_DTYPES = ("float16", "float32")
 # Axes with a dimension scale in /dims; every other axis only carries a label.
 SCALES = ("example", "step", "position")
 GROUPS = ("dims", "examples", "trajectory", "labels", "activations")

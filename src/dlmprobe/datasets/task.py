@@ -23,9 +23,10 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from dlmprobe.choices import SPLITS
+
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<sep>", "<eos>", "<mask>")
 Split = Literal["train", "eval"]
-SPLITS: tuple[str, ...] = ("train", "eval")
 # One puzzle in ten goes to the evaluation split, decided by a hash of the prompt.
 EVAL_FRACTION_DENOMINATOR = 10
 

@@ -28,6 +28,7 @@ from transformer_lens.model_bridge.sources.native.init import initialize_native_
 from transformer_lens.model_bridge.sources.native.model import NativeModel
 
 from dlmprobe.datasets import Task
+from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.models.config import ModelConfig
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -146,7 +147,7 @@ def read_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
         data = json.loads((path / CONFIG_FILE).read_text())
         return ModelConfig.from_dict(data["model"]), data.get("info", {})
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path / CONFIG_FILE} is not a dlmprobe model config: {err}") from None
+        raise DlmprobeInputError(f"{path / CONFIG_FILE} is not a dlmprobe model config: {err}") from None
 
 
 def load_native(name_or_path: str | Path) -> tuple[NativeModel, ModelConfig, dict[str, Any], Path]:
@@ -161,7 +162,7 @@ def load_native(name_or_path: str | Path) -> tuple[NativeModel, ModelConfig, dic
         state = load_file(str(weights))
         module.load_state_dict(state)
     except Exception as err:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"cannot load weights {weights}: expected tensors matching {config.to_dict()} ({err})") from None
+        raise DlmprobeInputError(f"cannot load weights {weights}: expected tensors matching {config.to_dict()} ({err})") from None
     module.eval()
     return module, config, info, path
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from dlmprobe.choices import KINDS, POSITIONS
+from dlmprobe.errors import DlmprobeInputError
+
 ModelKind = Literal["diffusion", "autoregressive"]
-KINDS: tuple[str, ...] = ("diffusion", "autoregressive")
-POSITIONS: tuple[str, ...] = ("learned", "rotary")
 
 
 @dataclass
@@ -40,14 +41,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"model kind must be one of {KINDS}, got {self.kind!r}")
+            raise DlmprobeInputError(f"model kind must be one of {KINDS}, got {self.kind!r}")
         if self.positions not in POSITIONS:
-            raise ValueError(f"model positions must be one of {POSITIONS}, got {self.positions!r}")
+            raise DlmprobeInputError(f"model positions must be one of {POSITIONS}, got {self.positions!r}")
         for name in ("n_layers", "d_model", "n_heads", "d_mlp"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"model {name} must be a positive integer, got {getattr(self, name)!r}")
+                raise DlmprobeInputError(f"model {name} must be a positive integer, got {getattr(self, name)!r}")
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+            raise DlmprobeInputError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         task = self.build_task()
         self.task_params = task.params()
         if not self.d_vocab:
@@ -81,5 +82,5 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown model config fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+            raise DlmprobeInputError(f"unknown model config fields {sorted(unknown)}; expected a subset of {sorted(known)}")
         return cls(**data)

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from dlmprobe import __version__
+from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.models import ModelConfig, build_native, load_native, save_checkpoint
 from dlmprobe.models.checkpoint import WEIGHTS_FILE
 from dlmprobe.sampling import evaluate
@@ -56,9 +57,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "eval_n"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise DlmprobeInputError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
+            raise DlmprobeInputError(f"lr must be positive, got {self.lr!r}")
 
     def initial_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """The weights ``init_from`` names and their provenance; None for a random start.
@@ -74,9 +75,9 @@ class TrainConfig:
         mine, theirs = self.model.to_dict() | ignored, source.to_dict() | ignored
         if mine != theirs:
             diff = sorted(k for k in mine if mine[k] != theirs.get(k))
-            raise ValueError(f"cannot initialise from {self.init_from!r}: expected a checkpoint with this model's "
-                             f"architecture and task, but it differs in {diff} "
-                             f"({', '.join(f'{k}={theirs.get(k)!r}' for k in diff)})")
+            raise DlmprobeInputError(f"cannot initialise from {self.init_from!r}: expected a checkpoint with this model's "
+                                     f"architecture and task, but it differs in {diff} "
+                                     f"({', '.join(f'{k}={theirs.get(k)!r}' for k in diff)})")
         digest = hashlib.sha256((path / WEIGHTS_FILE).read_bytes()).hexdigest()
         return native.state_dict(), {"init_from": self.init_from, "init_kind": source.kind, "init_weights_sha256": digest}
 
@@ -181,7 +182,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, overwrite:
     if resume:
         saved = TrainConfig.from_dict(json.loads((out / STATE_DIR / "state.json").read_text())["train_config"])
         if saved.to_dict() | {"command": ""} != config.to_dict() | {"command": ""}:
-            raise ValueError(f"cannot resume {out}: it was trained with a different configuration {saved.to_dict()}")
+            raise DlmprobeInputError(f"cannot resume {out}: it was trained with a different configuration {saved.to_dict()}")
         native, _, _, _ = load_native(out)
         model.load_state_dict(native.state_dict())
         meta = _load_optimizer(optimizer, out / STATE_DIR)
