@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dlmprobe import __version__
+from dlmprobe.choices import POSITION_RULES
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.hooks import ActivationRecorder, firing_hook_names, resolve_sites
 from dlmprobe.models import Checkpoint, load_model
@@ -41,7 +42,6 @@ from dlmprobe.store import ActivationWriter, StoreLayout
 from dlmprobe.tasks import Example, Task, get_task
 
 PositionRule = Literal["all", "target", "masked", "answer", "last_prompt", "sep+target"]
-POSITION_RULES: tuple[str, ...] = ("all", "target", "masked", "answer", "last_prompt", "sep+target")
 
 
 @dataclass

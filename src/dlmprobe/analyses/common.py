@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.hooks import layer_of
 from dlmprobe.store import ActivationDataset
 from dlmprobe.tasks import Example, Task, get_task
@@ -18,7 +19,7 @@ def task_of(data: ActivationDataset) -> Task:
     """The task (with its options) a store was recorded on."""
     spec = data.config.get("task")
     if not spec:
-        raise ValueError(f"{data.path} has no task description; was it written by dlmprobe cache?")
+        raise DlmprobeInputError(f"{data.path} has no task description; was it written by dlmprobe cache?")
     return get_task(spec["name"], **spec.get("params", {}))
 
 
@@ -26,7 +27,7 @@ def kind_of(data: ActivationDataset) -> str:
     """``"diffusion"`` or ``"autoregressive"``: the kind of model a store was recorded from."""
     kind = data.config.get("model", {}).get("kind")
     if kind not in ("diffusion", "autoregressive"):
-        raise ValueError(f"{data.path} does not say which kind of model wrote it (got {kind!r})")
+        raise DlmprobeInputError(f"{data.path} does not say which kind of model wrote it (got {kind!r})")
     return kind
 
 
@@ -35,7 +36,7 @@ def default_label(data: ActivationDataset, label: str | None) -> str:
     if label is None:
         label = data.config.get("task", {}).get("answer_label") or data.label_names[0]
     if label not in data.label_names:
-        raise ValueError(f"unknown label {label!r}; {data.path.name} has labels {data.label_names}")
+        raise DlmprobeInputError(f"unknown label {label!r}; {data.path.name} has labels {data.label_names}")
     return label
 
 

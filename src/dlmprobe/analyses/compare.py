@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.analyses.common import deepest_site, default_label, describe_run, kind_of, percent
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
@@ -56,22 +57,22 @@ def compare_runs(
             (each run must store them).
     """
     if not runs:
-        raise ValueError("compare_runs needs at least one run")
+        raise DlmprobeInputError("compare_runs needs at least one run")
     tasks = {name: (d.config.get("task", {}).get("name"), str(d.config.get("task", {}).get("params"))) for name, d in runs.items()}
     if len(set(tasks.values())) > 1:
-        raise ValueError(f"runs must be of one task with the same options, got {tasks}")
+        raise DlmprobeInputError(f"runs must be of one task with the same options, got {tasks}")
     first = next(iter(runs.values()))
     label = default_label(first, label)
     common = [s for s in first.sites if all(s in d.sites for d in runs.values())]
     sites = list(sites) if sites is not None else common
     if not sites:
-        raise ValueError(f"the runs share no site: {[d.sites for d in runs.values()]}")
+        raise DlmprobeInputError(f"the runs share no site: {[d.sites for d in runs.values()]}")
     tables, distance_tables = [], []
     for name, data in runs.items():
         reads = reads_of(data)
         if not reads:
-            raise ValueError(f"run {name!r} ({data.path.name}) is autoregressive but does not store the <sep> "
-                             f"position; record it with positions='sep+target'")
+            raise DlmprobeInputError(f"run {name!r} ({data.path.name}) is autoregressive but does not store the <sep> "
+                                     f"position; record it with positions='sep+target'")
         for read in reads:
             # From the last written token one probe per distance ahead: one feature vector cannot
             # name the tokens of several positions at once.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.analyses.common import deepest_site, default_label, describe_run, percent
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
@@ -57,7 +58,7 @@ def planning_lead(
     label = default_label(data, label)
     site = site or deepest_site(data.sites)
     if site not in data.sites:
-        raise ValueError(f"unknown site {site!r}; {data.path.name} has sites {data.sites}")
+        raise DlmprobeInputError(f"unknown site {site!r}; {data.path.name} has sites {data.sites}")
     slots, _ = data.label(label)
     n, k = slots.shape
     if predicted is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.analyses.common import describe_run, task_of
 from dlmprobe.analyses.plotting import figure
 from dlmprobe.analyses.result import AnalysisResult
@@ -31,7 +32,7 @@ def trajectory_view(data: ActivationDataset, example: int = 0, probe: np.ndarray
             ids (``-1`` where none), e.g. from :meth:`ProbeGrid.out_of_fold` spread over the steps.
     """
     if not 0 <= example < data.n_examples:
-        raise ValueError(f"example must be in [0, {data.n_examples}), got {example}")
+        raise DlmprobeInputError(f"example must be in [0, {data.n_examples}), got {example}")
     task = task_of(data)
     vocab = task.vocab
     length = data.output.shape[1]

@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from dlmprobe.choices import KINDS, POSITIONS
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.files import check_object
 
 ModelKind = Literal["diffusion", "autoregressive"]
-KINDS: tuple[str, ...] = ("diffusion", "autoregressive")
-POSITIONS: tuple[str, ...] = ("learned", "rotary")
 # The JSON type of every field, checked when a config is read from a file.
 FIELD_TYPES: dict[str, type] = {"task": str, "kind": str, "task_params": dict, "n_layers": int, "d_model": int,
                                 "n_heads": int, "d_mlp": int, "d_vocab": int, "n_ctx": int, "seed": int,

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
+from dlmprobe.choices import ORDERS
 from dlmprobe.sampling.trajectory import NOT_COMMITTED, StepCallback, Trajectory
 
 Order = Literal["confidence", "margin", "entropy", "random"]
-ORDERS: tuple[str, ...] = ("confidence", "margin", "entropy", "random")
 
 
 @dataclass

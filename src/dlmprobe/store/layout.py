@@ -25,10 +25,11 @@ from typing import Any, Literal, NamedTuple
 import h5py
 import numpy as np
 
+from dlmprobe.choices import ACTIVATION_DTYPES
 from dlmprobe.errors import DlmprobeInputError
 
 SCHEMA_VERSION = 1
-ACTIVATION_DTYPES = ("float16", "float32")
+
 # Axes with a dimension scale in /dims; every other axis only carries a label.
 SCALES = ("example", "step", "position")
 GROUPS = ("dims", "examples", "trajectory", "labels", "activations")

@@ -24,11 +24,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from dlmprobe.choices import SPLITS
 from dlmprobe.errors import DlmprobeInputError
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<sep>", "<eos>", "<mask>")
 Split = Literal["train", "eval"]
-SPLITS: tuple[str, ...] = ("train", "eval")
 # One puzzle in ten goes to the evaluation split, decided by a hash of the prompt.
 EVAL_FRACTION_DENOMINATOR = 10
 # Limits every task's parameters are checked against before any work: past them a model would not

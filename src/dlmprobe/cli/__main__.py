@@ -1,0 +1,5 @@
+import sys
+
+from dlmprobe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,163 @@
+"""``analyze ANALYSIS``: run one of the eight analyses and save its table, figure and summary."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+from dlmprobe.choices import PROBE_TARGETS
+from dlmprobe.cli import common
+from dlmprobe.errors import DlmprobeInputError
+
+OpenStore = Callable[[str], object]  # a path -> an open ActivationDataset, closed after the analysis
+
+
+def _model(name: str):
+    from dlmprobe.models import load_model
+
+    common.check_model(name)
+    return load_model(name)
+
+
+def _decodability(args: argparse.Namespace, store: OpenStore):
+    from dlmprobe.analyses import decodability
+
+    data = store(args.store)
+    return decodability(data, label=args.label, target=args.target, sites=args.sites,
+                        steps=common.select_steps(args.steps, data.steps), progress=not args.quiet)
+
+
+def _lead(args: argparse.Namespace, store: OpenStore):
+    from dlmprobe.analyses import planning_lead
+
+    return planning_lead(store(args.store), label=args.label, site=args.site, progress=not args.quiet)
+
+
+def _compare(args: argparse.Namespace, store: OpenStore):
+    from dlmprobe.analyses import compare_runs
+
+    names = [name for name, _ in args.runs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise DlmprobeInputError(f"compare expects one file per run name, got {repeated[0]!r} twice")
+    runs = {name: store(path) for name, path in args.runs}
+    return compare_runs(runs, label=args.label, sites=args.sites, progress=not args.quiet)
+
+
+def _order(args: argparse.Namespace, store: OpenStore):
+    from dlmprobe.analyses import commit_order
+
+    return commit_order(store(args.store), answer=args.answer, reasoning=args.reasoning)
+
+
+def _faithfulness(args: argparse.Namespace, store: OpenStore):
+    from dlmprobe.analyses import faithfulness
+
+    twin = _model(args.twin) if args.twin else None
+    return faithfulness(_model(args.model), n=args.n, seed=args.seed, corrupt_label=args.corrupt_label,
+                        answer_label=args.answer_label, twin=twin, progress=not args.quiet)
+
+
+def _paraphrase(args: argparse.Namespace, store: OpenStore):
+    from dlmprobe.analyses import paraphrase_run
+
+    return paraphrase_run(_model(args.model), n=args.n, seed=args.seed, probe_site=args.probe_site,
+                          label=args.label, progress=not args.quiet)
+
+
+def _causal(args: argparse.Namespace, store: OpenStore):
+    from dlmprobe.analyses import causal_check
+
+    data = store(args.store)
+    return causal_check(_model(args.model), data, args.site, label=args.label, n=args.n, seed=args.seed,
+                        progress=not args.quiet)
+
+
+def _trajectory(args: argparse.Namespace, store: OpenStore):
+    from dlmprobe.analyses import trajectory_view
+
+    return trajectory_view(store(args.store), example=args.example)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from dlmprobe.store import ActivationDataset
+
+    out = Path(args.out)
+    common.check_output(out / args.analysis, args)  # each analysis saves into a sub-folder of its own name
+    common.set_threads(args.threads)
+    with ExitStack() as stores:
+        result = args.run(args, lambda path: stores.enter_context(ActivationDataset(common.input_file(path))))
+        folder = result.save(out)
+    print(result.summary)
+    print(f"\nwrote {folder} (table.csv, figure.png, result.json); dlmprobe report {out} builds the HTML page")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("analyze", help="run one analysis and save its table, figure and summary",
+                            parents=[common.threads(), common.quiet(), common.overwrite()])
+    p.add_argument("--out", default="runs/analyses", help="folder of saved analyses (one sub-folder each)")
+    p.set_defaults(func=cmd_analyze)
+    kinds = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    store_help = "HDF5 file written by dlmprobe cache"
+
+    q = kinds.add_parser("decodability", help="1: probe accuracy per layer and step before commit")
+    q.add_argument("store", help=store_help)
+    q.add_argument("--label", help="task label to decode (default: the task's answer label)")
+    q.add_argument("--target", choices=PROBE_TARGETS, default="output")
+    q.add_argument("--sites", nargs="+", help="subset of the stored sites")
+    q.add_argument("--steps", type=common.steps_spec, default="all",
+                   help="stored steps: 'all', every K-th ('every:K') or a list such as 0,4,8")
+    q.set_defaults(run=_decodability)
+
+    q = kinds.add_parser("lead", help="2: how many steps before its commit a token is known")
+    q.add_argument("store", help=store_help)
+    q.add_argument("--label")
+    q.add_argument("--site", help="the probed site (default: the deepest stored)")
+    q.set_defaults(run=_lead)
+
+    q = kinds.add_parser("compare", help="3: diffusion vs autoregressive (vs left-to-right diffusion)")
+    q.add_argument("runs", nargs="+", type=common.named_run,
+                   help="NAME=FILE.h5, e.g. diffusion=d.h5 autoregressive=ar.h5")
+    q.add_argument("--label")
+    q.add_argument("--sites", nargs="+", help="subset of the stored sites")
+    q.set_defaults(run=_compare)
+
+    q = kinds.add_parser("order", help="4: when answer tokens are committed vs reasoning tokens")
+    q.add_argument("store", help=store_help)
+    q.add_argument("--answer", help="the answer label (default: the task's)")
+    q.add_argument("--reasoning", help="the reasoning label (default: the task's)")
+    q.set_defaults(run=_order)
+
+    q = kinds.add_parser("faithfulness", help="5: corrupt committed reasoning at step t; does the answer follow?",
+                         parents=[common.seed()])
+    q.add_argument("--model", required=True)
+    q.add_argument("--twin", help="the autoregressive twin to run the same corruption on")
+    q.add_argument("--n", type=common.positive_int, default=200)
+    q.add_argument("--corrupt-label")
+    q.add_argument("--answer-label")
+    q.set_defaults(run=_faithfulness)
+
+    q = kinds.add_parser("paraphrase", help="6: rewrite the canvas after every step, meaning preserved",
+                         parents=[common.seed()])
+    q.add_argument("--model", required=True)
+    q.add_argument("--n", type=common.positive_int, default=200)
+    q.add_argument("--probe-site")
+    q.add_argument("--label")
+    q.set_defaults(run=_paraphrase)
+
+    q = kinds.add_parser("causal", help="7: ablate or steer the probe subspace while sampling",
+                         parents=[common.seed(default=1)])
+    q.add_argument("store", help=store_help)
+    q.add_argument("--model", required=True)
+    q.add_argument("--site", required=True)
+    q.add_argument("--label")
+    q.add_argument("--n", type=common.positive_int, default=200)
+    q.set_defaults(run=_causal)
+
+    q = kinds.add_parser("trajectory", help="8: one example's canvas, token x step")
+    q.add_argument("store", help=store_help)
+    q.add_argument("--example", type=int, default=0)
+    q.set_defaults(run=_trajectory)

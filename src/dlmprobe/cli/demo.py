@@ -1,0 +1,48 @@
+"""``demo`` (the whole chain on the shipped models) and ``report`` (an HTML page of saved analyses)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dlmprobe.cli import common
+from dlmprobe.errors import DlmprobeInputError
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dlmprobe.demo import DemoConfig, run_demo
+
+    common.set_threads(args.threads)
+    config = DemoConfig(n=args.n, n_model=args.n_model, record_every=args.record_every, seed=args.seed)
+    report = run_demo(args.out, config)
+    print(f"\nreport: {report.resolve()}\n(open it in a browser; the tables behind it are in {report.parent / 'results'})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dlmprobe.report import write_report
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise DlmprobeInputError(f"expected a folder of saved analyses (from dlmprobe analyze or demo), got {args.folder!r}")
+    out = Path(args.out) if args.out else folder / "report.html"
+    common.check_output(out, args)
+    print(f"wrote {write_report(folder, out, title=args.title)}")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("demo", help="the main job: sample, capture, probe, analyse and report on the shipped models",
+                            parents=[common.seed(), common.threads()])
+    p.add_argument("--out", default="runs/demo", help="folder for the datasets, results and report.html (replaced)")
+    p.add_argument("--n", type=common.positive_int, default=192, help="held-out puzzles per activation dataset")
+    p.add_argument("--n-model", type=common.positive_int, default=160, help="puzzles per model-based analysis")
+    p.add_argument("--record-every", type=int, default=3, help="record every k-th denoising step")
+    p.set_defaults(func=cmd_demo)
+
+    p = commands.add_parser("report", help="a self-contained HTML page from a folder of saved analyses",
+                            parents=[common.overwrite()])
+    p.add_argument("folder", help="a folder of saved analyses (from dlmprobe analyze or demo)")
+    p.add_argument("--out", help="the HTML file (default FOLDER/report.html)")
+    p.add_argument("--title", default="dlmprobe report")
+    p.set_defaults(func=cmd_report)

@@ -1,0 +1,111 @@
+"""``cache``, ``merge`` and ``info``: the commands that write and describe activation stores."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from dlmprobe.choices import ACTIVATION_DTYPES, POSITION_RULES, SPLITS, TASK_NAMES
+from dlmprobe.cli import common
+from dlmprobe.errors import DlmprobeInputError
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from dlmprobe.capture import CacheConfig, plan_cache, run_cache
+
+    out = Path(args.out)
+    common.check_output(out, args)
+    common.check_model(args.model)
+    common.set_threads(args.threads)
+    config = CacheConfig(
+        model=args.model, n=args.n, split=args.split, seed=args.seed, sites=args.sites, steps=args.record_steps,
+        positions=args.positions, sampler={**common.sampler_options(args), "seed": args.seed},
+        task_params=dict(args.task_param), dtype=args.dtype, batch_size=args.batch_size, shard=args.shard,
+    )
+    plan = plan_cache(config)
+    if args.task and args.task != plan.task.name:
+        raise DlmprobeInputError(f"--task {args.task} does not match the model, which was trained on {plan.task.name}")
+    print(plan.describe())
+    start = time.perf_counter()
+    run_cache(config, out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet, plan=plan)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:,.1f} MiB) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from dlmprobe.store import ActivationDataset, merge_shards
+
+    shards = [common.input_file(path) for path in args.shards]
+    common.check_output(Path(args.out), args)
+    merge_shards(shards, args.out, overwrite=args.overwrite)
+    with ActivationDataset(args.out) as data:
+        print(f"merged {len(shards)} shards into {args.out}: {data.n_examples} examples")
+    return 0
+
+
+def _entry(config: dict[str, Any], *keys: str) -> Any:
+    """``config[k1][k2]...``, or None where the run config lacks it (only the store's own fields are certain)."""
+    for key in keys:
+        if not isinstance(config, dict) or key not in config:
+            return None
+        config = config[key]
+    return config
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from dlmprobe.store import ActivationDataset
+
+    with ActivationDataset(common.input_file(args.path)) as data:
+        config = data.config
+        solved = f", solved {data.solved.mean():.1%}" if data.n_examples else ""
+        print(f"{args.path}: {data.n_examples} complete examples{solved}")
+        described = [
+            ("model", _entry(config, "model", "name"), _entry(config, "model", "kind")),
+            ("task", _entry(config, "task", "name"), _entry(config, "task", "params")),
+            ("sampler", _entry(config, "sampler"), None),
+        ]
+        print(", ".join(f"{what} {value}" + (f" ({detail})" if detail is not None else "")
+                        for what, value, detail in described if value is not None) or "no run description")
+        print(f"steps {data.steps.tolist()}")
+        rule = _entry(config, "position_rule")
+        print(f"positions{f' ({rule})' if rule else ''} {data.positions.tolist()}")
+        print(f"labels {data.label_names}")
+        dtype = _entry(config, "cache", "dtype")
+        step, position = int(data.steps[0]), int(data.positions[0])
+        for site in data.sites:
+            width = data.get(site, step, position)[0].shape[1]  # reads one (examples, width) slice
+            print(f"  {site}: {data.n_examples} examples x {len(data.steps)} steps x {len(data.positions)} positions "
+                  f"x {width}{f' {dtype}' if dtype else ''}")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("cache", help="sample with hooks attached and stream every step's activations to HDF5",
+                            parents=[common.sampler(), common.seed(), common.threads(), common.quiet(),
+                                     common.resume_or_overwrite()])
+    p.add_argument("--model", required=True, help="shipped model name or checkpoint folder")
+    p.add_argument("--task", choices=TASK_NAMES, help="check that the model was trained on this task")
+    p.add_argument("--n", type=common.positive_int, default=256, help="number of puzzles")
+    p.add_argument("--split", choices=SPLITS, default="eval")
+    p.add_argument("--sites", nargs="+", default=["blocks.*.hook_resid_post"],
+                   help="TransformerLens hook names or globs (default: every layer's residual stream)")
+    p.add_argument("--record-steps", type=common.steps_spec, default="all",
+                   help="'all', 'every:K' or a list such as 0,4,8")
+    p.add_argument("--positions", choices=POSITION_RULES, default="target")
+    p.add_argument("--dtype", choices=ACTIVATION_DTYPES, default="float16")
+    p.add_argument("--batch-size", type=common.positive_int, default=64)
+    p.add_argument("--shard", type=common.shard,
+                   help="i/n: write the i-th of n slices of the examples (merge them with dlmprobe merge)")
+    p.add_argument("--out", required=True, help="the HDF5 file to write")
+    p.set_defaults(func=cmd_cache)
+
+    p = commands.add_parser("merge", help="join shard files into one HDF5 virtual dataset", parents=[common.overwrite()])
+    p.add_argument("shards", nargs="+", help="the shard files written by dlmprobe cache --shard")
+    p.add_argument("--out", required=True, help="the merged HDF5 file")
+    p.set_defaults(func=cmd_merge)
+
+    p = commands.add_parser("info", help="describe an activation dataset")
+    p.add_argument("path", help="HDF5 file written by dlmprobe cache")
+    p.set_defaults(func=cmd_info)
