@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import torch
+from jaxtyping import Float, Int
 
 from dlmprobe.errors import DlmprobeInputError
 
@@ -217,3 +219,81 @@ class Task(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
+
+    # -- input-only controls (issue #12) -------------------------------------------------------
+    def givens_features(self, example: Example) -> Float[np.ndarray, "target k"]:
+        """An input-only feature of every target position, read from the prompt alone.
+
+        Row ``j`` belongs to target position ``j`` (index it with a label's ``positions``). It is
+        the "givens" baseline a probe must beat: what a shallow reading of the prompt tells about
+        the position, without solving the puzzle.
+        """
+        raise NotImplementedError(f"task {self.name!r} has no givens feature: implement {type(self).__name__}.givens_features")
+
+    def difficulty(self, example: Example) -> Int[np.ndarray, " target"]:
+        """How hard each target position is from the prompt alone; :meth:`difficulty_name` names the values."""
+        raise NotImplementedError(f"task {self.name!r} has no difficulty: implement {type(self).__name__}.difficulty")
+
+    def difficulty_name(self, value: int) -> str:
+        """The stratum a :meth:`difficulty` value stands for, e.g. ``"round 2"``."""
+        return f"difficulty {value}"
+
+
+@dataclass
+class RemaskCommitted:
+    """A sampler step callback that perturbs the commit pattern, not only token identities.
+
+    At each step in ``steps`` it remasks ``k`` committed positions of every row, drawn at random
+    among ``positions``, so the sampler decides them again later (a different position commits
+    at a different time). A hidden code in *when* positions commit would not survive it; use it
+    before the last step of a block, or the sampler has no step left to re-decide them.
+
+    Args:
+        mask_id: the model's mask token.
+        positions: canvas positions that may be remasked, the same for every row (e.g.
+            ``task.target_start + free cells``), or a (batch, pos) bool array, one row per puzzle.
+        k: positions remasked per row and step (fewer where fewer are committed).
+        steps: the sampler steps after which it acts.
+        seed: seeds the draws; the same seed and step give the same positions.
+
+    ``history`` records ``(step, remasked)`` with ``remasked`` a (batch, pos) bool array.
+
+    Example:
+        >>> shuffle = RemaskCommitted(task.vocab.mask_id, task.target_start + np.arange(4), k=2, steps=(3,))
+        >>> trajectory = sample_diffusion(model, prefix, gen_length, mask_id, callback=shuffle)
+    """
+
+    mask_id: int
+    positions: Sequence[int] | np.ndarray
+    k: int = 1
+    steps: Sequence[int] = (0,)
+    seed: int = 0
+    history: list[tuple[int, np.ndarray]] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise DlmprobeInputError(f"RemaskCommitted needs k >= 1 positions to remask, got {self.k}")
+
+    def _allowed(self, shape: tuple[int, int]) -> np.ndarray:
+        positions = np.asarray(self.positions)
+        if positions.dtype == bool:
+            if positions.shape != shape:
+                raise DlmprobeInputError(f"a positions mask must have the canvas shape {shape}, got {positions.shape}")
+            return positions
+        if positions.size and not (0 <= positions.min() and positions.max() < shape[1]):
+            raise DlmprobeInputError(f"positions must be canvas positions in [0, {shape[1]}), got {positions.tolist()}")
+        allowed = np.zeros(shape, dtype=bool)
+        allowed[:, positions.astype(np.int64)] = True
+        return allowed
+
+    def __call__(self, step: int, canvas: torch.Tensor) -> torch.Tensor:
+        if step not in self.steps:
+            return canvas
+        tokens = canvas.cpu().numpy()
+        candidates = self._allowed(tokens.shape) & (tokens != self.mask_id)  # (batch, pos)
+        rng = np.random.default_rng([self.seed, step])
+        score = np.where(candidates, rng.random(tokens.shape), -1.0)
+        rank = np.argsort(np.argsort(-score, axis=1), axis=1)  # 0 = highest score
+        remask = candidates & (rank < self.k)
+        self.history.append((step, remask))
+        return canvas.masked_fill(torch.as_tensor(remask, device=canvas.device), self.mask_id)
