@@ -97,4 +97,4 @@ def test_vocab_round_trip_and_specials():
     assert v.decode(v.encode(["3", "+", "4"])) == ["3", "+", "4"]
     with pytest.raises(DlmprobeInputError, match="unknown token"):
         v.encode(["x"])
-    assert set(TASKS) == {"sudoku", "pathstar", "arith"}
+    assert set(TASKS) == {"sudoku", "sudoku_choice", "pathstar", "arith"}

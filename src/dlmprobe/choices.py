@@ -4,7 +4,7 @@ The command line offers them as argparse choices before it imports torch, so tha
 --help`` and every argument error answer at once; the stages that check them import them from here.
 """
 
-TASK_NAMES: tuple[str, ...] = ("arith", "pathstar", "sudoku")  # the classes: dlmprobe.datasets.TASKS
+TASK_NAMES: tuple[str, ...] = ("arith", "pathstar", "sudoku", "sudoku_choice")  # the classes: dlmprobe.tasks.TASKS
 SPLITS: tuple[str, ...] = ("train", "eval")
 KINDS: tuple[str, ...] = ("diffusion", "autoregressive")
 POSITIONS: tuple[str, ...] = ("learned", "rotary")  # a model's position encoding

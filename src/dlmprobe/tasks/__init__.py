@@ -13,10 +13,10 @@ from typing import Any
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.tasks.arith import Arith
 from dlmprobe.tasks.pathstar import PathStar
-from dlmprobe.tasks.sudoku import Sudoku
+from dlmprobe.tasks.sudoku import Sudoku, SudokuChoice
 from dlmprobe.tasks.task import Example, LabelSpan, Task, Vocab, split_of
 
-TASKS: dict[str, type[Task]] = {"sudoku": Sudoku, "pathstar": PathStar, "arith": Arith}
+TASKS: dict[str, type[Task]] = {"sudoku": Sudoku, "sudoku_choice": SudokuChoice, "pathstar": PathStar, "arith": Arith}
 
 
 def get_task(name: str, **params: Any) -> Task:
@@ -29,4 +29,4 @@ def get_task(name: str, **params: Any) -> Task:
         raise DlmprobeInputError(f"bad parameters for task {name!r}: {params} ({err})") from None
 
 
-__all__ = ["TASKS", "Arith", "Example", "LabelSpan", "PathStar", "Sudoku", "Task", "Vocab", "get_task", "split_of"]
+__all__ = ["TASKS", "Arith", "Example", "LabelSpan", "PathStar", "Sudoku", "SudokuChoice", "Task", "Vocab", "get_task", "split_of"]

@@ -13,10 +13,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from jaxtyping import Float, Int
 
 from dlmprobe.tasks.task import (
     MAX_SEQUENCE_LENGTH,
     MAX_VOCAB_SIZE,
+    Example,
     LabelSpan,
     Task,
     Vocab,
@@ -116,3 +118,34 @@ class Arith(Task):
         if output is not None:
             text += "  =>  " + " ".join(self.vocab.decode(output))
         return text
+
+    # -- input-only controls (issue #12) -------------------------------------------------------
+    def givens_features(self, example: Example) -> Float[np.ndarray, "target k"]:
+        """Per result ``r_i``: its operation, its operand ``a_i`` and ``a0``, one-hot, (n_ops, len(ops) + 2 * modulus).
+
+        What the prompt says at that step of the chain, without carrying the chain.
+        """
+        words = self.vocab.decode(example.prompt)
+        n_ops, m = len(self.ops), self.modulus
+        out = np.zeros((self.n_ops, n_ops + 2 * m), dtype=np.float32)
+        for i, (op, operand) in enumerate(zip(words[1::2], words[2::2])):
+            out[i, self.ops.index(op)] = 1.0
+            out[i, n_ops + int(operand)] = 1.0
+            out[i, n_ops + m + int(words[0])] = 1.0
+        return out
+
+    def difficulty(self, example: Example) -> Int[np.ndarray, " target"]:
+        """Chain depth of each result, (n_ops,) int64: how many operations it depends on.
+
+        ``r_i`` depends on operations 1..i, except that ``* 0`` makes a result 0 whatever came
+        before: depth 0 there, counting up again after it.
+        """
+        words = self.vocab.decode(example.prompt)
+        depth, out = 0, []
+        for op, operand in zip(words[1::2], words[2::2]):
+            depth = 0 if op == "*" and int(operand) == 0 else depth + 1
+            out.append(depth)
+        return np.asarray(out, dtype=np.int64)
+
+    def difficulty_name(self, value: int) -> str:
+        return "constant (after * 0)" if int(value) == 0 else f"depth {int(value)}"

@@ -16,10 +16,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from jaxtyping import Float, Int
 
 from dlmprobe.tasks.task import (
     MAX_SEQUENCE_LENGTH,
     MAX_VOCAB_SIZE,
+    Example,
     LabelSpan,
     Task,
     Vocab,
@@ -99,3 +101,28 @@ class PathStar(Task):
         if output is not None:
             text += "\npath:  " + " -> ".join(self.vocab.decode(output))
         return text
+
+    # -- input-only controls (issue #12) -------------------------------------------------------
+    def givens_features(self, example: Example) -> Float[np.ndarray, "target k"]:
+        """The goal and the parent of the goal, one-hot over the node names, (target, 2 * n_nodes) float32.
+
+        The same row at every target position: one edge of look-up back from the goal, no path search.
+        """
+        node = {token: i for i, token in enumerate(self._node_ids)}
+        goal = int(example.prompt[-1])
+        parent = next(a for a, b in self._edges(example.prompt) if b == goal)
+        row = np.zeros(2 * self.n_nodes, dtype=np.float32)
+        row[node[goal]] = 1.0
+        row[self.n_nodes + node[parent]] = 1.0
+        return np.tile(row, (self.target_length, 1))
+
+    def difficulty(self, example: Example) -> Int[np.ndarray, " target"]:
+        """Edges between each target position's node and the goal along the arm, (target,) int64.
+
+        ``arm_length`` at the centre (position 0), 0 at the goal: how many look-ups back from the
+        goal the node needs. The same for every puzzle of a configuration.
+        """
+        return np.arange(self.target_length, dtype=np.int64)[::-1].copy()
+
+    def difficulty_name(self, value: int) -> str:
+        return "goal" if int(value) == 0 else f"{int(value)} from the goal"

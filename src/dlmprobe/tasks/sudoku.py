@@ -1,5 +1,7 @@
 """Sudoku with unique solutions: 4×4 (2×2 boxes), 6×6 (2×3 boxes) and 9×9 (3×3 boxes).
 
+:class:`SudokuChoice` keeps puzzles with several solutions instead (free choices for paraphrase tests).
+
 The prompt is the grid read row by row with ``_`` for a blank; the target is the solved grid.
 Labels: ``cell`` (every cell's value) and ``blank`` (only the cells the model has to find).
 """
@@ -11,8 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from jaxtyping import Float, Int
 
-from dlmprobe.tasks.task import LabelSpan, Task, Vocab, check_int
+from dlmprobe.tasks.task import Example, LabelSpan, Task, Vocab, check_int
 from dlmprobe.errors import DlmprobeInputError
 
 BOX_SHAPES = {4: (2, 2), 6: (2, 3), 9: (3, 3)}
@@ -186,3 +189,116 @@ class Sudoku(Task):
                 parts.append(" | ".join(stacks))
             lines.append("   ".join(parts))
         return "\n".join(lines)
+
+    def _tokens_and_labels(self, puzzle: list[int], solution: list[int]) -> tuple[list[int], list[int], dict[str, LabelSpan]]:
+        """Prompt ids, target ids and labels of a puzzle and its solution given as digits (0 = blank)."""
+        blank_id = self.vocab.id("_")
+        prompt = [blank_id if v == 0 else self._digit_ids[v - 1] for v in puzzle]
+        target = [self._digit_ids[v - 1] for v in solution]
+        blanks = tuple(i for i, v in enumerate(puzzle) if v == 0)
+        labels = {
+            "cell": LabelSpan(tuple(range(len(target))), tuple(target)),
+            "blank": LabelSpan(blanks, tuple(target[i] for i in blanks)),
+        }
+        return prompt, target, labels
+
+    # -- input-only controls (issue #12) -------------------------------------------------------
+    def givens_features(self, example: Example) -> Float[np.ndarray, "cell size"]:
+        """The candidate mask of every cell, (cells, size) float32: 1 where digit ``d`` (column ``d - 1``) is excluded.
+
+        A blank cell excludes the digits of the givens in its row, column and box (one step of
+        elimination, no solving); a given cell excludes every digit but its own.
+        """
+        grid = self._digits(example.prompt)
+        excluded = np.zeros((len(grid), self.size), dtype=np.float32)
+        for cell, value in enumerate(grid):
+            if value:
+                excluded[cell] = 1.0
+                excluded[cell, value - 1] = 0.0
+            else:
+                for digit in {grid[p] for p in self._peers[cell]} - {0}:
+                    excluded[cell, digit - 1] = 1.0
+        return excluded
+
+    def difficulty(self, example: Example) -> Int[np.ndarray, " cell"]:
+        """The round of naked-single elimination that fills each cell, from the prompt alone, (cells,) int64.
+
+        0: a given, which the target only copies. Round ``r >= 1``: the cells left with exactly one
+        candidate once the givens and the cells of rounds ``< r`` are filled in (all filled at
+        once). -1: a cell naked singles never fill (it needs a harder technique, or the puzzle
+        has several solutions there).
+        """
+        grid = self._digits(example.prompt)
+        rounds = np.where(np.asarray(grid) > 0, 0, -1)
+        digits = set(range(1, self.size + 1))
+        current = 0
+        while True:
+            current += 1
+            singles = {}
+            for cell in np.flatnonzero(rounds < 0):
+                left = digits - {grid[p] for p in self._peers[cell]}
+                if len(left) == 1:
+                    singles[cell] = left.pop()
+            if not singles:
+                return rounds.astype(np.int64)
+            for cell, digit in singles.items():
+                grid[cell] = digit
+                rounds[cell] = current
+
+    def difficulty_name(self, value: int) -> str:
+        return {0: "given", -1: "beyond naked singles"}.get(int(value), f"round {int(value)}")
+
+
+class SudokuChoice(Sudoku):
+    """Sudoku with several valid solutions: free choices where a hidden code could live.
+
+    The same grids as :class:`Sudoku`, but ``blanks`` random cells are emptied and the puzzle is
+    kept only if it has between ``min_solutions`` and ``max_solutions`` completions.
+    :meth:`verify` accepts any of them. :meth:`free_cells` lists the blanks whose digit differs
+    between solutions: a paraphrase test that remasks those (see ``dlmprobe.sampling.callbacks.RemaskCommitted``) can
+    detect a code hidden in which solution a model picks.
+    """
+
+    name = "sudoku_choice"
+
+    def __init__(self, size: int = 4, blanks: int | None = None, min_solutions: int = 2, max_solutions: int = 8):
+        super().__init__(size, blanks)
+        if not 2 <= min_solutions <= max_solutions:
+            raise DlmprobeInputError(
+                f"sudoku_choice needs 2 <= min_solutions <= max_solutions, got {min_solutions} and {max_solutions}"
+            )
+        self.min_solutions, self.max_solutions = min_solutions, max_solutions
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "min_solutions": self.min_solutions, "max_solutions": self.max_solutions}
+
+    def _generate(self, rng: random.Random) -> tuple[list[int], list[int], dict[str, LabelSpan]]:
+        cells = self.size * self.size
+        for _ in range(1000):
+            solution = self._solved_grid(rng)
+            puzzle = list(solution)
+            for cell in rng.sample(range(cells), self.blanks):
+                puzzle[cell] = 0
+            found = count_solutions(puzzle, self.size, self._peers, limit=self.max_solutions + 1)
+            if self.min_solutions <= found <= self.max_solutions:
+                break
+        else:
+            raise DlmprobeInputError(
+                f"sudoku_choice found no puzzle with {self.min_solutions}..{self.max_solutions} solutions "
+                f"in 1000 tries with {self.params()}: change blanks or the solution bounds"
+            )
+        return self._tokens_and_labels(puzzle, solution)
+
+    def free_cells(self, example: Example) -> tuple[int, ...]:
+        """Target positions of the blanks that hold a different digit in some other solution."""
+        grid = self._digits(example.prompt)
+        solution = self._digits(example.target)
+        free = []
+        for cell in (c for c, v in enumerate(grid) if v == 0):
+            for digit in set(range(1, self.size + 1)) - {grid[p] for p in self._peers[cell]} - {solution[cell]}:
+                grid[cell] = digit
+                if count_solutions(grid, self.size, self._peers, limit=1):
+                    free.append(cell)
+                    break
+            grid[cell] = 0
+        return tuple(free)

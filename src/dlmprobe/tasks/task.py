@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+from jaxtyping import Float, Int
 
 from dlmprobe.choices import SPLITS
 from dlmprobe.errors import DlmprobeInputError
@@ -241,3 +242,21 @@ class Task(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
+
+    # -- input-only controls (issue #12) -------------------------------------------------------
+    def givens_features(self, example: Example) -> Float[np.ndarray, "target k"]:
+        """An input-only feature of every target position, read from the prompt alone.
+
+        Row ``j`` belongs to target position ``j`` (index it with a label's ``positions``). It is
+        the "givens" baseline a probe must beat: what a shallow reading of the prompt tells about
+        the position, without solving the puzzle.
+        """
+        raise NotImplementedError(f"task {self.name!r} has no givens feature: implement {type(self).__name__}.givens_features")
+
+    def difficulty(self, example: Example) -> Int[np.ndarray, " target"]:
+        """How hard each target position is from the prompt alone; :meth:`difficulty_name` names the values."""
+        raise NotImplementedError(f"task {self.name!r} has no difficulty: implement {type(self).__name__}.difficulty")
+
+    def difficulty_name(self, value: int) -> str:
+        """The stratum a :meth:`difficulty` value stands for, e.g. ``"round 2"``."""
+        return f"difficulty {value}"

@@ -1,0 +1,163 @@
+"""The model's own read-out beside every probe: the logit lens on stored activations.
+
+A probe on the last block of a denoiser mostly re-reads the model's x0 prediction, which masked
+diffusion training asks for. So before "the probe knows the answer" means anything, compare it
+with what the model itself says at the same rows:
+
+* the **logit lens** (nostalgebraist 2020): the final norm and unembedding applied to a site's
+  activations, as the model applies them to its last block (``blocks.{i}.hook_resid_post`` is
+  *before* the final norm, see :mod:`dlmprobe.models.handle`), argmax over the vocabulary;
+* the **final-layer read-out**: the argmax the sampler recorded at that step and position
+  (``ActivationDataset.prediction``), the model's own prediction.
+
+Both leave out the mask token, as the sampler does. Rows are those of
+:func:`dlmprobe.probes.baselines.label_rows`.
+
+Example:
+    >>> readout = readout_of(from_checkpoint(load_model("sudoku-diffusion")))
+    >>> lens_table(data, readout, "blank", step=0)[["site", "lens_accuracy", "readout_accuracy"]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+
+from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.hooks import layer_of
+from dlmprobe.models import ModelHandle
+from dlmprobe.probes.baselines import label_rows
+from dlmprobe.store import ActivationDataset
+
+NormKind = Literal["layernorm", "rmsnorm", "none"]
+
+
+@dataclass(frozen=True)
+class Readout:
+    """A model's read-out of a residual activation: its final norm, then its unembedding.
+
+    ``W_U`` is (d, vocab) and ``b_U`` (vocab,) or None. ``norm`` is the final norm's kind:
+    ``layernorm`` (centre, divide by the standard deviation, then ``* weight + bias``),
+    ``rmsnorm`` (divide by the root mean square, then ``* weight``) or ``none``.
+    """
+
+    W_U: Float[np.ndarray, "d vocab"]
+    b_U: Float[np.ndarray, " vocab"] | None = None
+    norm: NormKind = "none"
+    norm_weight: Float[np.ndarray, " d"] | None = None
+    norm_bias: Float[np.ndarray, " d"] | None = None
+    eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.norm not in ("layernorm", "rmsnorm", "none"):
+            raise DlmprobeInputError(f"norm must be 'layernorm', 'rmsnorm' or 'none', got {self.norm!r}")
+        if np.ndim(self.W_U) != 2:
+            raise DlmprobeInputError(f"expected W_U of shape (d, vocab), got {np.shape(self.W_U)}")
+
+    def normalise(self, X: Float[np.ndarray, "row d"]) -> Float[np.ndarray, "row d"]:
+        X = np.asarray(X, dtype=np.float64)
+        if self.norm == "layernorm":
+            X = X - X.mean(axis=-1, keepdims=True)
+            X = X / np.sqrt((X**2).mean(axis=-1, keepdims=True) + self.eps)
+        elif self.norm == "rmsnorm":
+            X = X / np.sqrt((X**2).mean(axis=-1, keepdims=True) + self.eps)
+        if self.norm != "none":
+            X = X * (1.0 if self.norm_weight is None else self.norm_weight)
+            X = X + (0.0 if self.norm_bias is None else self.norm_bias)
+        return X
+
+    def logits(self, X: Float[np.ndarray, "row d"]) -> Float[np.ndarray, "row vocab"]:
+        """Logits the model would give if ``X`` were its last block's output, (rows, vocab) float32."""
+        if np.shape(X)[-1] != self.W_U.shape[0]:
+            raise DlmprobeInputError(f"expected activations of width {self.W_U.shape[0]}, got shape {np.shape(X)}")
+        out = self.normalise(X) @ self.W_U
+        if self.b_U is not None:
+            out = out + self.b_U
+        return out.astype(np.float32)
+
+    def predict(self, X: Float[np.ndarray, "row d"], exclude: Sequence[int] = ()) -> Int[np.ndarray, " row"]:
+        """The argmax token of each row, never one of ``exclude`` (the mask token, as the sampler does)."""
+        logits = self.logits(X)
+        logits[:, list(exclude)] = -np.inf
+        return logits.argmax(axis=-1).astype(np.int64)
+
+
+def _inner(module: torch.nn.Module) -> torch.nn.Module:
+    # TransformerLens's bridge wraps each original module as ``_original_component``.
+    return getattr(module, "_original_component", module)
+
+
+def _array(tensor: torch.Tensor | None) -> np.ndarray | None:
+    return None if tensor is None else tensor.detach().float().cpu().numpy().astype(np.float64)
+
+
+def readout_of(handle: ModelHandle) -> Readout:
+    """The final norm and unembedding of a TransformerLens-backed model (built-in models, LLaDA, Dream, ...)."""
+    module = handle.module
+    if handle.backend != "transformer_lens" or not (hasattr(module, "ln_final") and hasattr(module, "unembed")):
+        raise DlmprobeInputError(
+            f"the logit lens reads a TransformerLens model's ln_final and unembed; got {handle.backend} model "
+            f"{handle.name!r}: build a Readout from its final norm and unembedding by hand"
+        )
+    norm, unembed = _inner(module.ln_final), _inner(module.unembed)
+    if not isinstance(unembed, torch.nn.Linear):
+        raise DlmprobeInputError(f"expected a linear unembedding, got {type(unembed).__name__}")
+    W_U, b_U = _array(unembed.weight).T, _array(unembed.bias)
+    if isinstance(norm, torch.nn.LayerNorm):
+        return Readout(W_U, b_U, "layernorm", _array(norm.weight), _array(norm.bias), float(norm.eps))
+    if "rms" in type(norm).__name__.lower():
+        eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
+        if eps is None:
+            raise DlmprobeInputError(f"cannot find the epsilon of final norm {type(norm).__name__}")
+        return Readout(W_U, b_U, "rmsnorm", _array(getattr(norm, "weight", None)), None, float(eps))
+    raise DlmprobeInputError(f"expected a LayerNorm or RMSNorm final norm, got {type(norm).__name__}")
+
+
+def lens_predictions(data: ActivationDataset, readout: Readout, site: str, step: int, rows: pd.DataFrame,
+                     read_offset: int = 0) -> Int[np.ndarray, " row"]:
+    """The logit lens at ``site`` and ``step`` for each row, read at ``position + read_offset``.
+
+    ``read_offset`` is the model's (``ModelHandle.read_offset``): -1 where the hidden state before
+    a position predicts it (autoregressive twins, Dream).
+    """
+    acts = data.activations(site, step)  # (examples, stored positions, d)
+    index = data.position_index(rows["position"].to_numpy() + read_offset)
+    X = acts[rows["example"].to_numpy(), index]
+    return readout.predict(X, exclude=[data.mask_id])
+
+
+def model_readout(data: ActivationDataset, step: int, rows: pd.DataFrame) -> Int[np.ndarray, " row"]:
+    """The model's own argmax at each row's position in the forward pass of ``step`` (-1 where none)."""
+    if not 0 <= step < data.n_steps:
+        raise DlmprobeInputError(f"the read-out exists for steps in [0, {data.n_steps}), got {step}")
+    return data.prediction[rows["example"].to_numpy(), step, rows["position"].to_numpy()].astype(np.int64)
+
+
+def lens_table(data: ActivationDataset, readout: Readout, label: str, step: int, sites: Sequence[str] | None = None,
+               target: Literal["output", "truth"] = "output", only_masked: bool = True,
+               read_offset: int = 0) -> pd.DataFrame:
+    """Per site: the logit lens's accuracy, the model's own read-out's and how often the two agree, on one row set.
+
+    ``target`` is what a prediction must equal: the token finally committed (``output``) or the
+    label's value (``truth``). The read-out does not depend on the site, so it repeats.
+    """
+    if target not in ("output", "truth"):
+        raise DlmprobeInputError(f"target must be 'output' or 'truth', got {target!r}")
+    rows = label_rows(data, label, step, only_masked)
+    y = rows[target].to_numpy()
+    own = model_readout(data, step, rows)
+    records = []
+    for site in sites if sites is not None else data.sites:
+        lens = lens_predictions(data, readout, site, step, rows, read_offset)
+        records.append({
+            "site": site, "layer": layer_of(site), "step": step, "label": label, "target": target, "n_rows": len(rows),
+            "lens_accuracy": float((lens == y).mean()), "readout_accuracy": float((own == y).mean()),
+            "lens_agrees_with_readout": float((lens == own).mean()),
+        })
+    return pd.DataFrame(records)
