@@ -300,7 +300,54 @@ def test_per_distance_cells_find_a_read_ahead_planted_one_position_ahead(tmp_pat
     assert (table.loc[table["distance"] == 1, "accuracy"] > 0.9).all()
     assert (table.loc[table["distance"] != 1, "accuracy"] < 0.45).all()
     # Every row's out-of-fold hit is kept per cell, keyed by (site, step, distance).
-    examples, hits = grid.row_hits[(site, 0, 1)]
+    examples, hits = grid.row_hits_[(site, 0, 1)]
     assert len(examples) == N and abs(hits.mean() - table.query("step == 0 and distance == 1")["accuracy"].item()) < 1e-9
     with pytest.raises(ValueError, match="per_distance"):
         ProbeGrid(label="answer", read="pooled", per_distance=True)
+
+
+def test_out_of_fold_reuses_what_run_fitted(tmp_path, monkeypatch):
+    import dlmprobe.probes.grid as grid_module
+
+    data = _synthetic_store(tmp_path / "s.h5")
+    fits = []
+    original = grid_module.fit_logistic
+
+    def counting(*args, **kwargs):
+        fits.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(grid_module, "fit_logistic", counting)
+    grid = ProbeGrid(label="answer", target="truth", random_baseline=False, folds=4)
+    table = grid.run(data, progress=False)
+    fitted = len(fits)
+    predicted = grid.out_of_fold(data)
+    assert fitted > 0 and len(fits) == fitted  # nothing fitted again
+    truth = data.label("answer")[1]
+    for row in table.itertuples():
+        assert (predicted[row.site][:, row.step] == truth).mean() == pytest.approx(row.accuracy)
+    alone = ProbeGrid(label="answer", target="truth", random_baseline=False, folds=4).out_of_fold(data)
+    assert len(fits) > fitted and all((alone[s] == predicted[s]).mean() > 0.99 for s in data.sites)
+    grid.C = 0.5  # other settings: fitted afresh
+    fitted = len(fits)
+    grid.out_of_fold(data)
+    assert len(fits) > fitted
+
+
+def test_random_weights_features_run_one_forward_pass_per_step(tiny_config, tmp_path):
+    from dlmprobe.capture import CacheConfig, run_cache
+    from dlmprobe.models import build_native, save_checkpoint
+    from dlmprobe.probes.features import RandomWeightsFeatures
+
+    model = save_checkpoint(build_native(tiny_config), tiny_config, tmp_path / "model")
+    run_cache(CacheConfig(model=str(model), n=8, steps=[0, 1]), tmp_path / "run.h5", progress=False)
+    data = ActivationDataset(tmp_path / "run.h5")
+    features = RandomWeightsFeatures(data, data.sites)
+    passes = []
+    features.model.embed.register_forward_hook(lambda module, args, output: passes.append(1))
+    blocks = {(site, int(step)): features(site, int(step)) for step in data.steps for site in data.sites}
+    assert len(data.sites) > 1 and len(passes) == len(data.steps)
+    site, step = data.sites[-1], int(data.steps[-1])
+    alone = RandomWeightsFeatures(data, [site])(site, step)
+    assert np.allclose(alone, blocks[(site, step)], equal_nan=True)
+    assert not np.allclose(blocks[(site, step)], data.activations(site, step), equal_nan=True)
