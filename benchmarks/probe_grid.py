@@ -21,6 +21,12 @@ is not counted); the scikit-learn loop stays on the CPU, where it runs.
 With ``--repeats`` the two sides alternate that many times; the ratio is of the median times. The
 convergence of both is measured apart (untimed) by the quantity scikit-learn's lbfgs stops on: the
 largest absolute gradient entry of ``mean CE + ||W||^2 / (2 C n)`` in the standardised space.
+
+The matmul floor: every batched run also times its trainer (the ``fit_logistic`` calls inside the
+grid run) and then, right after it, the float32 matrix products that trainer computed alone (the
+same shapes and counts, which ``fit_logistic`` reports; products of different shapes interleaved
+as the trainer's cells are, on operands that stay allocated). ``trainer_over_floor`` is how far
+the trainer is from doing nothing but its products.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
@@ -83,23 +90,62 @@ def sklearn_grad_max(model, X: np.ndarray, y: np.ndarray, C: float) -> float:
     return float(np.abs(grad).max())
 
 
-def batched_reports(grid: ProbeGrid, data: ActivationDataset) -> list[dict]:
-    """One more (untimed) grid run that keeps every fit_logistic call's convergence report."""
+def timed_run(grid: ProbeGrid, data: ActivationDataset) -> tuple[pd.DataFrame, float, float, list[dict]]:
+    """One grid run: its table, wall time, the time spent in fit_logistic and every call's report."""
     reports: list[dict] = []
+    trainer = [0.0]
     original = grid_module.fit_logistic
 
     def recording(*args, **kwargs):
         report: dict = {}
+        start = time.perf_counter()
         out = original(*args, report=report, **kwargs)
+        trainer[0] += time.perf_counter() - start
         reports.append(report)
         return out
 
     grid_module.fit_logistic = recording
     try:
-        grid.run(data, progress=False)
+        start = time.perf_counter()
+        table = grid.run(data, progress=False)
+        wall = time.perf_counter() - start
     finally:
         grid_module.fit_logistic = original
-    return reports
+    return table, wall, trainer[0], reports
+
+
+def matmul_floor(reports: list[dict], device: str) -> float:
+    """Seconds to compute the products the reported fits computed (float32, same shapes and counts)."""
+    operands: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def operand(shape: tuple[int, int, int]) -> torch.Tensor:
+        if shape not in operands:
+            operands[shape] = torch.randn(shape, device=device)
+        return operands[shape]
+
+    work = []
+    for report in reports:
+        pending = [[operand((b, m, k)), operand((b, k, n)), count] for (b, m, k, n), count in report["products"].items()]
+        work.append(pending)
+    _synchronize(device)
+    start = time.perf_counter()
+    for pending in work:
+        while pending:  # one product of every shape in turn, as the trainer visits its cells
+            for item in pending:
+                a, b, _ = item
+                if a.shape[0] == 1:
+                    torch.mm(a[0], b[0])
+                else:
+                    torch.bmm(a, b)
+                item[2] -= 1
+            pending[:] = [item for item in pending if item[2] > 0]
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def _synchronize(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -124,7 +170,7 @@ def main() -> None:
     steps = [int(s) for s in args.steps.split(",")]
     # Both sides stop at 100 L-BFGS iterations (scikit-learn's default) at most; it warns when it does.
     warnings.filterwarnings("ignore", category=ConvergenceWarning)
-    batched_times, sklearn_times = [], []
+    batched_times, sklearn_times, trainer_times, floor_times = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp, threadpool_limits(limits=args.threads):
         path = Path(tmp) / "run.h5"
         run_cache(CacheConfig(model=args.model, n=args.n, steps=steps), path, progress=False)
@@ -135,21 +181,22 @@ def main() -> None:
             if args.device != "cpu":
                 grid.run(data, progress=False)  # warm-up: CUDA context and kernels
             for _ in range(args.repeats):
-                start = time.perf_counter()
-                table = grid.run(data, progress=False)
-                batched_times.append(time.perf_counter() - start)
+                table, wall, trainer, reports = timed_run(grid, data)
+                batched_times.append(wall)
+                trainer_times.append(trainer)
+                floor_times.append(matmul_floor(reports, args.device))
                 start = time.perf_counter()
                 reference = sklearn_loop(grid, data)
                 sklearn_times.append(time.perf_counter() - start)
             # Convergence, untimed.
             fits: list = []
             sklearn_loop(grid, data, fits)
-            reports = batched_reports(grid, data)
     sklearn_grads = [sklearn_grad_max(model, X, y, grid.C) for model, X, y in fits]
     sklearn_iters = [int(model[-1].n_iter_.max()) for model, _, _ in fits]
     ours = torch.cat([r["grad_max"].flatten() for r in reports]).double().numpy()
     differences = [abs(row.accuracy - reference[(row.site, row.step)]) for row in table.itertuples()]
     batched_s, sklearn_s = statistics.median(batched_times), statistics.median(sklearn_times)
+    trainer_s, floor_s = statistics.median(trainer_times), statistics.median(floor_times)
     result = {
         "model": args.model, "n_examples": args.n, "label": label, "steps": steps, "cells": len(table),
         "folds": args.folds, "rows_per_cell": float(table["n_rows"].mean()),
@@ -157,12 +204,17 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name(args.device) if args.device != "cpu" else None,
         "batched_s": round(batched_s, 3), "sklearn_loop_s": round(sklearn_s, 3),
         "speedup": round(sklearn_s / batched_s, 1),
-        "runs": [{"batched_s": round(b, 3), "sklearn_loop_s": round(s, 3), "speedup": round(s / b, 1)}
-                 for b, s in zip(batched_times, sklearn_times)],
+        "trainer_s": round(trainer_s, 3), "matmul_floor_s": round(floor_s, 3),
+        "trainer_over_floor": round(trainer_s / floor_s, 2), "batched_over_floor": round(batched_s / floor_s, 2),
+        "matmul_gflop": round(sum(2 * b * m * k * n * count for r in reports
+                                  for (b, m, k, n), count in r["products"].items()) / 1e9, 2),
+        "runs": [{"batched_s": round(b, 3), "sklearn_loop_s": round(s, 3), "speedup": round(s / b, 1),
+                  "trainer_s": round(t, 3), "matmul_floor_s": round(f, 3), "trainer_over_floor": round(t / f, 2)}
+                 for b, s, t, f in zip(batched_times, sklearn_times, trainer_times, floor_times)],
         "max_accuracy_difference": round(max(differences), 4),
         "mean_accuracy": round(float(table["accuracy"].mean()), 4),
         "batched_grad_max": {"median": float(f"{np.median(ours):.3g}"), "max": float(f"{ours.max():.3g}"),
-                             "iterations": max(int(r["iterations"]) for r in reports)},
+                             "iterations": max(int(r["iterations"].max()) for r in reports)},
         "sklearn_grad_max": {"median": float(f"{np.median(sklearn_grads):.3g}"), "max": float(f"{max(sklearn_grads):.3g}"),
                              "fits_at_max_iter": f"{sum(i >= model[-1].max_iter for i, (model, _, _) in zip(sklearn_iters, fits))} of {len(fits)}"},
     }

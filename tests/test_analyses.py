@@ -11,7 +11,7 @@ from dlmprobe.analyses.lead import first_stable_step
 from dlmprobe.capture import CacheConfig, run_cache
 from dlmprobe.cli import main
 from dlmprobe.store import ActivationDataset
-from dlmprobe.probes.grid import frontier_positions
+from dlmprobe.probes.features import frontier_positions
 from dlmprobe.report import write_report
 
 SITES = ["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]

@@ -1,15 +1,19 @@
 """Probes: the estimator contract, agreement with scikit-learn, and grids that find planted signals."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from dlmprobe.store import ActivationDataset, ActivationWriter
+from dlmprobe.store import ActivationDataset, ActivationWriter, StoreLayout
+from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.probes import LinearProbe, ProbeGrid, clock_table
 
 
@@ -36,6 +40,68 @@ def test_linear_probe_follows_the_estimator_contract(tmp_path):
     assert json.loads((tmp_path / "p.json").read_text())["params"]["C"] == 0.5
 
 
+@parametrize_with_checks([LinearProbe()])
+def test_linear_probe_passes_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+def test_linear_probe_unfitted_and_binary_scores():
+    X, y = _blobs(n=300, d=8, classes=2)
+    with pytest.raises(NotFittedError):
+        LinearProbe().predict(X)
+    probe = LinearProbe().fit(X, y)
+    assert probe.decision_function(X).shape == (300,) and probe.coef_.shape == (1, 8) and probe.n_iter_[0] >= 1
+    assert np.array_equal(probe.predict(X), probe.classes_[(probe.predict_proba(X)[:, 1] > 0.5).astype(int)])
+    assert cross_val_score(LinearProbe(), X, y, cv=3, scoring="roc_auc").mean() > 0.9
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+def test_linear_probe_C_is_sklearns_C(classes):
+    """Same coefficients as LogisticRegression(C) on standardised features; with two classes too
+    (where the kit's C once was scikit-learn's 2C: that fit is measurably different)."""
+    X, y = _blobs(n=400, d=6, classes=classes, noise=2.0, seed=1)
+    X = StandardScaler().fit_transform(X)  # our own standardisation is then the identity
+    C = 0.02  # strong regularisation: C and 2C give clearly different weights
+    ours = LinearProbe(C=C, tol=1e-6, max_iter=500).fit(X, y)
+    theirs = LogisticRegression(C=C, tol=1e-10, max_iter=10_000).fit(X, y)
+    doubled = LogisticRegression(C=2 * C, tol=1e-10, max_iter=10_000).fit(X, y)
+    scale = np.abs(theirs.coef_).max()
+    assert ours.coef_.shape == theirs.coef_.shape
+    assert np.abs(ours.coef_ - theirs.coef_).max() <= 2e-3 * scale
+    assert np.abs(ours.intercept_ - theirs.intercept_).max() <= 2e-3 * scale
+    assert np.abs(doubled.coef_ - theirs.coef_).max() > 0.1 * scale
+    assert abs(ours.score(X, y) - theirs.score(X, y)) <= 0.005
+
+
+def test_linear_probe_warns_when_it_stops_at_max_iter():
+    X, y = _blobs(n=300, d=8, classes=3, noise=0.5)
+    with pytest.warns(ConvergenceWarning, match="max_iter"):
+        LinearProbe(C=100.0, max_iter=2).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        LinearProbe().fit(X, y)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda meta, weights: "{not json", "expected JSON"),
+        (lambda meta, weights: json.dumps({**meta, "classes": [1]}), "field 'classes'"),
+        (lambda meta, weights: json.dumps({**meta, "params": {"C": 1.0, "bogus": 2}}), "field 'params'"),
+        (lambda meta, weights: json.dumps({**meta, "n_features_in": "16"}), "field 'n_features_in'"),
+        (lambda meta, weights: json.dumps({**meta, "n_features_in": 15}), "tensor 'coef' must have shape"),
+    ],
+)
+def test_linear_probe_load_refuses_bad_files(tmp_path, edit, message):
+    X, y = _blobs()
+    path = LinearProbe().fit(X, y).save(tmp_path / "p")
+    meta_path = path.with_suffix(".json")
+    meta_path.write_text(edit(json.loads(meta_path.read_text()), None))
+    with pytest.raises(DlmprobeInputError, match=message) as err:
+        LinearProbe.load(path)
+    assert "\n" not in str(err.value) and ("p.json" in str(err.value) or "p.safetensors" in str(err.value))
+
+
 def test_linear_probe_agrees_with_sklearn():
     X, y = _blobs(n=2000, d=32, classes=6, noise=3.0)
     train, test = slice(0, 1500), slice(1500, None)
@@ -53,7 +119,7 @@ def test_linear_probe_agrees_with_sklearn():
     ],
 )
 def test_linear_probe_bad_input(X, y, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(DlmprobeInputError, match=message):
         LinearProbe().fit(X, y)
 
 
@@ -86,10 +152,10 @@ def _synthetic_store(path, nan_site=False):
         if nan_site and site == "blocks.0.hook_resid_post":
             a[:, 0, 0, 0] = np.nan
         acts[site] = a
-    with ActivationWriter(path, config={"task": {"answer_label": "answer"}}, n_examples=N, n_steps=STEPS,
-                          canvas_length=L, prompt_length=P, target_length=T, mask_id=MASK,
-                          labels={"answer": T}, sites={s: D for s in acts}, steps=range(STEPS),
-                          positions=positions, dtype="float32") as writer:
+    layout = StoreLayout(n_examples=N, n_steps=STEPS, canvas_length=L, prompt_length=P, target_length=T,
+                         labels={"answer": T}, sites={s: D for s in acts}, steps=range(STEPS), positions=positions,
+                         dtype="float32")
+    with ActivationWriter(path, layout, config={"task": {"answer_label": "answer"}}, mask_id=MASK) as writer:
         writer.write_batch({
             "uid": [f"ex{i}" for i in range(N)], "prompt": canvas[:, 0, 1 : P + 1], "target": np.repeat(answers[:, None], T, 1),
             "output": np.repeat(answers[:, None], T, 1), "solved": np.ones(N, bool), "canvas": canvas,
@@ -217,10 +283,10 @@ def test_per_distance_cells_find_a_read_ahead_planted_one_position_ahead(tmp_pat
     acts[:, :, 0] += 3 * directions[answers[:, 1]][:, None, :]
     site = "blocks.0.hook_resid_post"
     path = tmp_path / "ahead.h5"
-    with ActivationWriter(path, config={"task": {"answer_label": "answer"}}, n_examples=N, n_steps=STEPS,
-                          canvas_length=L, prompt_length=P, target_length=T, mask_id=MASK, labels={"answer": T},
-                          sites={site: D}, steps=range(STEPS), positions=list(range(P + 2, P + 2 + T)),
-                          dtype="float32") as writer:
+    layout = StoreLayout(n_examples=N, n_steps=STEPS, canvas_length=L, prompt_length=P, target_length=T,
+                         labels={"answer": T}, sites={site: D}, steps=range(STEPS),
+                         positions=list(range(P + 2, P + 2 + T)), dtype="float32")
+    with ActivationWriter(path, layout, config={"task": {"answer_label": "answer"}}, mask_id=MASK) as writer:
         writer.write_batch({
             "uid": [f"ex{i}" for i in range(N)], "prompt": canvas[:, 0, 1 : P + 1], "target": answers,
             "output": answers, "solved": np.ones(N, bool), "canvas": canvas, "commit_step": np.full((N, L), -1),
@@ -234,7 +300,54 @@ def test_per_distance_cells_find_a_read_ahead_planted_one_position_ahead(tmp_pat
     assert (table.loc[table["distance"] == 1, "accuracy"] > 0.9).all()
     assert (table.loc[table["distance"] != 1, "accuracy"] < 0.45).all()
     # Every row's out-of-fold hit is kept per cell, keyed by (site, step, distance).
-    examples, hits = grid.row_hits[(site, 0, 1)]
+    examples, hits = grid.row_hits_[(site, 0, 1)]
     assert len(examples) == N and abs(hits.mean() - table.query("step == 0 and distance == 1")["accuracy"].item()) < 1e-9
     with pytest.raises(ValueError, match="per_distance"):
         ProbeGrid(label="answer", read="pooled", per_distance=True)
+
+
+def test_out_of_fold_reuses_what_run_fitted(tmp_path, monkeypatch):
+    import dlmprobe.probes.grid as grid_module
+
+    data = _synthetic_store(tmp_path / "s.h5")
+    fits = []
+    original = grid_module.fit_logistic
+
+    def counting(*args, **kwargs):
+        fits.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(grid_module, "fit_logistic", counting)
+    grid = ProbeGrid(label="answer", target="truth", random_baseline=False, folds=4)
+    table = grid.run(data, progress=False)
+    fitted = len(fits)
+    predicted = grid.out_of_fold(data)
+    assert fitted > 0 and len(fits) == fitted  # nothing fitted again
+    truth = data.label("answer")[1]
+    for row in table.itertuples():
+        assert (predicted[row.site][:, row.step] == truth).mean() == pytest.approx(row.accuracy)
+    alone = ProbeGrid(label="answer", target="truth", random_baseline=False, folds=4).out_of_fold(data)
+    assert len(fits) > fitted and all((alone[s] == predicted[s]).mean() > 0.99 for s in data.sites)
+    grid.C = 0.5  # other settings: fitted afresh
+    fitted = len(fits)
+    grid.out_of_fold(data)
+    assert len(fits) > fitted
+
+
+def test_random_weights_features_run_one_forward_pass_per_step(tiny_config, tmp_path):
+    from dlmprobe.capture import CacheConfig, run_cache
+    from dlmprobe.models import build_native, save_checkpoint
+    from dlmprobe.probes.features import RandomWeightsFeatures
+
+    model = save_checkpoint(build_native(tiny_config), tiny_config, tmp_path / "model")
+    run_cache(CacheConfig(model=str(model), n=8, steps=[0, 1]), tmp_path / "run.h5", progress=False)
+    data = ActivationDataset(tmp_path / "run.h5")
+    features = RandomWeightsFeatures(data, data.sites)
+    passes = []
+    features.model.embed.register_forward_hook(lambda module, args, output: passes.append(1))
+    blocks = {(site, int(step)): features(site, int(step)) for step in data.steps for site in data.sites}
+    assert len(data.sites) > 1 and len(passes) == len(data.steps)
+    site, step = data.sites[-1], int(data.steps[-1])
+    alone = RandomWeightsFeatures(data, [site])(site, step)
+    assert np.allclose(alone, blocks[(site, step)], equal_nan=True)
+    assert not np.allclose(blocks[(site, step)], data.activations(site, step), equal_nan=True)

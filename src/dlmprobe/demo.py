@@ -104,10 +104,10 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, ov
     paths_twin = cache("pathstar-autoregressive", "pathstar-autoregressive", "sep+target", every=1)
 
     stage("1 decodability over time (probe grid with controls)")
-    keep(decodability(sudoku, label="blank"))
+    grid = ProbeGrid(label="blank", bootstrap=200)  # decodability's settings
+    keep(decodability(sudoku, grid=grid))
     stage("2 planning lead")
-    predicted = ProbeGrid(label="blank", sites=[config.probe_site], control=False, random_baseline=False,
-                          bootstrap=0).out_of_fold(sudoku)[config.probe_site]
+    predicted = grid.out_of_fold(sudoku)[config.probe_site]  # the probes decodability fitted, not refitted
     keep(planning_lead(sudoku, label="blank", site=config.probe_site, predicted=predicted))
     stage("3 diffusion vs autoregressive vs left-to-right diffusion")
     keep(compare_runs({"diffusion": sudoku, "autoregressive": twin, "diffusion, left-to-right": left_to_right},

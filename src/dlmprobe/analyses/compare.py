@@ -27,7 +27,7 @@ from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
 from dlmprobe.store import ActivationDataset
 from dlmprobe.probes import ProbeGrid
-from dlmprobe.probes.grid import bootstrap_by_example
+from dlmprobe.probes.stats import bootstrap_by_example
 
 
 def reads_of(data: ActivationDataset) -> list[str]:
@@ -106,7 +106,7 @@ def _pool_distances(table: pd.DataFrame, grid: ProbeGrid, bootstrap: int) -> pd.
     rng = np.random.default_rng(grid.seed)
     for (site, step), group in table.groupby(["site", "step"], sort=True):
         n = int(group["n_rows"].sum())
-        parts = [grid.row_hits[(site, int(step), int(d))] for d in group["distance"]]
+        parts = [grid.row_hits_[(site, int(step), int(d))] for d in group["distance"]]
         examples = np.concatenate([e for e, _ in parts])
         hit = np.concatenate([h for _, h in parts])
         hits = int(hit.sum())

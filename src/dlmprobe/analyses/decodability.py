@@ -37,6 +37,7 @@ def decodability(
     random_baseline: bool = True,
     bootstrap: int = 200,
     progress: bool = True,
+    grid: ProbeGrid | None = None,
 ) -> AnalysisResult:
     """Probe accuracy per (site, step) before commit, as a layer x step heatmap and curves.
 
@@ -45,16 +46,20 @@ def decodability(
         label: the task label to decode (default: the task's answer label).
         target: ``"output"`` (what the model will commit) or ``"truth"`` (the correct value).
         sites, steps: subsets of the stored ones. The other arguments go to :class:`ProbeGrid`.
+        grid: a configured grid to run instead of one made from the arguments above; it keeps its
+            fitted state, so ``grid.out_of_fold(data)`` afterwards fits nothing again.
     """
-    label = default_label(data, label)
-    grid = ProbeGrid(label=label, target=target, read="own", phase="before_commit", sites=sites, steps=steps,
-                     folds=folds, control=control, random_baseline=random_baseline, bootstrap=bootstrap)
+    if grid is None:
+        grid = ProbeGrid(label=default_label(data, label), target=target, read="own", phase="before_commit",
+                         sites=sites, steps=steps, folds=folds, control=control, random_baseline=random_baseline,
+                         bootstrap=bootstrap)
+    label, target = grid.label, grid.target
     table = grid.run(data, progress=progress)
     fig = _plot(table, label)
     return AnalysisResult(
         name="decodability", title=f"Decodability over time: {label} ({target}) before commit",
         table=table, figure=fig, summary=_summary(table, label, target),
-        meta={"run": describe_run(data), "grid": grid.settings(), "skipped_cells": grid.skipped},
+        meta={"run": describe_run(data), "grid": grid.settings(), "skipped_cells": grid.skipped_},
     )
 
 

@@ -36,10 +36,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
         table.to_csv(table_path, index=False)
     clock.to_csv(out / f"clock-{grid.label}.csv", index=False)
     (out / f"grid-{stem}.json").write_text(
-        json.dumps({"dataset": str(args.dataset), "settings": grid.settings(), "skipped": grid.skipped}, indent=2) + "\n")
+        json.dumps({"dataset": str(args.dataset), "settings": grid.settings(), "skipped": grid.skipped_}, indent=2) + "\n")
     print(_summary(table, clock))
-    if grid.skipped:
-        print(f"skipped {len(grid.skipped)} cells with too few rows (e.g. {grid.skipped[0]})")
+    if grid.skipped_:
+        print(f"skipped {len(grid.skipped_)} cells with too few rows (e.g. {grid.skipped_[0]})")
     print(f"wrote {table_path} ({len(table)} cells)")
     return 0
 

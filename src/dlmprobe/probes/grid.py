@@ -26,9 +26,10 @@ Example:
 
 from __future__ import annotations
 
-import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterator, Literal, Sequence
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -36,13 +37,23 @@ import torch
 from tqdm.auto import tqdm
 
 from dlmprobe.hooks import layer_of
-from dlmprobe.models import ModelConfig, random_model
+from dlmprobe.probes.features import (
+    FeatureSource,
+    RandomWeightsFeatures,
+    StoredFeatures,
+    frontier_positions,
+)
 from dlmprobe.probes.linear import fit_logistic, predict_logits
 from dlmprobe.store import ActivationDataset
+from dlmprobe.probes.stats import (
+    bootstrap_by_example,
+    control_labels,
+    majority_accuracy,
+    online_code_length,
+)
 
 Phase = Literal["before_commit", "after_commit"]
 Target = Literal["output", "truth"]
-VARIANTS = ("task", "control", "random_weights")
 
 
 @dataclass
@@ -81,6 +92,12 @@ class ProbeGrid:
         folds: k of the k-fold split by example; ``seed`` seeds folds, control labels, bootstrap.
         C: inverse L2 strength, as scikit-learn's. ``min_rows``: smaller cells are skipped.
         random_baseline, control: compute those controls. ``mdl``: online code length too.
+
+    Fitted state (set by :meth:`run`, or :meth:`out_of_fold` for the task probe alone), as
+    scikit-learn names it: ``skipped_`` (cells with too few rows, one line each), ``row_hits_``
+    (per cell ``(site, step, slot)``: the example and out-of-fold hit of every row),
+    ``out_of_fold_`` (what :meth:`out_of_fold` returns) and ``fitted_on_`` (the data and settings
+    they belong to).
     """
 
     label: str
@@ -103,10 +120,11 @@ class ProbeGrid:
     seed: int = 0
     cells_per_fit: int = 16
     device: str = "cpu"
-    skipped: list[str] = field(default_factory=list, init=False, repr=False)
-    # After run(): per cell (site, step, slot), the example and out-of-fold hit of every row.
-    row_hits: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = field(
+    skipped_: list[str] = field(default_factory=list, init=False, repr=False)
+    row_hits_: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = field(
         default_factory=dict, init=False, repr=False)
+    out_of_fold_: dict[str, np.ndarray] | None = field(default=None, init=False, repr=False)
+    fitted_on_: tuple[str, str] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.target not in ("output", "truth"):
@@ -159,7 +177,7 @@ class ProbeGrid:
         return {"positions": positions, "y": y, "control_type": control_type}
 
     def _cells(self, data: ActivationDataset, sites: list[str], steps: list[int],
-               layout: dict[str, np.ndarray], features: "FeatureSource") -> Iterator[Cell]:
+               layout: dict[str, np.ndarray], features: FeatureSource) -> Iterator[Cell]:
         positions, y_all, control_all = layout["positions"], layout["y"], layout["control_type"]
         n, k = positions.shape
         rows = np.arange(n)[:, None]
@@ -208,6 +226,34 @@ class ProbeGrid:
     # -- fitting -------------------------------------------------------------------------------
     def run(self, data: ActivationDataset, progress: bool = True) -> pd.DataFrame:
         """Train every cell of the grid with its controls; one DataFrame row per cell."""
+        records = self._fit(data, progress, full=True)
+        if not records:
+            raise ValueError(
+                f"no cell has enough rows to probe (min_rows={self.min_rows}, {self.folds} folds, 2 classes): "
+                f"{self.skipped_[0] if self.skipped_ else 'nothing selected'}"
+            )
+        table = pd.DataFrame(list(records.values()))
+        if "control_accuracy" in table:
+            table["selectivity"] = table["accuracy"] - table["control_accuracy"]
+        return table.sort_values(["site", "step", "distance" if self.per_distance else "slot"]).reset_index(drop=True)
+
+    def out_of_fold(self, data: ActivationDataset, progress: bool = False) -> dict[str, np.ndarray]:
+        """Every row's prediction by the probe that did not train on its example.
+
+        Returns, per site, an ``(n_examples, len(steps), k)`` array of predicted values (the
+        label's token ids), ``-1`` where the row is outside the phase or its cell was skipped:
+        the per-row material for analyses such as the planning lead. The task probe only. After
+        :meth:`run` (or a first call) on the same data and settings nothing is fitted again.
+        """
+        if self.fitted_on_ != self._fingerprint(data):
+            self._fit(data, progress, full=False)
+        return {site: predicted.copy() for site, predicted in self.out_of_fold_.items()}
+
+    def _fingerprint(self, data: ActivationDataset) -> tuple[str, str]:
+        return str(Path(data.path).resolve()), repr(self.settings())
+
+    def _fit(self, data: ActivationDataset, progress: bool, full: bool) -> dict[tuple[str, int, int], dict[str, Any]]:
+        """Fit every cell's task probe (and, if ``full``, its controls and table row); keeps the fitted state."""
         sites, steps = self._select(data)
         layout = self._layout(data)
         rng = np.random.default_rng(self.seed)
@@ -215,74 +261,76 @@ class ProbeGrid:
         if n < self.folds:
             raise ValueError(f"{n} examples are too few for {self.folds}-fold probing")
         fold_of = rng.permutation(n) % self.folds  # by example
-        classes = np.unique(layout["y"])
-        control_map = _control_labels(layout["control_type"], layout["y"], rng)
-        sources = {"task": StoredFeatures(data)}
-        if self.random_baseline:
-            sources["random_weights"] = RandomWeightsFeatures(data, sites)
-        target = slice(data.target_start, data.target_start + data.output.shape[1])
-        committed = 1.0 - (data.canvas[:, :, target] == data.mask_id).mean(axis=(0, 2))  # of the whole target, per step
-
-        records: dict[tuple[str, int, int], dict[str, Any]] = {}
-        self.skipped = []
-        self.row_hits = {}
-        total = len(sites) * len(steps) * (layout["positions"].shape[1] if self.per_slot else 1)
-        bar = tqdm(total=None if self.per_distance else total * len(sources), disable=not progress, desc=f"probe {self.label}", unit="cell")
+        k = layout["positions"].shape[1]
+        fit = _Fit(fold_of=fold_of, classes=np.unique(layout["y"]), rng=rng,
+                   out_of_fold={site: np.full((n, len(steps), k), -1, dtype=np.int64) for site in sites},
+                   step_index={step: i for i, step in enumerate(steps)})
+        sources: dict[str, FeatureSource] = {"task": StoredFeatures(data)}
+        if full:
+            fit.control_map = control_labels(layout["control_type"], layout["y"], rng)
+            target = slice(data.target_start, data.target_start + data.output.shape[1])
+            fit.committed = 1.0 - (data.canvas[:, :, target] == data.mask_id).mean(axis=(0, 2))  # of the whole target, per step
+            if self.random_baseline:
+                sources["random_weights"] = RandomWeightsFeatures(data, sites)
+        self.skipped_, self.row_hits_ = [], {}
+        total = len(sites) * len(steps) * (k if self.per_slot else 1)
+        bar = tqdm(total=None if self.per_distance else total * len(sources), disable=not progress,
+                   desc=f"probe {self.label}" + ("" if full else " (per row)"), unit="cell")
         for variant, source in sources.items():
             batch: list[Cell] = []
             for cell in self._cells(data, sites, steps, layout, source):
                 bar.update(1)
                 if len(cell.y) < self.min_rows or len(np.unique(cell.examples)) < self.folds or len(np.unique(cell.y)) < 2:
                     if variant == "task":
-                        self.skipped.append(f"{cell.site} step {cell.step} slot {cell.slot}: {len(cell.y)} rows")
+                        self.skipped_.append(f"{cell.site} step {cell.step} slot {cell.slot}: {len(cell.y)} rows")
                     continue
                 batch.append(cell)
                 if len(batch) == self.cells_per_fit:
-                    self._fit_batch(batch, variant, fold_of, classes, control_map, committed, records, rng)
+                    self._fit_batch(batch, variant, fit, full)
                     batch = []
             if batch:
-                self._fit_batch(batch, variant, fold_of, classes, control_map, committed, records, rng)
+                self._fit_batch(batch, variant, fit, full)
         bar.close()
-        if not records:
-            raise ValueError(
-                f"no cell has enough rows to probe (min_rows={self.min_rows}, {self.folds} folds, 2 classes): "
-                f"{self.skipped[0] if self.skipped else 'nothing selected'}"
-            )
-        table = pd.DataFrame(list(records.values()))
-        if "control_accuracy" in table:
-            table["selectivity"] = table["accuracy"] - table["control_accuracy"]
-        return table.sort_values(["site", "step", "distance" if self.per_distance else "slot"]).reset_index(drop=True)
+        self.out_of_fold_, self.fitted_on_ = fit.out_of_fold, self._fingerprint(data)
+        return fit.records
 
-    def _fit_batch(self, cells: list[Cell], variant: str, fold_of: np.ndarray, classes: np.ndarray,
-                   control_map: np.ndarray, committed: np.ndarray,
-                   records: dict[tuple[str, int, int], dict[str, Any]], rng: np.random.Generator) -> None:
+    def _fit_batch(self, cells: list[Cell], variant: str, fit: _Fit, full: bool) -> None:
         ys = {variant: [c.y for c in cells]}
-        if variant == "task" and self.control:
-            ys["control"] = [control_map[c.control_type] for c in cells]
-        predicted = self._cross_validate(cells, list(ys.values()), fold_of, classes)
+        if variant == "task" and full and self.control:
+            ys["control"] = [fit.control_map[c.control_type] for c in cells]
+        predicted = self._cross_validate(cells, list(ys.values()), fit.fold_of, fit.classes)
         for name, predicted_per_cell in zip(ys, predicted):
             for cell, y, guess in zip(cells, ys[name], predicted_per_cell):
-                hits = guess == y
                 key = (cell.site, cell.step, cell.slot)
-                if name == "task":
-                    self.row_hits[key] = (cell.examples, hits)
-                    low, high = bootstrap_by_example(hits, cell.examples, self.bootstrap, rng)
-                    records[key] = {
-                        "site": cell.site, "layer": layer_of(cell.site), "step": cell.step,
-                        ("distance" if self.per_distance else "slot"): cell.slot,
-                        "committed_fraction": float(committed[cell.step]), "label": self.label,
-                        "target": self.target, "read": str(self.read), "phase": self.phase,
-                        "n_examples": int(len(np.unique(cell.examples))), "n_rows": int(len(y)),
-                        # k-fold: every row is tested once, by a probe trained on the other folds.
-                        "n_train": round(len(y) * (self.folds - 1) / self.folds), "n_test": int(len(y)),
-                        "n_classes": int(len(np.unique(y))), "accuracy": float(hits.mean()),
-                        "ci_low": low, "ci_high": high,
-                        "majority": _majority_accuracy(y, cell.examples, fold_of, self.folds),
-                    }
-                    if self.mdl:
-                        records[key]["mdl_bits"], records[key]["uniform_bits"] = self._online_code(cell, classes, rng)
-                elif key in records:
-                    records[key][f"{name}_accuracy"] = float(hits.mean())
+                if name != "task":
+                    if key in fit.records:
+                        fit.records[key][f"{name}_accuracy"] = float((guess == y).mean())
+                    continue
+                fit.out_of_fold[cell.site][cell.examples, fit.step_index[cell.step], cell.slots] = guess
+                if full:
+                    fit.records[key] = self._record(cell, guess == y, fit)
+
+    def _record(self, cell: Cell, hits: np.ndarray, fit: _Fit) -> dict[str, Any]:
+        """The table row of a task cell; bootstrap and online code draw from the grid's generator."""
+        self.row_hits_[(cell.site, cell.step, cell.slot)] = (cell.examples, hits)
+        low, high = bootstrap_by_example(hits, cell.examples, self.bootstrap, fit.rng)
+        record = {
+            "site": cell.site, "layer": layer_of(cell.site), "step": cell.step,
+            ("distance" if self.per_distance else "slot"): cell.slot,
+            "committed_fraction": float(fit.committed[cell.step]), "label": self.label,
+            "target": self.target, "read": str(self.read), "phase": self.phase,
+            "n_examples": len(np.unique(cell.examples)), "n_rows": len(cell.y),
+            # k-fold: every row is tested once, by a probe trained on the other folds.
+            "n_train": round(len(cell.y) * (self.folds - 1) / self.folds), "n_test": len(cell.y),
+            "n_classes": len(np.unique(cell.y)), "accuracy": float(hits.mean()),
+            "ci_low": low, "ci_high": high,
+            "majority": majority_accuracy(cell.y, cell.examples, fit.fold_of, self.folds),
+        }
+        if self.mdl:
+            record["mdl_bits"], record["uniform_bits"] = online_code_length(
+                cell.X, np.searchsorted(fit.classes, cell.y), cell.examples, len(fit.classes), self.C, self.max_iter,
+                fit.rng, self.device)
+        return record
 
     def _cross_validate(self, cells: list[Cell], label_sets: list[list[np.ndarray]], fold_of: np.ndarray,
                         classes: np.ndarray) -> list[list[np.ndarray]]:
@@ -312,146 +360,19 @@ class ProbeGrid:
             out.append([classes[index[i, :m].cpu().numpy()] for i, m in enumerate(lengths)])
         return out
 
-    def out_of_fold(self, data: ActivationDataset, progress: bool = False) -> dict[str, np.ndarray]:
-        """Every row's prediction by the probe that did not train on its example.
 
-        Returns, per site, an ``(n_examples, len(steps), k)`` array of predicted values (the
-        label's token ids), ``-1`` where the row is outside the phase or its cell was skipped:
-        the per-row material for analyses such as the planning lead. The task probe only.
-        """
-        sites, steps = self._select(data)
-        layout = self._layout(data)
-        rng = np.random.default_rng(self.seed)
-        if data.n_examples < self.folds:
-            raise ValueError(f"{data.n_examples} examples are too few for {self.folds}-fold probing")
-        fold_of = rng.permutation(data.n_examples) % self.folds
-        classes = np.unique(layout["y"])
-        k = layout["positions"].shape[1]
-        out = {site: np.full((data.n_examples, len(steps), k), -1, dtype=np.int64) for site in sites}
-        step_index = {step: i for i, step in enumerate(steps)}
-        total = len(sites) * len(steps) * (k if self.per_slot else 1)
-        batch: list[Cell] = []
+@dataclass
+class _Fit:
+    """What one fitting pass over a grid shares between its batches."""
 
-        def flush() -> None:
-            for cell, guess in zip(batch, self._cross_validate(batch, [[c.y for c in batch]], fold_of, classes)[0]):
-                out[cell.site][cell.examples, step_index[cell.step], cell.slots] = guess
-            batch.clear()
-
-        for cell in tqdm(self._cells(data, sites, steps, layout, StoredFeatures(data)), total=total,
-                         disable=not progress, desc=f"probe {self.label} (per row)", unit="cell"):
-            if len(cell.y) < self.min_rows or len(np.unique(cell.examples)) < self.folds or len(np.unique(cell.y)) < 2:
-                continue
-            batch.append(cell)
-            if len(batch) == self.cells_per_fit:
-                flush()
-        if batch:
-            flush()
-        return out
-
-    def _online_code(self, cell: Cell, classes: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
-        """Online code length in bits (Voita & Titov): transmit blocks of examples in a random order,
-        each with a probe trained on the blocks before it; the first block with a uniform code."""
-        order = rng.permutation(np.unique(cell.examples))
-        n = len(order)
-        bounds = sorted({max(2, int(n * f)) for f in (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.0625, 0.125, 0.25, 0.5, 1.0)})
-        rank = np.empty(cell.examples.max() + 1, dtype=int)
-        rank[order] = np.arange(n)
-        row_rank = rank[cell.examples]
-        y = np.searchsorted(classes, cell.y)
-        n_classes = len(classes)
-        bits = float((row_rank < bounds[0]).sum() * math.log2(n_classes))
-        X = torch.as_tensor(cell.X, device=self.device).unsqueeze(0)
-        yy = torch.as_tensor(y, device=self.device)
-        # One problem per block: train on the blocks before it, pay for the block itself.
-        blocks = list(zip(bounds[:-1], bounds[1:]))
-        weight = torch.stack([torch.as_tensor(row_rank < start, dtype=torch.float32) for start, _ in blocks]).unsqueeze(0)
-        W, b = fit_logistic(X, yy.expand(1, len(blocks), -1), weight.to(self.device), n_classes, self.C, self.max_iter)
-        log_probs = torch.log_softmax(predict_logits(X, W, b)[0], dim=-1)  # (blocks, rows, classes)
-        picked = log_probs.gather(-1, yy.view(1, -1, 1).expand(len(blocks), -1, 1)).squeeze(-1)
-        for p, (start, stop) in enumerate(blocks):
-            block = torch.as_tensor((row_rank >= start) & (row_rank < stop), device=self.device)
-            bits -= float(picked[p][block].sum()) / math.log(2)
-        return bits, float(len(y) * math.log2(n_classes))
-
-
-class StoredFeatures:
-    """The dataset's own activations, one (site, step) block at a time."""
-
-    def __init__(self, data: ActivationDataset):
-        self.data = data
-
-    def __call__(self, site: str, step: int) -> np.ndarray:
-        return self.data.activations(site, step)
-
-
-class RandomWeightsFeatures:
-    """The same sites of a randomly initialised model of the same architecture, fed the stored
-    canvases (so the inputs are identical; only the weights differ)."""
-
-    def __init__(self, data: ActivationDataset, sites: Sequence[str]):
-        model_config = data.config.get("model", {}).get("config")
-        if model_config is None:
-            raise ValueError("the random-weights baseline needs the model config stored by dlmprobe cache")
-        config = ModelConfig.from_dict({**model_config, "seed": int(model_config.get("seed", 0)) + 1})
-        self.model = random_model(config).model
-        self.data, self.sites = data, list(sites)
-
-    @torch.no_grad()
-    def __call__(self, site: str, step: int) -> np.ndarray:
-        canvas = torch.as_tensor(self.data.canvas[:, step], dtype=torch.long)
-        _, cache = self.model.run_with_cache(canvas, names_filter=[site])
-        acts = cache[site][:, self.data.positions].float().numpy()
-        stored = self.data.activations(site, step)
-        return np.where(np.isnan(stored), np.nan, acts)  # same rows missing as in the real store
-
-
-FeatureSource = StoredFeatures | RandomWeightsFeatures
-
-
-def frontier_positions(data: ActivationDataset, step: int) -> np.ndarray:
-    """Per example, the canvas position of the last written token of the target's prefix at ``step``.
-
-    That is the token before the first still-masked target position (``<sep>`` if the first one is
-    still masked; the last target position if none is). For an autoregressive model at step ``s``
-    it is ``target_start + s - 1``, the position whose forward pass writes the next token.
-    """
-    length = data.output.shape[1]
-    masked = data.canvas[:, step, data.target_start : data.target_start + length] == data.mask_id
-    first_masked = np.where(masked.any(axis=1), masked.argmax(axis=1), length)
-    return data.target_start - 1 + first_masked
-
-
-def _control_labels(control_type: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Hewitt & Liang's control task: each input type gets a label drawn from the label distribution.
-
-    Returns a lookup table: ``table[type]`` is the control label of that type.
-    """
-    types = np.unique(control_type)
-    table = np.zeros(int(types.max()) + 1, dtype=y.dtype)
-    table[types] = rng.choice(y.reshape(-1), size=len(types))
-    return table
-
-
-def _majority_accuracy(y: np.ndarray, examples: np.ndarray, fold_of: np.ndarray, folds: int) -> float:
-    hits = 0
-    for f in range(folds):
-        test = fold_of[examples] == f
-        train_values, counts = np.unique(y[~test], return_counts=True)
-        hits += int((y[test] == train_values[counts.argmax()]).sum())
-    return hits / len(y)
-
-
-def bootstrap_by_example(hits: np.ndarray, examples: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
-    """95% percentile interval of accuracy, resampling examples (not rows)."""
-    if n_boot < 1:
-        return float("nan"), float("nan")
-    ids, inverse = np.unique(examples, return_inverse=True)
-    correct = np.bincount(inverse, weights=hits.astype(float), minlength=len(ids))
-    count = np.bincount(inverse, minlength=len(ids)).astype(float)
-    draws = rng.integers(0, len(ids), size=(n_boot, len(ids)))
-    accuracy = correct[draws].sum(axis=1) / count[draws].sum(axis=1)
-    low, high = np.percentile(accuracy, [2.5, 97.5])
-    return float(low), float(high)
+    fold_of: np.ndarray
+    classes: np.ndarray
+    rng: np.random.Generator
+    out_of_fold: dict[str, np.ndarray]
+    step_index: dict[int, int]
+    control_map: np.ndarray | None = None
+    committed: np.ndarray | None = None
+    records: dict[tuple[str, int, int], dict[str, Any]] = field(default_factory=dict)
 
 
 def _pad(Xs: list[np.ndarray], device: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,8 +5,10 @@
 objective per probe is scikit-learn's ``LogisticRegression(C=C)``:
 ``C * sum_i CE(x_i, y_i) + ||W||^2 / 2`` (the intercept is not penalised), divided by ``C * n`` so
 that probes of different sizes are on one scale (as scikit-learn's lbfgs solver divides it too).
-With two classes the objective stays multinomial (one weight vector per class): scikit-learn fits
-a single vector there, and the two match at twice the C (the penalty on ``w1 - w0`` is halved).
+With two classes the objective stays multinomial (one weight vector per class) while scikit-learn
+fits the single vector ``w = w1 - w0``; at the optimum ``w0 = -w1``, so the penalty
+``||w0||^2 + ||w1||^2`` is ``||w||^2 / 2``, and fitting with ``C / 2`` makes the two the same
+problem: ``C`` is scikit-learn's for any number of classes.
 
 :class:`LinearProbe` is one such probe with the scikit-learn estimator contract, so it works in
 pipelines, ``cross_val_score`` and ``GridSearchCV``; it saves as safetensors + JSON.
@@ -21,16 +23,25 @@ Example:
 from __future__ import annotations
 
 import json
+import math
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 from jaxtyping import Float, Int
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
+
+from dlmprobe.errors import DlmprobeInputError
+
+LOG2E, LN2 = math.log2(math.e), math.log(2.0)
 
 
 def fit_logistic(
@@ -57,19 +68,22 @@ def fit_logistic(
     the training rows; a cell whose problems have all stopped costs nothing more. The L-BFGS start
     matrix is the inverse of ``(Corr / n_classes + lambda I)``, ``Corr`` the cell's feature
     correlation matrix: the objective's Hessian at zero, so that correlated features (a residual
-    stream's are) do not slow the fit down. ``max_iter`` caps the iterations (as scikit-learn's).
+    stream's are) do not slow the fit down; its curvature is measured again once the fit is under
+    way. ``max_iter`` caps each problem's iterations (as scikit-learn's).
 
-    ``report``, if given, receives ``iterations``, ``cell_evaluations`` (objective and gradient
-    evaluations, counted per cell) and, per (cell, problem), ``grad_max`` (the final largest
-    absolute gradient entry) and ``converged`` (``grad_max <= tol``).
+    ``report``, if given, receives ``cell_evaluations`` (objective and gradient evaluations, counted
+    per cell), ``products`` (how many float matrix products of each shape the fit computed: a
+    ``(batch, m, k, n)`` key, batch 1 for a plain product) and, per (cell, problem),
+    ``iterations``, ``grad_max`` (the final largest absolute gradient entry) and ``converged``
+    (``grad_max <= tol``).
 
     Returns ``W`` and ``b`` in the raw feature space: ``logits = X @ W[c, p] + b[c, p]``.
     """
     batch = _Batch(X, y, weight, n_classes, C)
     theta, grad_max, iterations = _lbfgs(batch, max_iter, tol, history)
     if report is not None:
-        report.update(iterations=iterations, cell_evaluations=batch.evaluations, grad_max=grad_max,
-                      converged=grad_max <= tol)
+        report.update(iterations=iterations, cell_evaluations=batch.evaluations, products=dict(batch.products),
+                      grad_max=grad_max, converged=grad_max <= tol)
     return batch.raw(theta)
 
 
@@ -85,8 +99,8 @@ class _Batch:
         weight = weight.to(self.dtype)
         d, K = self.d, self.K
         n = weight.sum(dim=2).clamp_min(1.0)  # (cell, problem): training rows
-        self.lam = 1.0 / (C * n)  # sklearn's C, per training row
-        self.x, self.xT, self.onehot, self.row_weight = [], [], [], []
+        self.lam = (2.0 if K == 2 else 1.0) / (C * n)  # sklearn's C, per training row (see the module doc)
+        self.x, self.xT, self.labels, self.row_weight = [], [], [], []
         centre, means, scales, corr = [], [], [], []
         for c in range(self.cells):
             # Only the rows some problem trains on matter; centring them once keeps float32 accurate.
@@ -104,21 +118,24 @@ class _Batch:
             z = x / (x.square().sum(0).clamp_min(1e-12).sqrt())
             corr.append(z.T @ z)  # correlation matrix of the cell's rows
             rw = w / n[c].unsqueeze(1)
-            onehot = torch.zeros((K, self.problems, len(used)), dtype=self.dtype, device=self.device)
-            onehot.scatter_(0, y[c].index_select(1, used).unsqueeze(0), 1.0)
             self.x.append(x)
             self.xT.append(x.T.contiguous())
             self.row_weight.append(rw)
-            self.onehot.append(onehot * rw)  # the label term of CE and of its gradient, weighted
+            self.labels.append(y[c].index_select(1, used).unsqueeze(0))  # (1, problem, row)
         self.mean, self.scale = torch.stack(means), torch.stack(scales)  # (cell, problem, d)
         self.centre = torch.stack(centre)  # (cell, d)
         eigenvalues, self.Q = torch.linalg.eigh(torch.stack(corr).double())
         self.Q = self.Q.to(self.dtype)
-        curvature = 1.0 / K  # the CE Hessian at zero is Corr (x) (I - 1 1^T / K) / K
-        self.bias_curvature = curvature
-        self.denominator = (curvature * eigenvalues.clamp_min(0).to(self.dtype).view(self.cells, 1, 1, d)
-                            + self.lam.view(self.cells, self.problems, 1, 1))
+        self.eigenvalues = eigenvalues.clamp_min(0).to(self.dtype).view(self.cells, 1, 1, d)
+        # The CE Hessian at zero is Corr (x) (I - 1 1^T / K) / K: curvature 1 / K for every class.
+        self._set_curvature(torch.full((self.cells, self.problems, K), 1.0 / K, dtype=self.dtype, device=self.device))
         self.evaluations = 0
+        self.products: Counter[tuple[int, int, int, int]] = Counter()
+
+    def _set_curvature(self, curvature: Tensor) -> None:
+        """Per (cell, problem, class) curvature of CE along the features' correlation matrix."""
+        self.bias_curvature = curvature
+        self.denominator = curvature.unsqueeze(-1) * self.eigenvalues + self.lam.view(self.cells, self.problems, 1, 1)
 
     def weights(self, theta: Tensor) -> tuple[Tensor, Tensor]:
         """Raw-space weights (cell, problem, cls, d) and intercepts of centred rows."""
@@ -130,47 +147,60 @@ class _Batch:
         b = b - (W * self.centre.view(self.cells, 1, 1, self.d)).sum(-1)
         return W.transpose(2, 3).contiguous(), b
 
-    def evaluate(self, theta: Tensor, need: Tensor) -> tuple[Tensor, Tensor]:
+    def evaluate(self, theta: Tensor, need: Tensor, curvature: bool = False) -> tuple[Tensor, Tensor]:
         """Objective (cell, problem) and gradient at ``theta`` of the problems marked in ``need``
         (cell, problem); the others' entries are meaningless. Only the marked problems' columns of a
-        cell's matrix products are computed, and cells without one are skipped."""
+        cell's matrix products are computed, and cells without one are skipped. With ``curvature``
+        the marked problems' preconditioner takes each class's mean ``p (1 - p)`` here as its curvature."""
         P, K, d = self.problems, self.K, self.d
         f = torch.zeros((self.cells, P), dtype=self.dtype, device=self.device)
         grad = torch.zeros_like(theta)
         W, b = self.weights(theta)
         Wk = W.transpose(1, 2)  # (cell, cls, problem, d)
         counts = need.sum(1).tolist()
+        measured = self.bias_curvature.clone() if curvature else None
         for c, count in enumerate(counts):
             if count == 0:
                 continue
             self.evaluations += 1
             if count == P:
-                which, Wc, bc, onehot, rw = slice(None), Wk[c], b[c], self.onehot[c], self.row_weight[c]
+                which, Wc, bc, labels, rw = slice(None), Wk[c], b[c], self.labels[c], self.row_weight[c]
             else:
                 which = need[c].nonzero().squeeze(1)
                 Wc, bc = Wk[c].index_select(1, which), b[c].index_select(0, which)
-                onehot, rw = self.onehot[c].index_select(1, which), self.row_weight[c].index_select(0, which)
-            logits = torch.mm(Wc.reshape(K * count, d), self.xT[c]).view(K, count, self.x[c].shape[0])
-            logits += bc.T.unsqueeze(-1)
+                labels, rw = self.labels[c].index_select(1, which), self.row_weight[c].index_select(0, which)
+            rows = self.x[c].shape[0]
+            self.products[(1, K * count, d, rows)] += 1
+            self.products[(1, K * count, rows, d)] += 1
+            # Logits in base 2 (weights scaled by log2 e): exp2 is several times faster than exp on a CPU.
+            logits = torch.mm(Wc.reshape(K * count, d) * LOG2E, self.xT[c]).view(K, count, rows)
+            logits += bc.T.unsqueeze(-1) * LOG2E
+            picked = logits.gather(0, labels).squeeze(0)  # the label's logit, (problem, row)
             top = logits.amax(0)
-            e = (logits - top).exp_()
+            e = logits.sub_(top).exp2_()
             total = e.sum(0)
-            lse = total.log().add_(top)  # (problem, row)
-            f[c, which] = (lse * rw).sum(-1) - (logits * onehot).sum((0, 2))
-            G = e.mul_((rw / total).unsqueeze(0)).sub_(onehot)  # d(mean CE) / d logits
+            f[c, which] = ((total.log2() + top - picked) * rw).sum(-1) * LN2
+            if measured is not None:
+                p = e / total
+                measured[c, which] = (p * (1 - p) * rw).sum(-1).T.clamp_min(1e-6)
+            G = e.mul_((rw / total).unsqueeze(0)).scatter_add_(0, labels, -rw.unsqueeze(0))  # d(mean CE) / d logits
             gb = G.sum(-1).T  # (problem, cls)
-            gW = torch.mm(G.view(K * count, self.x[c].shape[0]), self.x[c]).view(K, count, d).transpose(0, 1)
+            gW = torch.mm(G.view(K * count, rows), self.x[c]).view(K, count, d).transpose(0, 1)
             grad[c, which, :, :d] = gW - gb.unsqueeze(-1) * self.mean[c, which].unsqueeze(1)
             grad[c, which, :, d] = gb
         V = theta[..., :d]
         f += 0.5 * self.lam * V.square().sum((2, 3))
         grad[..., :d] /= self.scale.unsqueeze(2)
         grad[..., :d] += self.lam.view(self.cells, P, 1, 1) * V
+        if measured is not None:
+            self._set_curvature(measured)
         return f, grad
 
     def precondition(self, g: Tensor) -> Tensor:
-        """``(Corr / K + lambda I)^-1`` on the weights, ``K`` on the intercepts."""
+        """``(c Corr + lambda I)^-1`` on the weights and ``1 / c`` on the intercepts, ``c`` the
+        curvature of each class (``1 / K`` at the start)."""
         cells, P, K, d = self.cells, self.problems, self.K, self.d
+        self.products[(cells, P * K, d, d)] += 2
         z = torch.bmm(g[..., :d].reshape(cells, P * K, d), self.Q).view(cells, P, K, d) / self.denominator
         out = torch.empty_like(g)
         out[..., :d] = torch.bmm(z.view(cells, P * K, d), self.Q.transpose(1, 2)).view(cells, P, K, d)
@@ -178,14 +208,20 @@ class _Batch:
         return out
 
 
-def _lbfgs(batch: _Batch, max_iter: int, tol: float, history: int) -> tuple[Tensor, Tensor, int]:
-    """Preconditioned L-BFGS with a backtracking (Armijo) line search, every problem on its own."""
+def _lbfgs(batch: _Batch, max_iter: int, tol: float, history: int,
+           retake_after: int = 10) -> tuple[Tensor, Tensor, Tensor]:
+    """Preconditioned L-BFGS with a backtracking (Armijo) line search, every problem on its own.
+
+    Every pass evaluates each still-running problem once: a new direction's first step, or the
+    halved step of a rejected one, so a retry rides in the same matrix product as the other
+    problems' steps instead of a second, narrower one. After ``retake_after`` passes the
+    preconditioner's curvature is measured again where the problems then are (it was the Hessian at
+    zero; confident predictions curve far less). Returns theta, the final largest absolute gradient
+    entry and the accepted iterations, per problem.
+    """
     cells, P = batch.cells, batch.problems
     theta = torch.zeros((cells, P, batch.K, batch.d + 1), dtype=batch.dtype, device=batch.device)
     f, g = batch.evaluate(theta, torch.ones((cells, P), dtype=torch.bool, device=batch.device))
-
-    def dot(a: Tensor, b: Tensor) -> Tensor:
-        return (a * b).sum((2, 3))
 
     def per_problem(v: Tensor) -> Tensor:
         return v.view(cells, P, 1, 1)
@@ -193,57 +229,76 @@ def _lbfgs(batch: _Batch, max_iter: int, tol: float, history: int) -> tuple[Tens
     S: list[Tensor] = []
     Y: list[Tensor] = []
     rho: list[Tensor] = []
-    active = torch.ones((cells, P), dtype=torch.bool, device=batch.device)
-    iterations = 0
-    for iterations in range(max_iter + 1):
-        active &= g.abs().amax((2, 3)) > tol
-        if iterations == max_iter or not active.any():
-            break
-        # Two-loop recursion: direction = -H g, H the L-BFGS inverse Hessian from the start matrix.
-        q = g.clone()
-        alphas = []
-        for s, yy, r in zip(reversed(S), reversed(Y), reversed(rho)):
-            a = r * dot(s, q)
-            q -= per_problem(a) * yy
-            alphas.append(a)
-        if S:
-            gamma = torch.where(rho[-1] > 0, 1.0 / (rho[-1] * dot(Y[-1], batch.precondition(Y[-1]))), 1.0)
-        else:
-            gamma = torch.ones((cells, P), dtype=batch.dtype, device=batch.device)
-        z = per_problem(gamma) * batch.precondition(q)
-        for s, yy, r, a in zip(S, Y, rho, reversed(alphas)):
-            z += per_problem(a - r * dot(yy, z)) * s
-        direction = -z * per_problem(active)
-        slope = dot(g, direction)
-        uphill = active & (slope >= 0)
-        if uphill.any():  # numerically lost: restart from the preconditioned gradient
-            direction = torch.where(per_problem(uphill), -batch.precondition(g) * per_problem(active), direction)
-            slope = dot(g, direction)
-        # Backtracking line search per problem, evaluating only the problems still searching.
-        step = torch.ones((cells, P), dtype=batch.dtype, device=batch.device)
-        searching = active.clone()
-        new_theta, new_f, new_g = theta.clone(), f.clone(), g.clone()
-        for _ in range(20):
-            trial = theta + per_problem(step * searching) * direction
-            f_trial, g_trial = batch.evaluate(trial, searching)
-            accept = searching & (f_trial <= f + 1e-4 * step * slope)
-            new_theta = torch.where(per_problem(accept), trial, new_theta)
-            new_f = torch.where(accept, f_trial, new_f)
-            new_g = torch.where(per_problem(accept), g_trial, new_g)
-            searching &= ~accept
-            if not searching.any():
-                break
-            step = torch.where(searching, step * 0.5, step)
-        active &= ~searching  # no decrease found: the problem is as converged as float precision allows
-        s, yy = new_theta - theta, new_g - g
-        sy = dot(s, yy)
-        S.append(s)
-        Y.append(yy)
-        rho.append(torch.where(sy > 1e-12, 1.0 / sy.clamp_min(1e-12), 0.0))  # 0: the pair is skipped
-        if len(S) > history:
-            del S[0], Y[0], rho[0]
-        theta, f, g = new_theta, new_f, new_g
-    return theta, g.abs().amax((2, 3)), iterations
+    iterations = torch.zeros((cells, P), dtype=torch.long, device=batch.device)
+    halvings = torch.zeros_like(iterations)
+    active = _grad_max(g) > tol
+    fresh = active.clone()  # at a new point: needs a direction
+    direction = torch.zeros_like(theta)
+    slope = torch.zeros((cells, P), dtype=batch.dtype, device=batch.device)
+    step = torch.ones_like(slope)
+    passes = 0
+    while active.any():
+        if fresh.any():
+            new = _direction(batch, g, S, Y, rho)
+            new_slope = _dot(g, new)
+            uphill = new_slope >= 0
+            if (uphill & fresh).any():  # numerically lost: restart from the preconditioned gradient
+                new = torch.where(per_problem(uphill), -batch.precondition(g), new)
+                new_slope = _dot(g, new)
+            direction = torch.where(per_problem(fresh), new, direction)
+            slope = torch.where(fresh, new_slope, slope)
+            step = torch.where(fresh, 1.0, step)
+            halvings = torch.where(fresh, 0, halvings)
+        passes += 1
+        trial = theta + per_problem(step * active) * direction
+        f_trial, g_trial = batch.evaluate(trial, active, curvature=passes == retake_after)
+        accept = active & (f_trial <= f + 1e-4 * step * slope)
+        if accept.any():
+            s = torch.where(per_problem(accept), trial - theta, 0.0)
+            yy = torch.where(per_problem(accept), g_trial - g, 0.0)
+            sy = _dot(s, yy)
+            S.append(s)
+            Y.append(yy)
+            rho.append(torch.where(sy > 1e-12, 1.0 / sy.clamp_min(1e-12), 0.0))  # 0: the pair is skipped
+            if len(S) > history:
+                del S[0], Y[0], rho[0]
+            theta = torch.where(per_problem(accept), trial, theta)
+            f = torch.where(accept, f_trial, f)
+            g = torch.where(per_problem(accept), g_trial, g)
+            iterations += accept
+        rejected = active & ~accept
+        step = torch.where(rejected, step * 0.5, step)
+        halvings += rejected
+        # 20 halvings without a decrease: the problem is as converged as float precision allows.
+        active &= (halvings < 20) & (_grad_max(g) > tol) & (iterations < max_iter)
+        fresh = accept & active
+    return theta, _grad_max(g), iterations
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum((2, 3))
+
+
+def _grad_max(g: Tensor) -> Tensor:
+    return g.abs().amax((2, 3))
+
+
+def _direction(batch: _Batch, g: Tensor, S: list[Tensor], Y: list[Tensor], rho: list[Tensor]) -> Tensor:
+    """``-H g`` by the two-loop recursion, ``H`` the L-BFGS inverse Hessian from the preconditioner."""
+    cells, P = batch.cells, batch.problems
+    q = g.clone()
+    alphas = []
+    for s, yy, r in zip(reversed(S), reversed(Y), reversed(rho)):
+        a = r * _dot(s, q)
+        q -= a.view(cells, P, 1, 1) * yy
+        alphas.append(a)
+    z = batch.precondition(q)
+    if S:
+        gamma = torch.where(rho[-1] > 0, 1.0 / (rho[-1] * _dot(Y[-1], batch.precondition(Y[-1]))), 1.0)
+        z *= gamma.view(cells, P, 1, 1)
+    for s, yy, r, a in zip(S, Y, rho, reversed(alphas)):
+        z += (a - r * _dot(yy, z)).view(cells, P, 1, 1) * s
+    return z.neg_()
 
 
 def predict_logits(X: Float[Tensor, "cell row d"], W: Float[Tensor, "cell problem d cls"],
@@ -255,8 +310,10 @@ def predict_logits(X: Float[Tensor, "cell row d"], W: Float[Tensor, "cell proble
 class LinearProbe(ClassifierMixin, BaseEstimator):
     """Multinomial logistic regression with L2 (scikit-learn's ``C``), on standardised features.
 
-    Attributes (after ``fit``): ``classes_``, ``coef_`` (n_classes, d) and ``intercept_`` in the
-    original feature space, ``n_features_in_``.
+    Attributes (after ``fit``), as scikit-learn's ``LogisticRegression``: ``classes_``, ``coef_``
+    and ``intercept_`` in the original feature space (one row per class; a single row, the second
+    class's score, with two classes), ``n_features_in_`` and ``n_iter_`` (shape (1,)). A fit that
+    stops at ``max_iter`` above ``tol`` warns with a :class:`~sklearn.exceptions.ConvergenceWarning`.
     """
 
     def __init__(self, C: float = 1.0, max_iter: int = 100, tol: float = 1e-4, device: str = "cpu"):
@@ -265,37 +322,50 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.tol = tol
         self.device = device
 
-    def fit(self, X, y) -> "LinearProbe":
-        X, y = validate_data(self, X, y, dtype=np.float64, ensure_min_samples=2)
-        if not np.isfinite(X).all():
-            raise ValueError("probe features contain NaN or inf")
+    def fit(self, X, y) -> LinearProbe:
+        X, y = validate_data(self, X, y, dtype=np.float64, ensure_min_samples=2, ensure_all_finite=False)
+        _check_finite(X)
         check_classification_targets(y)
-        if self.C <= 0:
-            raise ValueError(f"C must be positive, got {self.C!r}")
+        if not (isinstance(self.C, (int, float)) and self.C > 0):
+            raise DlmprobeInputError(f"C must be a positive number, got {self.C!r}")
         self.classes_, encoded = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ValueError(f"a probe needs at least 2 classes in y, got only {self.classes_.tolist()}")
-        Xt = torch.as_tensor(X, dtype=torch.float32, device=self.device).unsqueeze(0)
+            raise DlmprobeInputError(f"a probe needs at least 2 classes in y, got only {self.classes_.tolist()}")
+        Xt = torch.from_numpy(X.astype(np.float32)).to(self.device).unsqueeze(0)
         yt = torch.as_tensor(encoded, dtype=torch.long, device=self.device).view(1, 1, -1)
         weight = torch.ones(yt.shape, dtype=torch.float32, device=self.device)
-        W, b = fit_logistic(Xt, yt, weight, len(self.classes_), self.C, self.max_iter, self.tol)
-        self.coef_ = W[0, 0].T.cpu().numpy().astype(np.float64)
-        self.intercept_ = b[0, 0].cpu().numpy().astype(np.float64)
+        report: dict = {}
+        W, b = fit_logistic(Xt, yt, weight, len(self.classes_), self.C, self.max_iter, self.tol, report=report)
+        coef, intercept = W[0, 0].T.cpu().double().numpy(), b[0, 0].cpu().double().numpy()
+        if len(self.classes_) == 2:  # scikit-learn's binary form: the second class's score minus the first's
+            coef, intercept = coef[1:] - coef[:1], intercept[1:] - intercept[:1]
+        self.coef_, self.intercept_ = coef, intercept
+        self.n_iter_ = np.array([int(report["iterations"][0, 0])], dtype=np.int32)
+        if not bool(report["converged"][0, 0]):
+            warnings.warn(f"LinearProbe stopped after {self.n_iter_[0]} iterations with its largest gradient entry "
+                          f"{float(report['grad_max'][0, 0]):.2g} above tol={self.tol}; raise max_iter",
+                          ConvergenceWarning, stacklevel=2)
         return self
 
     def decision_function(self, X) -> np.ndarray:
+        """Scores ``(n, n_classes)``; with two classes ``(n,)``, the second class's score minus the first's."""
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=np.float64, reset=False)
-        return X @ self.coef_.T + self.intercept_
+        X = validate_data(self, X, dtype=np.float64, reset=False, ensure_all_finite=False)
+        _check_finite(X)
+        scores = X @ self.coef_.T + self.intercept_
+        return scores[:, 0] if len(self.classes_) == 2 else scores
 
     def predict_proba(self, X) -> np.ndarray:
         scores = self.decision_function(X)
+        if scores.ndim == 1:
+            scores = np.stack([np.zeros_like(scores), scores], axis=1)
         scores = scores - scores.max(axis=1, keepdims=True)
         probs = np.exp(scores)
         return probs / probs.sum(axis=1, keepdims=True)
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self.decision_function(X).argmax(axis=1)]
+        scores = self.decision_function(X)
+        return self.classes_[(scores > 0).astype(int) if scores.ndim == 1 else scores.argmax(axis=1)]
 
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.safetensors`` (weights) and ``<path>.json`` (hyper-parameters, classes)."""
@@ -309,16 +379,48 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "LinearProbe":
+    def load(cls, path: str | Path) -> LinearProbe:
+        """Read a probe written by :meth:`save`; bad content is a one-line error naming file and field."""
         path = Path(path)
-        for suffix in (".json", ".safetensors"):
-            if not path.with_suffix(suffix).is_file():
-                raise FileNotFoundError(f"no probe at {path}: expected {path.with_suffix(suffix)}")
-        meta = json.loads(path.with_suffix(".json").read_text())
-        tensors = load_file(str(path.with_suffix(".safetensors")))
-        probe = cls(**meta["params"])
-        probe.classes_ = np.array(meta["classes"])
-        probe.n_features_in_ = meta["n_features_in"]
-        probe.coef_ = tensors["coef"].numpy()
-        probe.intercept_ = tensors["intercept"].numpy()
+        meta_path, weights_path = path.with_suffix(".json"), path.with_suffix(".safetensors")
+        for file in (meta_path, weights_path):
+            if not file.is_file():
+                raise FileNotFoundError(f"no probe at {path}: expected {file}")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DlmprobeInputError(f"{meta_path}: expected JSON, got unreadable content ({err})") from None
+        if not isinstance(meta, dict):
+            raise DlmprobeInputError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+        params, classes, n_features = meta.get("params"), meta.get("classes"), meta.get("n_features_in")
+
+        def bad(field: str, expected: str, got) -> DlmprobeInputError:
+            return DlmprobeInputError(f"{meta_path}: field {field!r} must be {expected}, got {got!r}")
+
+        known = cls().get_params()
+        if not isinstance(params, dict) or set(params) - set(known):
+            raise bad("params", f"an object with keys among {sorted(known)}", params)
+        if not isinstance(classes, list) or len(classes) < 2 or len(set(map(repr, classes))) != len(classes):
+            raise bad("classes", "a list of at least 2 distinct class labels", classes)
+        if isinstance(n_features, bool) or not isinstance(n_features, int) or n_features < 1:
+            raise bad("n_features_in", "a positive integer", n_features)
+        try:
+            tensors = load_file(str(weights_path))
+        except SafetensorError as err:
+            raise DlmprobeInputError(f"{weights_path}: expected a safetensors file, got unreadable content ({err})") from None
+        rows = 1 if len(classes) == 2 else len(classes)
+        for name, shape in (("coef", (rows, n_features)), ("intercept", (rows,))):
+            if name not in tensors or tuple(tensors[name].shape) != shape:
+                got = tuple(tensors[name].shape) if name in tensors else "missing"
+                raise DlmprobeInputError(f"{weights_path}: tensor {name!r} must have shape {shape}, got {got}")
+        probe = cls(**params)
+        probe.classes_ = np.array(classes)
+        probe.n_features_in_ = n_features
+        probe.coef_ = tensors["coef"].double().numpy()
+        probe.intercept_ = tensors["intercept"].double().numpy()
         return probe
+
+
+def _check_finite(X: np.ndarray) -> None:
+    if not np.isfinite(X).all():
+        raise DlmprobeInputError(f"probe features must be finite, got NaN or inf in {int((~np.isfinite(X)).sum())} entries")
