@@ -8,6 +8,7 @@ with EFBIG) and a small tmpfs (skipped where mounting one is refused).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -31,7 +32,7 @@ from hypothesis import strategies as st
 from test_store import SIZES, make_batch, open_writer, read_everything, write_run
 
 from dlmprobe.store import ActivationDataset, StoreError, StoreLayout, merge_shards
-from dlmprobe.store.disk import reserve_space
+from dlmprobe.store.disk import reserve_space, write_error
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TESTS = Path(__file__).resolve().parent
@@ -113,6 +114,25 @@ def test_a_refused_write_stops_the_run_and_resume_completes_it(tmp_path: Path) -
         for start in range(good, n, 2):
             writer.write_batch(make_batch(start, 2, dict(SIZES, n_examples=n)))
     assert read_everything(path) == read_everything(clean)
+
+
+def test_os_errors_are_named_with_what_to_do() -> None:
+    path = Path("runs/run.h5")
+    cases = {
+        OSError(errno.ENOSPC, "No space left on device"): "disk full while writing runs/run.h5: No space left "
+        "on device (3 examples are safely stored); free space and rerun with --resume",
+        OSError(errno.EIO, "Input/output error"): "I/O error while writing runs/run.h5: Input/output error "
+        "(3 examples are safely stored); check the disk and rerun with --resume",
+        # h5py raises some failures as RuntimeError, the errno only in its message
+        RuntimeError("Unable to flush file (file write failed: errno = 122, error message = 'Disk quota exceeded')"):
+        "disk full while writing runs/run.h5: Disk quota exceeded (3 examples are safely stored); free space and "
+        "rerun with --resume",
+    }
+    for err, message in cases.items():
+        found = write_error(err, path, stored=3)
+        assert isinstance(found, StoreError) and str(found) == message and found.__cause__ is err
+    bug = TypeError("not an OS error")
+    assert write_error(bug, path) is bug  # anything else keeps its type and traceback
 
 
 @pytest.fixture

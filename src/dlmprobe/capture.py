@@ -314,11 +314,11 @@ def run_cache(config: CacheConfig, out: str | Path, *, overwrite: bool = False, 
         start = writer.n_complete
         if start % size and start != len(plan.examples):
             raise DlmprobeInputError(f"cannot resume {out}: {start} examples written is not a multiple of batch_size {size}")
-        bar = tqdm(total=len(plan.examples), initial=start, disable=not progress, unit="ex",
-                   desc=f"cache {plan.config.model}")
-        for begin in range(start, len(plan.examples), size):
-            batch = plan.examples[begin : begin + size]
-            writer.write_batch(capture_batch(plan, recorder, batch, plan.offset + begin))
-            bar.update(len(batch))
-        bar.close()
+        # Closed also when a write error stops the run, so the error is the last line on stderr.
+        with tqdm(total=len(plan.examples), initial=start, disable=not progress, unit="ex",
+                  desc=f"cache {plan.config.model}") as bar:
+            for begin in range(start, len(plan.examples), size):
+                batch = plan.examples[begin : begin + size]
+                writer.write_batch(capture_batch(plan, recorder, batch, plan.offset + begin))
+                bar.update(len(batch))
     return out
