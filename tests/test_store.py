@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,17 +26,17 @@ from dlmprobe.store import (
 MASK_ID = 4
 SITES = {"blocks.0.hook_resid_post": 8, "blocks.1.hook_resid_post": 8}
 # canvas = <bos> prompt(3) <sep> target(6) <eos>: the target starts at canvas position 5.
-SIZES: dict[str, Any] = dict(
-    n_examples=6,
-    n_steps=4,
-    canvas_length=12,
-    prompt_length=3,
-    target_length=6,
-    labels={"answer": 2, "carry": 1},
-    sites=SITES,
-    steps=[0, 2, 3],
-    positions=[4, 5, 6, 7, 8, 9, 10],
-)
+SIZES: dict[str, Any] = {
+    "n_examples": 6,
+    "n_steps": 4,
+    "canvas_length": 12,
+    "prompt_length": 3,
+    "target_length": 6,
+    "labels": {"answer": 2, "carry": 1},
+    "sites": SITES,
+    "steps": [0, 2, 3],
+    "positions": [4, 5, 6, 7, 8, 9, 10],
+}
 TARGET_START = 5
 CONFIG = {"task": {"name": "arith", "digits": 3}, "model": "tiny", "seed": 0}
 
@@ -239,60 +238,6 @@ def test_a_layout_owns_its_sizes() -> None:
     assert list(layout.sites) == list(SITES) and layout.steps == (0, 2)
     assert layout == StoreLayout(**{**SIZES, "steps": [0, 2]})
     assert layout.target_start == TARGET_START
-
-
-class _FailingWriter(ActivationWriter):
-    def _write(self, start: int, arrays: dict[str, np.ndarray]) -> None:
-        raise OSError("No space left on device")
-
-
-def test_an_error_in_the_writing_thread_reaches_the_caller(tmp_path: Path) -> None:
-    writer = _FailingWriter(tmp_path / "run.h5", StoreLayout(**SIZES), config=CONFIG, mask_id=MASK_ID)
-    writer.write_batch(make_batch(0, 2))
-    with pytest.raises(OSError, match="No space left"):
-        writer.close()
-    with pytest.raises(OSError, match="No space left"):
-        writer.write_batch(make_batch(2, 2))
-
-
-KILLED_RUN = """
-import sys, time
-sys.path.insert(0, {tests!r})
-from test_store import make_batch, open_writer
-with open_writer({path!r}, n_examples={n}, resume=True) as writer:
-    for start in range(writer.n_complete, {n}, 2):
-        writer.write_batch(make_batch(start, 2))
-        print(start, flush=True)
-        time.sleep(0.05)
-"""
-
-
-def test_kill_mid_write_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
-    n = 60
-    killed, clean = tmp_path / "killed.h5", tmp_path / "clean.h5"
-    script = KILLED_RUN.format(tests=str(Path(__file__).parent), path=str(killed), n=n)
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        for _ in range(5):  # five batches queued: with a queue of 2, at least two are committed
-            assert process.stdout.readline(), "the writing process ended early"
-        with pytest.raises(StoreError, match="is open for writing in another process"):
-            ActivationDataset(killed)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-        process.stdout.close()
-    with ActivationDataset(killed) as data:
-        complete = data.n_examples
-        assert 4 <= complete < n and complete % 2 == 0
-        expected = [make_batch(start, 2) for start in range(0, complete, 2)]
-        np.testing.assert_array_equal(data.canvas, concat(expected, "canvas"))
-    with open_writer(killed, n_examples=n, resume=True) as writer:
-        assert writer.n_complete == complete
-        for start in range(complete, n, 2):
-            writer.write_batch(make_batch(start, 2))
-    write_run(clean, n_examples=n)
-    assert read_everything(killed) == read_everything(clean)
 
 
 def test_unreadable_files_raise_one_line_store_errors(tmp_path: Path) -> None:

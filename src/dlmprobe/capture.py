@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -295,17 +294,16 @@ def run_cache(config: CacheConfig, out: str | Path, *, overwrite: bool = False, 
               progress: bool = True, plan: CachePlan | None = None) -> Path:
     """Sample ``config.n`` examples with capture and write them to the HDF5 file ``out``.
 
-    Refuses to start if the disk lacks the space the file will take, or if ``out`` exists and
-    neither ``overwrite`` nor ``resume`` is given. With ``resume`` an interrupted run continues at
-    its first incomplete batch and ends with the same contents as an uninterrupted one.
+    Refuses to start if ``out`` exists and neither ``overwrite`` nor ``resume`` is given, if
+    another process writes ``out``, or if the disk lacks the space the file still needs (the
+    writer reserves it before sampling). With ``resume`` an interrupted run, or one stopped by a
+    write error such as a full disk, continues at its first incomplete batch and ends with the
+    same contents as an uninterrupted one.
     """
     out = Path(out)
     plan = plan or plan_cache(config)
     if out.exists() and not (overwrite or resume):
         raise FileExistsError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it")
-    free = shutil.disk_usage(out.resolve().parent if out.resolve().parent.exists() else Path.cwd()).free
-    if plan.bytes_needed > free:
-        raise OSError(f"{out} needs {plan.bytes_needed / 2**30:.2f} GiB but the disk has {free / 2**30:.2f} GiB free")
     recorder_steps = plan.steps if plan.checkpoint.kind == "diffusion" else None
     recorder = ActivationRecorder(plan.checkpoint.model, list(plan.sites), steps=recorder_steps,
                                   positions=plan.positions, dtype=torch.float32)
@@ -316,11 +314,11 @@ def run_cache(config: CacheConfig, out: str | Path, *, overwrite: bool = False, 
         start = writer.n_complete
         if start % size and start != len(plan.examples):
             raise DlmprobeInputError(f"cannot resume {out}: {start} examples written is not a multiple of batch_size {size}")
-        bar = tqdm(total=len(plan.examples), initial=start, disable=not progress, unit="ex",
-                   desc=f"cache {plan.config.model}")
-        for begin in range(start, len(plan.examples), size):
-            batch = plan.examples[begin : begin + size]
-            writer.write_batch(capture_batch(plan, recorder, batch, plan.offset + begin))
-            bar.update(len(batch))
-        bar.close()
+        # Closed also when a write error stops the run, so the error is the last line on stderr.
+        with tqdm(total=len(plan.examples), initial=start, disable=not progress, unit="ex",
+                  desc=f"cache {plan.config.model}") as bar:
+            for begin in range(start, len(plan.examples), size):
+                batch = plan.examples[begin : begin + size]
+                writer.write_batch(capture_batch(plan, recorder, batch, plan.offset + begin))
+                bar.update(len(batch))
     return out

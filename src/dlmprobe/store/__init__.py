@@ -1,9 +1,10 @@
 """The HDF5 activation store: one file per sampling run, readable with plain h5py or xarray.
 
 The schema (version :data:`SCHEMA_VERSION`) is documented in ``docs/hdf5-schema.md``.
-:class:`StoreLayout` fixes a store's sizes; :class:`ActivationWriter` preallocates the file and
-writes batches of examples from a background thread; :class:`ActivationDataset` reads a finished
-or interrupted file lazily into probe-ready ``(X, y, groups)``; :func:`merge_shards` joins the
+:class:`StoreLayout` fixes a store's sizes; :class:`ActivationWriter` preallocates the file,
+reserves its disk space and writes batches of examples from a background thread, one writer per
+file; :class:`ActivationDataset` checks a finished, interrupted or still-written file against the
+schema and reads it lazily into probe-ready ``(X, y, groups)``; :func:`merge_shards` joins the
 files of parallel shards into one.
 
 Example:

@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
@@ -158,31 +158,24 @@ class StoreLayout:
         return total
 
 
-def open_store(path: Path, mode: Literal["r", "r+"]) -> h5py.File:
-    """Open a store of this schema version, turning every reason it cannot be read into a StoreError."""
-    if not path.is_file():
-        raise StoreError(f"no activation store at {path}")
-    try:
-        file = h5py.File(path, mode)
-    except OSError as err:
-        if "unable to lock file" in str(err):
-            raise StoreError(f"{path} is open for writing in another process") from err
-        raise StoreError(f"{path} is not a readable HDF5 file (truncated or damaged?)") from err
-    version = file.attrs.get("schema_version")
-    if version is None or int(version) != SCHEMA_VERSION:
-        file.close()
-        if version is None:
-            raise StoreError(f"{path} is not a dlmprobe activation store (it has no schema_version attribute)")
-        raise StoreError(f"{path} has schema version {int(version)}, this dlmprobe reads {SCHEMA_VERSION}")
-    return file
+def write_new(
+    path: Path, build: Callable[[h5py.File], None], finish: Callable[[Path], None] | None = None
+) -> None:
+    """Build a file beside ``path`` and then move it there, so ``path`` never holds a half-made file.
 
-
-def write_new(path: Path, build: Callable[[h5py.File], None]) -> None:
-    """Build a file beside ``path`` and then move it there, so ``path`` never holds a half-made file."""
+    ``finish`` is called on the closed file before it is moved; if building or finishing fails,
+    the file is removed and ``path`` is left as it was.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    with h5py.File(partial, "w") as file:
-        build(file)
+    try:
+        with h5py.File(partial, "w") as file:
+            build(file)
+        if finish is not None:
+            finish(partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, path)
 
 
@@ -245,8 +238,8 @@ def first_difference(stored: Any, given: Any, key: str = "") -> tuple[str, Any, 
 
 
 def short(value: Any, limit: int = 80) -> str:
-    """``repr(value)``, cut to ``limit`` characters for an error message."""
-    text = repr(value)
+    """``repr(value)`` on one line, cut to ``limit`` characters for an error message."""
+    text = repr(value).replace("\n", " ")
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

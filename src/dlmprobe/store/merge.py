@@ -21,11 +21,11 @@ from dlmprobe.store.layout import (
     file_signature,
     first_difference,
     label_axes,
-    open_store,
     short,
     write_new,
     write_scales,
 )
+from dlmprobe.store.schema import open_store
 
 
 def merge_shards(
@@ -52,10 +52,14 @@ def merge_shards(
     if any(path.resolve() == out.resolve() for path in paths):
         raise DlmprobeInputError(f"the merged file {out} must not be one of the shards")
     with ExitStack() as stack:
-        files = [stack.enter_context(open_store(path, "r")) for path in paths]
-        configs = [json.loads(file.attrs["config"]) for file in files]
-        order = _shard_order(paths, configs)
-        paths, files, configs = [paths[i] for i in order], [files[i] for i in order], [configs[i] for i in order]
+        files, headers = [], []
+        for path in paths:
+            file, header = open_store(path, "r")
+            files.append(stack.enter_context(file))
+            headers.append(header)
+        order = _shard_order(paths, [header.config for header in headers])
+        paths, files, headers = [paths[i] for i in order], [files[i] for i in order], [headers[i] for i in order]
+        configs = [header.config for header in headers]
         base = {key: value for key, value in configs[0].items() if key != "shard"}
         first_signature = file_signature(files[0])
         for path, file, config in zip(paths[1:], files[1:], configs[1:]):
@@ -70,7 +74,7 @@ def merge_shards(
                         f"shard {path} does not match shard {paths[0]}: {prefix}{key!r} is "
                         f"{short(given)}, not {short(expected)}"
                     )
-        counts = [int(file.attrs["n_complete"]) for file in files]
+        counts = [header.n_complete for header in headers]
         total = sum(counts)
         if total == 0:
             raise StoreError(f"none of the shards {[str(p) for p in paths]} holds a complete example")

@@ -1,7 +1,7 @@
 """Read an HDF5 activation store lazily into probe-ready ``(X, y, groups)``.
 
-:class:`ActivationDataset` reads a finished, interrupted or merged store; it needs only h5py and
-numpy (no torch), so reading a store stays light.
+:class:`ActivationDataset` reads a finished, interrupted or merged store, or one still being
+written; it needs only h5py and numpy (no torch), so reading a store stays light.
 
 Example:
     >>> data = ActivationDataset("run.h5")
@@ -10,17 +10,17 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import h5py
 import numpy as np
 from jaxtyping import Float, Int
 
 from dlmprobe.errors import DlmprobeInputError
-from dlmprobe.store.layout import StoreError, open_store
+from dlmprobe.store.layout import StoreError
+from dlmprobe.store.schema import open_store
 
 # The label rule reads whole (example, step) chunks; this caps how many it holds at once.
 _READ_BYTES = 64 * 2**20
@@ -50,8 +50,13 @@ class _Rows:
 class ActivationDataset:
     """Read-only view of a store's complete examples, giving probe datasets ``(X, y, groups)``.
 
-    Small metadata is read when the file is opened; example and trajectory arrays (``uid``,
-    ``canvas``, ...) on first use; activations only in :meth:`get`, one step of one site at a time.
+    Opening checks the file against ``docs/hdf5-schema.md`` (a one-line StoreError names what is
+    wrong) and reads its small metadata; example and trajectory arrays (``uid``, ``canvas``, ...)
+    are read on first use, activations only in :meth:`get`, one step of one site at a time.
+
+    A store can be read while ``dlmprobe cache`` still writes it: it is opened without HDF5's
+    file lock, and only the examples complete when it was opened (:attr:`n_examples`) are read;
+    the writer never changes those rows or the file's structure. Open it again to see more.
 
     Example:
         >>> data = ActivationDataset("run.h5")
@@ -74,22 +79,70 @@ class ActivationDataset:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        self._file = open_store(self.path, "r")
-        try:
-            _check_sources(self._file, self.path)
-        except BaseException:
-            self._file.close()
-            raise
-        attrs = self._file.attrs
-        self.n_examples: int = int(attrs["n_complete"])
-        self.config: dict[str, Any] = json.loads(attrs["config"])
-        self.mask_id: int = int(attrs["mask_id"])
-        self.target_start: int = int(attrs["target_start"])
-        self.sites: list[str] = list(self._file["activations"])
-        self.label_names: list[str] = list(self._file["labels"])
-        self.steps: Int[np.ndarray, " stored_step"] = self._file["dims/step"][()]
-        self.positions: Int[np.ndarray, " stored_pos"] = self._file["dims/position"][()]
-        self.n_steps: int = self._file["trajectory/prediction"].shape[1]
+        self._file, header = open_store(self.path, "r")
+        self.n_examples: int = header.n_complete
+        """Examples complete when the file was opened (its ``n_complete``): the rows every array has."""
+        self.n_planned: int = header.n_examples
+        """Examples the run planned (the file's ``n_examples``); more than :attr:`n_examples` while
+        a run is written or after it was interrupted."""
+        self.config: dict[str, Any] = header.config
+        """The run config, a dict; every key is optional (see :meth:`config_entry`)."""
+        self.mask_id: int = header.mask_id
+        self.target_start: int = header.target_start
+        self.sites: list[str] = header.sites
+        self.label_names: list[str] = header.labels
+        self.steps: Int[np.ndarray, " stored_step"] = header.steps
+        self.positions: Int[np.ndarray, " stored_pos"] = header.positions
+        self.n_steps: int = header.n_steps
+        self.dtype: str | None = header.dtype
+        """The stored activations' dtype, ``"float16"`` or ``"float32"`` (None without sites)."""
+
+    def config_entry(self, *keys: str) -> Any:
+        """``config[keys[0]][keys[1]]...``, or None where a key is absent or a level is not a dict.
+
+        A store written by another tool may lack any run-config key, so callers that only show
+        or default a value use this rather than indexing :attr:`config`.
+
+        Example:
+            >>> data.config_entry("task", "answer_label")
+            'answer'
+        """
+        value: Any = self.config
+        for key in keys:
+            if not isinstance(value, dict) or key not in value:
+                return None
+            value = value[key]
+        return value
+
+    def site_shape(self, site: str) -> tuple[int, ...]:
+        """The stored shape of a site's activations: (n_planned, stored steps, stored positions, d)."""
+        if site not in self.sites:
+            raise StoreError(f"unknown site {site!r}; {self.path} has sites {self.sites}")
+        return self._file[f"activations/{site}"].shape
+
+    def describe(self) -> str:
+        """What ``dlmprobe info`` prints: counts, the run config's main entries, steps, positions, sites.
+
+        Run-config entries the file lacks are shown as ``?``.
+        """
+
+        def entry(*keys: str) -> str:
+            value = self.config_entry(*keys)
+            return "?" if value is None else str(value)
+
+        solved = f"solved {self.solved.mean():.1%}" if self.n_examples else "none solved yet"
+        lines = [
+            f"{self.path}: {self.n_examples}/{self.n_planned} examples complete, {solved}",
+            (
+                f"model {entry('model', 'name')} ({entry('model', 'kind')}), task {entry('task', 'name')} "
+                f"{entry('task', 'params')}, sampler {entry('sampler')}"
+            ),
+            f"steps {self.steps.tolist()}",
+            f"positions ({entry('position_rule')}) {self.positions.tolist()}",
+            f"labels {self.label_names}",
+        ]
+        lines += [f"  {site}: {self.site_shape(site)} {self.dtype}" for site in self.sites]
+        return "\n".join(lines)
 
     def label(self, name: str) -> tuple[Int[np.ndarray, "n k"], Int[np.ndarray, "n k"]]:
         """A label's target-relative positions and its values, each (n_examples, k)."""
@@ -191,7 +244,7 @@ class ActivationDataset:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> ActivationDataset:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -202,15 +255,6 @@ class ActivationDataset:
             f"ActivationDataset({str(self.path)!r}, n_examples={self.n_examples}, sites={self.sites}, "
             f"steps={self.steps.tolist()}, positions={self.positions.tolist()})"
         )
-
-
-def _check_sources(file: h5py.File, path: Path) -> None:
-    """HDF5 reads zeros where a merged file's shard is missing, so refuse such a file instead."""
-    dataset = file["examples/uid"]
-    if dataset.is_virtual:
-        for source in sorted({mapping.file_name for mapping in dataset.virtual_sources()}):
-            if not (path.parent / source).is_file():  # an absolute source replaces path.parent
-                raise StoreError(f"{path} merges shards, but its shard {source} is missing")
 
 
 def _gather(

@@ -1,8 +1,8 @@
 """Write one sampling run to an HDF5 activation store, batch by batch, from a background thread.
 
-:class:`ActivationWriter` preallocates the whole file (its shape a :class:`StoreLayout`) and
-writes batches of examples while the caller samples the next; a run killed at any moment can be
-resumed.
+:class:`ActivationWriter` preallocates the whole file (its shape a :class:`StoreLayout`), reserves
+its disk space and writes batches of examples while the caller samples the next; a run killed at
+any moment, or stopped by a write error, can be resumed.
 
 Example:
     >>> with ActivationWriter("run.h5", layout, config=cfg, mask_id=4) as writer:
@@ -19,7 +19,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Self, TypedDict
 
 import h5py
 import numpy as np
@@ -27,6 +27,7 @@ from jaxtyping import Bool, Float, Int
 
 from dlmprobe import __version__
 from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.store.disk import WriteLock, reserve_space, write_error
 from dlmprobe.store.layout import (
     EXAMPLE_FIELDS,
     GROUPS,
@@ -40,11 +41,11 @@ from dlmprobe.store.layout import (
     file_signature,
     first_difference,
     label_axes,
-    open_store,
     short,
     write_new,
     write_scales,
 )
+from dlmprobe.store.schema import open_store
 
 
 class Batch(TypedDict):
@@ -66,12 +67,17 @@ class Batch(TypedDict):
 class ActivationWriter:
     """Writes one sampling run to a preallocated HDF5 file, batch by batch, from a background thread.
 
-    Every dataset is allocated in full when the file is made, so writing a batch only fills
-    existing space; ``n_complete`` is then raised and flushed. A run killed at any moment leaves a
-    file whose first ``n_complete`` examples are whole; ``resume=True`` continues it from there.
-    ``write_batch`` only validates and queues (at most ``queue_size`` batches wait), so writing
-    overlaps the sampling of the next batch; an error in the thread is raised by the next
-    ``write_batch`` or by ``close``.
+    One process at a time writes a store: the writer holds an exclusive lock on ``<path>.lock``
+    until it is closed (or its process dies), and a second writer gets a one-line StoreError.
+    Every dataset is allocated in full when the file is made and its disk blocks are reserved
+    (:func:`~dlmprobe.store.disk.reserve_space`) before the first batch, so a run that does not
+    fit fails before it starts. Writing a batch only fills existing space; the data is flushed to
+    the disk, and only then ``n_complete`` is raised and flushed. A run killed at any moment
+    leaves a file whose first ``n_complete`` examples are whole; ``resume=True`` continues it
+    from there. ``write_batch`` only validates and queues (at most ``queue_size`` batches wait),
+    so writing overlaps the sampling of the next batch. An error in the thread closes the file at
+    once, and the next ``write_batch`` or ``close`` raises it: a one-line StoreError for an OS
+    error (disk full, file size limit, I/O error) that says how many examples are safely stored.
 
     Example:
         >>> layout = StoreLayout(n_examples=512, n_steps=32, canvas_length=40, prompt_length=20,
@@ -103,31 +109,45 @@ class ActivationWriter:
         if overwrite and resume:
             raise DlmprobeInputError("pass overwrite=True or resume=True, not both")
         check_count("queue_size", queue_size)
-        if resume and self.path.exists():
-            self._file = open_store(self.path, "r+")
-            try:
-                self._check_resumable(config_json, mask_id)
-            except BaseException:
-                self._file.close()
-                raise
-        else:
-            if self.path.exists() and not overwrite:
-                raise FileExistsError(
-                    f"{self.path} already exists; pass overwrite=True to replace it or resume=True to continue it"
+        self._lock = WriteLock(self.path).acquire()
+        try:
+            if resume and self.path.exists():
+                self._file, header = open_store(self.path, "r+")
+                try:
+                    self._check_resumable(header.config, config_json, mask_id)
+                    reserve_space(self.path, resume=True)
+                except BaseException:
+                    self._file.close()
+                    raise
+                self._n_complete = header.n_complete
+            else:
+                if self.path.exists() and not overwrite:
+                    raise FileExistsError(
+                        f"{self.path} already exists; pass overwrite=True to replace it or resume=True to continue it"
+                    )
+                write_new(
+                    self.path,
+                    lambda file: self._build(file, config_json, mask_id, compression),
+                    finish=lambda built: reserve_space(built, resume=False),
                 )
-            write_new(self.path, lambda file: self._build(file, config_json, mask_id, compression))
-            self._file = h5py.File(self.path, "r+")
-        self._n_complete = int(self._file.attrs["n_complete"])
+                self._file = h5py.File(self.path, "r+")
+                self._n_complete = 0
+        except BaseException:
+            self._lock.release()
+            raise
+        self._datasets = {path: _uncached(self._file, path) for path in self._specs}
+        self._fd: int = self._file.id.get_vfd_handle()
+        self._file_open = True
         self._next_row = self._n_complete
         self._closed = False
-        self._error: Exception | None = None
+        self._error: BaseException | None = None
         self._queue: queue.Queue[tuple[int, dict[str, np.ndarray]] | None] = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._drain, name=f"ActivationWriter({self.path.name})", daemon=True)
         self._thread.start()
 
     @property
     def n_complete(self) -> int:
-        """Examples safely in the file: 0 for a new file, where to continue for a resumed one."""
+        """Examples safely on disk: 0 for a new file, where to continue for a resumed one."""
         return self._n_complete
 
     def write_batch(self, batch: Batch) -> None:
@@ -145,7 +165,7 @@ class ActivationWriter:
         self._shutdown()
         self._raise_if_failed()
 
-    def __enter__(self) -> ActivationWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
@@ -182,9 +202,9 @@ class ActivationWriter:
             )
             label_axes(file, dataset, spec.dims)
 
-    def _check_resumable(self, config_json: str, mask_id: int) -> None:
+    def _check_resumable(self, stored_config: dict[str, Any], config_json: str, mask_id: int) -> None:
         attrs = self._file.attrs
-        difference = first_difference(json.loads(attrs["config"]), json.loads(config_json))
+        difference = first_difference(stored_config, json.loads(config_json))
         if difference:
             key, stored, given = difference
             raise StoreError(
@@ -246,29 +266,62 @@ class ActivationWriter:
                 try:
                     self._write(*item)
                 except Exception as err:  # noqa: BLE001 -- handed to the caller's thread by _raise_if_failed
-                    self._error = err
+                    self._error = write_error(err, self.path, stored=self._n_complete)
+                    # Closed now, not by garbage collection at exit, where h5py can only print
+                    # each failing flush of the broken file.
+                    self._close_file()
 
     def _write(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         stop = start + len(arrays["examples/uid"])
         for path, array in arrays.items():
-            self._file[path][start:stop] = array
-        # Data first, then the commit marker, each flushed: killed in between, the new rows are
-        # past n_complete and count as unwritten. modify() rewrites the attribute in place.
-        self._file.flush()
+            self._datasets[path][start:stop] = array
+        # Data first, then the commit marker, each on the disk: killed or failing in between, the
+        # new rows are past n_complete and count as unwritten. modify() rewrites the attribute in
+        # place, so the file's structure never changes.
+        self._sync()
         self._file.attrs.modify("n_complete", stop)
-        self._file.flush()
+        self._sync()
         self._n_complete = stop
+
+    def _sync(self) -> None:
+        """HDF5's buffers to the OS (raising h5py's errors), then the OS's to the disk.
+
+        ``fsync`` also reports errors a file system only meets when it writes its cache back.
+        """
+        self._file.flush()
+        os.fsync(self._fd)
+
+    def _close_file(self) -> None:
+        """Close the HDF5 file once; an error closing it is kept unless an earlier one is."""
+        if not self._file_open:
+            return
+        self._file_open = False
+        self._datasets.clear()
+        try:
+            self._file.close()
+        except Exception as err:  # noqa: BLE001 -- after a failed write, the first error is the one to report
+            if self._error is None:
+                self._error = write_error(err, self.path, stored=self._n_complete)
 
     def _shutdown(self) -> None:
         if not self._closed:
             self._closed = True
             self._queue.put(None)
             self._thread.join()
-            self._file.close()
+            self._close_file()
+            self._lock.release()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+def _uncached(file: h5py.File, path: str) -> h5py.Dataset:
+    """Open a dataset without a chunk cache: a batch writes whole chunks, which then go straight
+    to the file, and a failing write raises in the write itself instead of in a later eviction."""
+    access = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+    access.set_chunk_cache(0, 0, 1.0)
+    return h5py.Dataset(h5py.h5d.open(file.id, path.encode(), dapl=access))
 
 
 def _preallocated() -> h5py.h5p.PropDCID:
