@@ -176,7 +176,7 @@ BAD = [  # (argv with {w} for the work folder, a part of the one-line message)
     (["report", "{w}/damaged-analyses"], "result.json: missing field 'summary'"),
     (["demo", "--n", "0"], "--n: expected an integer >= 1, got '0'"),
     (["demo", "--n", "5", "--out", "{w}/demo"], "needs n >= 10 puzzles, got 5"),
-    (["demo", "--record-every", "0", "--out", "{w}/demo"], "--record-every: expected an integer >= 1"),
+    (["demo", "--record-every", "0", "--out", "{w}/demo"], "record_every must be >= 1, got 0"),
     (["demo", "--out", "{w}/notes.txt"], "File exists: {w}/notes.txt"),
 ]
 

@@ -37,7 +37,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/demo", help="folder for the datasets, results and report.html (replaced)")
     p.add_argument("--n", type=common.positive_int, default=192, help="held-out puzzles per activation dataset")
     p.add_argument("--n-model", type=common.positive_int, default=160, help="puzzles per model-based analysis")
-    p.add_argument("--record-every", type=common.positive_int, default=3, help="record every k-th denoising step")
+    p.add_argument("--record-every", type=int, default=3, help="record every k-th denoising step")
     p.set_defaults(func=cmd_demo)
 
     p = commands.add_parser("report", help="a self-contained HTML page from a folder of saved analyses",
