@@ -1,8 +1,16 @@
-"""The command line: bad input is one line on stderr and exit code 2, a bug keeps its traceback."""
+"""The command line: its parsers, a bug keeps its traceback, the commands run; and probe and analyze
+killed at random moments or between two files of one save end, rerun, as an uninterrupted run.
+
+The table of bad input (one line, exit 2, nothing touched) is test_bad_input.py.
+"""
 
 import argparse
+import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +20,12 @@ import pytest
 import dlmprobe.analyses
 from dlmprobe.analyses import AnalysisResult
 from dlmprobe.choices import TASK_NAMES
-from dlmprobe.cli import analyze, build_parser, main, store
+from dlmprobe.cli import build_parser, main, store
 from dlmprobe.cli.common import select_steps
-from dlmprobe.tasks import TASKS
-from dlmprobe.store import ActivationWriter, StoreLayout
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.models import ModelConfig, build_native, save_checkpoint
+from dlmprobe.store import ActivationWriter, StoreLayout
+from dlmprobe.tasks import TASKS
 
 HEAVY = ("torch", "transformer_lens", "transformers", "h5py", "pandas", "matplotlib", "sklearn", "nnsight")
 
@@ -45,79 +53,17 @@ def _write_bare_store(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """A folder of existing outputs: a checkpoint, stores, a saved analysis, a report, a file, a folder."""
+    """A checkpoint, a store it wrote and a store with a bare run config."""
     root = tmp_path_factory.mktemp("cli")
     config = ModelConfig(task="arith", task_params={"n_ops": 3}, n_layers=2, d_model=32, n_heads=2, d_mlp=64)
     save_checkpoint(build_native(config), config, root / "model")
-    assert main(["cache", "--model", str(root / "model"), "--n", "4", "--out", str(root / "run.h5"), "--quiet"]) == 0
+    assert main(["cache", "--model", str(root / "model"), "--n", "40", "--out", str(root / "run.h5"), "--quiet"]) == 0
     _write_bare_store(root / "bare.h5")
-    assert main(["analyze", "--out", str(root / "analyses"), "trajectory", str(root / "run.h5")]) == 0
-    assert main(["report", str(root / "analyses")]) == 0
-    (root / "notes.txt").write_text("not a store\n")
-    (root / "folder").mkdir()
-    (root / "folder" / "keep.txt").write_text("kept\n")
     return root
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-BAD = [  # (argv with {w} for the work folder, a part of the one-line message)
-    (["frobnicate"], "invalid choice: 'frobnicate'"),
-    (["train", "--task", "chess", "--kind", "diffusion"], "invalid choice: 'chess'"),
-    (["train", "--task", "arith", "--kind", "diffusion", "--task-param", "size"], "expected KEY=VALUE, got 'size'"),
-    (["train", "--task", "arith", "--kind", "diffusion", "--train-steps", "0"], "--train-steps: expected an integer >= 1"),
-    (["train", "--task", "arith", "--kind", "diffusion", "--d-model", "30", "--n-heads", "4"], "must be divisible"),
-    (["train", "--task", "arith", "--kind", "diffusion", "--out", "{w}/model"], "already exists; pass --resume"),
-    (["train", "--task", "arith", "--kind", "diffusion", "--resume", "--overwrite"], "not allowed with argument"),
-    (["train", "--task", "arith", "--kind", "diffusion", "--init-from", "/no/such/model"], "no checkpoint at '/no/such"),
-    (["train", "--task", "pathstar", "--kind", "diffusion", "--train-steps", "1", "--init-from", "arith-autoregressive",
-      "--out", "{w}/fresh"], "cannot initialise from 'arith-autoregressive'"),
-    (["eval", "/no/such/model"], "no checkpoint at '/no/such/model'"),
-    (["eval", "{w}/model", "--n", "0"], "--n: expected an integer >= 1, got '0'"),
-    (["eval", "{w}/model", "--order", "sideways"], "invalid choice: 'sideways'"),
-    (["sample", "arith-autoregressive", "--block-length", "2"], "--block-length is for diffusion models"),
-    (["cache", "--model", "{w}/model", "--out", "{w}/run.h5"], "run.h5 already exists; pass --resume"),
-    (["cache", "--model", "{w}/model", "--out", "{w}/x.h5", "--record-steps", "every:0"], "expected 'all', 'every:K'"),
-    (["cache", "--model", "{w}/model", "--out", "{w}/x.h5", "--shard", "2/2"], "shard must be i/n with 0 <= i < n"),
-    (["cache", "--model", "{w}/model", "--out", "{w}/x.h5", "--n", "2", "--task", "sudoku"], "does not match the model"),
-    (["merge", "{w}/run.h5", "--out", "{w}/bare.h5"], "bare.h5 already exists; pass --overwrite"),
-    (["merge", "{w}/missing.h5", "--out", "{w}/merged.h5"], "got '{w}/missing.h5' (no such file)"),
-    (["info", "{w}/folder"], "got '{w}/folder' (a folder)"),
-    (["probe", "{w}/run.h5", "--out", "{w}/probes", "--steps", "99"], "--steps expects stored steps"),
-    (["probe", "{w}/run.h5", "--out", "{w}/probes", "--read", "sideways"], "expected one of own, pooled, frontier"),
-    (["probe", "{w}/run.h5", "--out", "{w}/probes", "--label", "nope"], "unknown label 'nope'"),
-    (["probe", "{w}/run.h5", "--out", "{w}/notes.txt/probes"], "notes.txt is a file, not a folder"),
-    (["analyze", "--out", "{w}/analyses", "trajectory", "{w}/run.h5"], "trajectory already exists; pass --overwrite"),
-    (["analyze", "--out", "{w}/a", "trajectory", "{w}/run.h5", "--example", "99"], "example must be in [0, 4)"),
-    (["analyze", "--out", "{w}/a", "lead", "{w}/run.h5", "--site", "blocks.9.x"], "unknown site 'blocks.9.x'"),
-    (["analyze", "--out", "{w}/a", "compare", "a={w}/run.h5", "a={w}/bare.h5"], "got 'a' twice"),
-    (["analyze", "decodability", "{w}/run.h5", "--steps", "every:x"], "got 'every:x'"),
-    (["analyze", "--out", "{w}/a", "faithfulness", "--model", "/no/such/model"], "no checkpoint at"),
-    (["report", "{w}/analyses"], "report.html already exists; pass --overwrite"),
-    (["report", "{w}/nope"], "expected a folder of saved analyses"),
-    (["report", "{w}/folder"], "holds no saved analysis"),
-    (["report", "{w}/analyses", "--out", "{w}/folder", "--overwrite"], "Is a directory: {w}/folder"),
-]
-
-
-@pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(argv[:3]) for argv, _ in BAD])
-def test_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, tmp_path, work, argv, message):
-    monkeypatch.chdir(tmp_path)  # default outputs (runs/...) land here
-    before = _snapshot(work)
-    assert main([arg.replace("{w}", str(work)) for arg in argv]) == 2
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1, err
-    assert message.replace("{w}", str(work)) in err and "Traceback" not in err
-    after = _snapshot(work)
-    assert {name: after.get(name) for name in before} == before
-
-
-def test_debug_shows_the_traceback(capsys, work):
-    assert main(["--debug", "info", str(work / "folder")]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" in err and "DlmprobeInputError: expected an HDF5 activation dataset" in err
 
 
 def test_a_bug_is_not_bad_input(capsys, monkeypatch, work):
@@ -127,24 +73,6 @@ def test_a_bug_is_not_bad_input(capsys, monkeypatch, work):
     monkeypatch.setattr(store, "cmd_info", broken)
     with pytest.raises(ZeroDivisionError):
         main(["info", str(work / "run.h5")])
-
-
-@pytest.mark.parametrize("filename,is_input", [("{w}/run.h5", True), ("{w}/analyses/x/table.csv", True),
-                                               ("/usr/lib/somewhere/internal.json", False)])
-def test_os_errors_are_input_only_on_paths_the_user_named(capsys, monkeypatch, work, filename, is_input):
-    filename = filename.replace("{w}", str(work))
-
-    def unreadable(args):
-        raise PermissionError(13, "Permission denied", filename)
-
-    monkeypatch.setattr(analyze, "cmd_analyze", unreadable)
-    argv = ["analyze", "--out", str(work / "analyses"), "order", str(work / "run.h5")]
-    if is_input:
-        assert main(argv) == 2
-        assert capsys.readouterr().err.strip() == f"dlmprobe analyze: error: Permission denied: {filename}"
-    else:
-        with pytest.raises(PermissionError):
-            main(argv)
 
 
 def test_the_console_script_exits_2_with_one_line(work):
@@ -185,7 +113,7 @@ def test_choices_match_the_task_registry():
 def test_info_describes_a_cache_run_and_a_bare_store(capsys, work):
     assert main(["info", str(work / "run.h5")]) == 0
     out = capsys.readouterr().out
-    assert "4 complete examples" in out and "model" in out and "task arith" in out and "(target)" in out
+    assert "40 complete examples" in out and "model" in out and "task arith" in out and "(target)" in out
     assert main(["info", str(work / "bare.h5")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"{work / 'bare.h5'}: 2 complete examples, solved 100.0%"
@@ -221,19 +149,136 @@ def test_eval_and_sample_run(capsys, work):
     assert "example 1" in out and "commit step" in out
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["train", "--task", "arith", "--kind", "diffusion", "--task-param", "n_ops=0"], "n_ops must be >= 1"),
-    (["eval", "{w}/model", "--n", "2", "--block-length", "2"], "block_length must divide"),
-    (["eval", "{w}/model", "--n", "2", "--task-param", "n_ops=9"], "the model's context is"),
-    (["info", "{w}/notes.txt"], "not a readable HDF5 file"),
-])
-def test_input_checks_of_other_stages(capsys, monkeypatch, tmp_path, work, argv, message):
-    """Checks that tasks, sampling and the store make; they become one line as each raises DlmprobeInputError."""
-    monkeypatch.chdir(tmp_path)
-    try:
-        code = main([arg.replace("{w}", str(work)) for arg in argv])
-    except ValueError as err:
-        assert message in str(err) and not isinstance(err, DlmprobeInputError)
-        pytest.xfail(f"this check still raises {type(err).__name__}, not DlmprobeInputError")
-    err = capsys.readouterr().err
-    assert code == 2 and len(err.splitlines()) == 1 and message in err
+# --- probe and analyze killed with SIGKILL, then rerun ------------------------------------------
+
+# The child runs the real command line; with a seam named it stops there (prints PAUSED and waits
+# for the kill) the first time the command reaches it.
+KILL_CHILD = """
+import os, sys, time
+from pathlib import Path
+
+seam, argv = sys.argv[1], sys.argv[2:]
+
+def pause():
+    print("PAUSED", flush=True)
+    time.sleep(600)
+
+if seam == "table-rename":  # probe: the settings and clock files renamed in, the table (commit marker) not
+    replace = os.replace
+    os.replace = lambda src, dst: (pause() if Path(dst).name.startswith("grid-") else None, replace(src, dst))[1]
+elif seam == "figure":  # analyze: table.csv written in the folder being built, figure.png and result.json not
+    from matplotlib.figure import Figure
+    Figure.savefig = lambda *args, **kwargs: pause()
+elif seam == "old-removal":  # analyze --overwrite: the new folder swapped in, the old one not yet deleted
+    import shutil
+    rmtree = shutil.rmtree
+    shutil.rmtree = lambda path, *a, **k: (pause() if str(path).endswith(".tmp") else None, rmtree(path, *a, **k))[1]
+print("STARTED", flush=True)
+from dlmprobe.cli import main
+sys.exit(main(argv))
+"""
+
+
+def _child(argv: list[str], seam: str = "none") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", KILL_CHILD, seam, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _kill_at(proc: subprocess.Popen, word: str) -> None:
+    for line in proc.stdout:
+        if line.strip() == word:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+    raise AssertionError(f"the child exited ({proc.wait()}) before printing {word}")
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root``, hidden temporaries included, by relative path."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+PROBE = ["probe", "{w}/run.h5", "--folds", "2", "--no-control", "--no-random-baseline", "--quiet", "--out"]
+ANALYZE = ["analyze", "--overwrite", "--out", "{out}", "trajectory", "{w}/run.h5"]
+
+
+def _argv(template: list[str], work: Path, out: Path | None = None) -> list[str]:
+    return [a.replace("{w}", str(work)).replace("{out}", str(out)) for a in template]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(work, tmp_path_factory):
+    """What probe and analyze write when nothing stops them."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    assert main([*_argv(PROBE, work), str(root / "probes")]) == 0
+    assert main(_argv(ANALYZE, work, root / "analyses")) == 0
+    return {"probe": _tree(root / "probes"), "analyze": _tree(root / "analyses")}
+
+
+def test_probe_killed_between_its_files_reruns_plainly_to_the_same_tables(work, uninterrupted, tmp_path):
+    out = tmp_path / "probes"
+    _kill_at(_child([*_argv(PROBE, work), str(out)], "table-rename"), "PAUSED")
+    left = _tree(out)
+    assert not any(name.startswith("grid-") and name.endswith(".csv") for name in left), left.keys()
+    assert any(name.startswith(".grid-") for name in left)  # the table's temporary, written, not renamed
+    assert main([*_argv(PROBE, work), str(out)]) == 0  # no table yet: not an existing result
+    assert _tree(out) == uninterrupted["probe"]
+
+
+def test_analyze_killed_inside_its_folder_save_reruns_to_the_same_folder(work, uninterrupted, tmp_path):
+    out = tmp_path / "analyses"
+    _kill_at(_child(_argv(ANALYZE, work, out), "figure"), "PAUSED")
+    left = _tree(out)
+    assert left and all(name.startswith(".trajectory.") for name in left), left.keys()  # only the temporary
+    assert main(_argv(ANALYZE, work, out)) == 0
+    assert _tree(out) == uninterrupted["analyze"]
+
+
+def test_analyze_killed_after_swapping_in_its_folder_reruns_to_the_same_folder(work, uninterrupted, tmp_path):
+    out = tmp_path / "analyses"
+    assert main([*_argv(ANALYZE, work, out), "--example", "1"]) == 0  # an earlier save, different content
+    _kill_at(_child(_argv(ANALYZE, work, out), "old-removal"), "PAUSED")
+    assert {n for n in _tree(out) if not n.startswith(".")} == set(uninterrupted["analyze"])  # the new one, whole
+    assert main(_argv(ANALYZE, work, out)) == 0
+    assert _tree(out) == uninterrupted["analyze"]  # and the old one's leftover is gone
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_probe_that_cannot_write_its_table_leaves_nothing(capsys, monkeypatch, work, uninterrupted, tmp_path, existing):
+    out = tmp_path / "probes"
+    if existing:  # an earlier result, which --overwrite must keep until the new one is whole
+        assert main([*_argv(PROBE, work), str(out)]) == 0
+    before = _tree(tmp_path)
+    to_csv = pd.DataFrame.to_csv
+
+    def disk_full(self, path, *args, **kwargs):
+        if Path(path).name.startswith(".grid-"):
+            raise OSError(28, "No space left on device", str(path))
+        return to_csv(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", disk_full)
+    assert main([*_argv(PROBE, work), str(out), "--overwrite"]) == 2
+    assert capsys.readouterr().err.startswith("dlmprobe probe: error: No space left on device: ")
+    assert _tree(tmp_path) == before and out.exists() == existing  # no file replaced, no temporary, no folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["probe", "analyze"])
+def test_killed_at_random_moments_reruns_to_the_same_outputs(work, uninterrupted, tmp_path, command):
+    def cli(out: Path) -> list[str]:
+        return [sys.executable, "-m", "dlmprobe.cli",
+                *([*_argv(PROBE, work), str(out), "--overwrite"] if command == "probe" else _argv(ANALYZE, work, out))]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    began = time.perf_counter()
+    subprocess.run(cli(tmp_path / "timing"), env=env, capture_output=True, check=True)
+    duration, rng, delays = time.perf_counter() - began, random.Random(), []
+    out = tmp_path / command
+    for _ in range(3):  # each run starts from what the previous kill left
+        child = subprocess.Popen(cli(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        delays.append(round(rng.uniform(0, duration), 2))
+        time.sleep(delays[-1])
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    subprocess.run(cli(out), env=env, capture_output=True, check=True)
+    assert _tree(out) == uninterrupted[command], f"killed after {delays} s"

@@ -32,6 +32,7 @@ from dlmprobe.analyses import (
 )
 from dlmprobe.analyses.result import AnalysisResult
 from dlmprobe.capture import CacheConfig, run_cache
+from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.models import load_model
 from dlmprobe.probes import ProbeGrid
 from dlmprobe.report import write_report
@@ -61,9 +62,9 @@ class DemoConfig:
     def __post_init__(self) -> None:
         for name in ("n", "n_model", "n_causal", "record_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise DlmprobeInputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n < 10:
-            raise ValueError(f"the demo probes with 5 folds by example and needs n >= 10 puzzles, got {self.n}")
+            raise DlmprobeInputError(f"the demo probes with 5 folds by example and needs n >= 10 puzzles, got {self.n}")
 
 
 def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, overwrite: bool = True,

@@ -1,7 +1,8 @@
 """The ``dlmprobe`` command line.
 
-Bad input of any kind (a :class:`~dlmprobe.errors.DlmprobeInputError`, or a path the user named
-that cannot be read or written) ends in one ``dlmprobe <command>: error: …`` line and exit code 2;
+Bad input of any kind (a :class:`~dlmprobe.errors.DlmprobeInputError`, a path the user named
+that cannot be read or written, or a write the machine refused: disk full, quota, read-only file
+system) ends in one ``dlmprobe <command>: error: …`` line and exit code 2;
 ``--debug`` shows its traceback instead. Any other exception is a bug and keeps its traceback.
 Each command's parser sits beside its handler, which alone imports torch and the other heavy
 libraries, so ``--help`` and argument errors answer at once.
@@ -10,6 +11,7 @@ libraries, so ``--help`` and argument errors answer at once.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import traceback
@@ -21,6 +23,8 @@ from dlmprobe.errors import DlmprobeInputError
 
 # OSErrors that mean "this path cannot be used", not "dlmprobe is broken".
 PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+# OSErrors that mean the machine refused a write (disk full, quota, read-only file system), wherever it was.
+RESOURCE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +53,8 @@ def input_error(err: Exception, args: argparse.Namespace) -> str | None:
     """The one line to print for an error the user caused; None for a bug."""
     if isinstance(err, DlmprobeInputError):
         return _first_line(err)
+    if isinstance(err, OSError) and err.errno in RESOURCE_ERRNOS:
+        return f"{err.strerror}: {err.filename}" if err.filename else _first_line(err)
     if not isinstance(err, PATH_ERRORS):
         return None
     if err.filename is None:  # raised with a message, by dlmprobe about a path the user named

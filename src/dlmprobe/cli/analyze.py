@@ -14,11 +14,6 @@ from dlmprobe.errors import DlmprobeInputError
 OpenStore = Callable[[str], object]  # a path -> an open ActivationDataset, closed after the analysis
 
 
-def _model(name: str):
-    from dlmprobe.models import load_model
-
-    common.check_model(name)
-    return load_model(name)
 
 
 def _decodability(args: argparse.Namespace, store: OpenStore):
@@ -55,24 +50,26 @@ def _order(args: argparse.Namespace, store: OpenStore):
 def _faithfulness(args: argparse.Namespace, store: OpenStore):
     from dlmprobe.analyses import faithfulness
 
-    twin = _model(args.twin) if args.twin else None
-    return faithfulness(_model(args.model), n=args.n, seed=args.seed, corrupt_label=args.corrupt_label,
+    model = common.load_checkpoint(args.model, args)
+    twin = common.load_checkpoint(args.twin, args) if args.twin else None
+    return faithfulness(model, n=args.n, seed=args.seed, corrupt_label=args.corrupt_label,
                         answer_label=args.answer_label, twin=twin, progress=not args.quiet)
 
 
 def _paraphrase(args: argparse.Namespace, store: OpenStore):
     from dlmprobe.analyses import paraphrase_run
 
-    return paraphrase_run(_model(args.model), n=args.n, seed=args.seed, probe_site=args.probe_site,
-                          label=args.label, progress=not args.quiet)
+    model = common.load_checkpoint(args.model, args)
+    return paraphrase_run(model, n=args.n, seed=args.seed, probe_site=args.probe_site, label=args.label,
+                          progress=not args.quiet)
 
 
 def _causal(args: argparse.Namespace, store: OpenStore):
     from dlmprobe.analyses import causal_check
 
     data = store(args.store)
-    return causal_check(_model(args.model), data, args.site, label=args.label, n=args.n, seed=args.seed,
-                        progress=not args.quiet)
+    model = common.load_checkpoint(args.model, args)
+    return causal_check(model, data, args.site, label=args.label, n=args.n, seed=args.seed, progress=not args.quiet)
 
 
 def _trajectory(args: argparse.Namespace, store: OpenStore):
@@ -86,13 +83,21 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     common.check_output(out / args.analysis, args)  # each analysis saves into a sub-folder of its own name
+    if "device" in args:  # the analyses that run a model
+        common.chosen_device(args)
     common.set_threads(args.threads)
     with ExitStack() as stores:
         result = args.run(args, lambda path: stores.enter_context(ActivationDataset(common.input_file(path))))
-        folder = result.save(out)
+        common.sweep_leftovers(out / result.name)
+        folder = result.save(out)  # whole or not at all (built beside its place, renamed in)
     print(result.summary)
     print(f"\nwrote {folder} (table.csv, figure.png, result.json); dlmprobe report {out} builds the HTML page")
     return 0
+
+
+def _model_flags() -> list[common.Parser]:
+    """The flags of the analyses that load a model."""
+    return [common.device(), common.no_verify()]
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -132,7 +137,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     q.set_defaults(run=_order)
 
     q = kinds.add_parser("faithfulness", help="5: corrupt committed reasoning at step t; does the answer follow?",
-                         parents=[common.seed()])
+                         parents=[common.seed(), *_model_flags()])
     q.add_argument("--model", required=True)
     q.add_argument("--twin", help="the autoregressive twin to run the same corruption on")
     q.add_argument("--n", type=common.positive_int, default=200)
@@ -141,7 +146,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     q.set_defaults(run=_faithfulness)
 
     q = kinds.add_parser("paraphrase", help="6: rewrite the canvas after every step, meaning preserved",
-                         parents=[common.seed()])
+                         parents=[common.seed(), *_model_flags()])
     q.add_argument("--model", required=True)
     q.add_argument("--n", type=common.positive_int, default=200)
     q.add_argument("--probe-site")
@@ -149,7 +154,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     q.set_defaults(run=_paraphrase)
 
     q = kinds.add_parser("causal", help="7: ablate or steer the probe subspace while sampling",
-                         parents=[common.seed(default=1)])
+                         parents=[common.seed(default=1), *_model_flags()])
     q.add_argument("store", help=store_help)
     q.add_argument("--model", required=True)
     q.add_argument("--site", required=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -130,6 +131,15 @@ def resume_or_overwrite() -> Parser:
     return parent
 
 
+def device(what: str = "the model runs") -> Parser:
+    return _group((("--device",), {"default": "cpu", "help": f"where {what}: cpu, cuda, cuda:N or mps (default cpu)"}))
+
+
+def no_verify() -> Parser:
+    return _group((("--no-verify",), {"action": "store_true", "help": "load weights even where they differ from "
+                                      "the sha256 recorded with them (weights edited on purpose)"}))
+
+
 def task_params(what: str = "a variant of the model's task, e.g. blanks=24") -> Parser:
     return _group((("--task-param",), {"type": task_param, "action": "append", "default": [], "metavar": "KEY=VALUE",
                                        "help": f"{what} (repeatable)"}))
@@ -186,6 +196,35 @@ def check_model(name: str) -> None:
         resolve_checkpoint(name)
     except FileNotFoundError as err:
         raise DlmprobeInputError(str(err)) from None
+
+
+def chosen_device(args: argparse.Namespace):
+    """The torch device ``--device`` names, checked to exist here: call it before any work or output."""
+    from dlmprobe.models.device import resolve_device
+
+    return resolve_device(args.device)
+
+
+def load_checkpoint(name: str, args: argparse.Namespace):
+    """The checkpoint ``name`` on ``--device``, its weights checked unless ``--no-verify``."""
+    from dlmprobe.models import load_model
+
+    check_model(name)
+    return load_model(name, device=chosen_device(args), verify=not args.no_verify)
+
+
+def sweep_leftovers(path: Path) -> None:
+    """Remove what a killed write of ``path`` left beside it: the hidden temporaries of dlmprobe.files
+    (``.NAME.*.tmp`` files or folders, ``.NAME.*.old`` folders), which no reader looks at."""
+    folder, prefix = path.parent, f".{path.name}."
+    if not folder.is_dir():
+        return
+    for item in folder.iterdir():
+        if item.name.startswith(prefix) and item.name.endswith((".tmp", ".old")):
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                item.unlink(missing_ok=True)
 
 
 def set_threads(count: int) -> None:

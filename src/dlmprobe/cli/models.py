@@ -28,7 +28,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(model, steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
                          warmup=args.warmup, eval_every=args.eval_every, eval_n=args.eval_n,
                          seed=args.seed, init_from=args.init_from or "", command=command_line())
-    train(config, out, resume=args.resume, overwrite=args.overwrite)
+    train(config, out, resume=args.resume, overwrite=args.overwrite, verify=not args.no_verify)
     print(f"checkpoint written to {out}")
     return 0
 
@@ -36,12 +36,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace):
     """The checkpoint named on the command line, with its task's options overridden by --task-param."""
     from dlmprobe.tasks import get_task
-    from dlmprobe.models import load_model
 
-    common.check_model(args.model)
-    ckpt = load_model(args.model)
+    ckpt = common.load_checkpoint(args.model, args)
     if args.task_param:
         ckpt.task = get_task(ckpt.config.task, **{**ckpt.task.params(), **dict(args.task_param)})
+        if ckpt.task.sequence_length > ckpt.config.n_ctx:  # checked here, before any puzzle is drawn
+            raise DlmprobeInputError(f"{ckpt.task!r} needs a context of {ckpt.task.sequence_length} tokens; "
+                                     f"the model's context is {ckpt.config.n_ctx}")
     return ckpt
 
 
@@ -61,6 +62,7 @@ def _sampler(args: argparse.Namespace, kind: str):
 def cmd_eval(args: argparse.Namespace) -> int:
     from dlmprobe.sampling import evaluate
 
+    common.chosen_device(args)
     common.set_threads(args.threads)
     ckpt = _load(args)
     start = time.perf_counter()
@@ -76,6 +78,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from dlmprobe.sampling import generate, solved
 
+    common.chosen_device(args)
     common.set_threads(args.threads)
     ckpt = _load(args)
     examples = ckpt.task.sample(args.n, split="eval", seed=args.seed)
@@ -103,7 +106,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("train", help="train a diffusion denoiser or its autoregressive twin on a task",
                             parents=[common.task_params("a task option, e.g. size=6 or blanks=16"), common.seed(),
-                                     common.threads(), common.resume_or_overwrite()])
+                                     common.threads(), common.no_verify(), common.resume_or_overwrite()])
     p.add_argument("--task", choices=TASK_NAMES, required=True)
     p.add_argument("--kind", choices=KINDS, required=True)
     p.add_argument("--out", help="checkpoint folder (default runs/<task>-<kind>)")
@@ -126,14 +129,16 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     model_help = "shipped model name (e.g. arith-diffusion) or checkpoint folder"
     p = commands.add_parser("eval", help="exact-solve rate of a model on held-out puzzles",
-                            parents=[common.sampler(), common.seed(), common.threads(), common.quiet()])
+                            parents=[common.sampler(), common.seed(), common.threads(), common.device(),
+                                     common.no_verify(), common.quiet()])
     p.add_argument("model", help=model_help)
     p.add_argument("--n", type=common.positive_int, default=500, help="held-out puzzles")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=cmd_eval)
 
     p = commands.add_parser("sample", help="sample and print a few held-out puzzles",
-                            parents=[common.sampler(), common.seed(), common.threads()])
+                            parents=[common.sampler(), common.seed(), common.threads(), common.device(),
+                                     common.no_verify()])
     p.add_argument("model", help=model_help)
     p.add_argument("--n", type=common.positive_int, default=3, help="held-out puzzles")
     p.add_argument("--trajectory", action="store_true", help="also print the commit step of each position")

@@ -17,14 +17,15 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     common.check_output(out, args)
-    common.check_model(args.model)
+    common.chosen_device(args)
     common.set_threads(args.threads)
+    checkpoint = common.load_checkpoint(args.model, args)
     config = CacheConfig(
         model=args.model, n=args.n, split=args.split, seed=args.seed, sites=args.sites, steps=args.record_steps,
         positions=args.positions, sampler={**common.sampler_options(args), "seed": args.seed},
         task_params=dict(args.task_param), dtype=args.dtype, batch_size=args.batch_size, shard=args.shard,
     )
-    plan = plan_cache(config)
+    plan = plan_cache(config, checkpoint)
     if args.task and args.task != plan.task.name:
         raise DlmprobeInputError(f"--task {args.task} does not match the model, which was trained on {plan.task.name}")
     print(plan.describe())
@@ -83,8 +84,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("cache", help="sample with hooks attached and stream every step's activations to HDF5",
-                            parents=[common.sampler(), common.seed(), common.threads(), common.quiet(),
-                                     common.resume_or_overwrite()])
+                            parents=[common.sampler(), common.seed(), common.threads(), common.device(),
+                                     common.no_verify(), common.quiet(), common.resume_or_overwrite()])
     p.add_argument("--model", required=True, help="shipped model name or checkpoint folder")
     p.add_argument("--task", choices=TASK_NAMES, help="check that the model was trained on this task")
     p.add_argument("--n", type=common.positive_int, default=256, help="number of puzzles")
