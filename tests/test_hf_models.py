@@ -8,12 +8,12 @@ import torch
 from hf_fixtures import build_tokenizer, save_dream, save_llada, save_modernbert
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
-from dlmprobe.tasks import get_task
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.models import random_model, shipped_checkpoints
 from dlmprobe.models.checkpoint import CHECKPOINT_DIR
 from dlmprobe.models.handle import from_checkpoint
 from dlmprobe.models.huggingface import load_hf_model
+from dlmprobe.tasks import get_task
 from dlmprobe.tasks.text import (
     ANSWER_PREFIX,
     BuiltinTextTask,

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from dlmprobe.models import ModelConfig, load_model, random_model, save_checkpoint, build_native
+from dlmprobe.models import ModelConfig, build_native, load_model, random_model, save_checkpoint
 
 
 def test_twins_share_architecture_and_parameter_count(tiny_config):

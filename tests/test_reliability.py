@@ -23,11 +23,11 @@ from matplotlib.figure import Figure
 from safetensors.torch import load_file
 
 from dlmprobe.analyses import AnalysisResult, load_result
-from dlmprobe.tasks import get_task
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.files import atomic_file, atomic_write_text, load_json_object, read_json
 from dlmprobe.models import build_native, load_model, load_native, save_checkpoint
 from dlmprobe.models.device import resolve_device
+from dlmprobe.tasks import get_task
 from dlmprobe.training import TrainConfig, train
 from dlmprobe.training.state import read_state, read_train_log
 

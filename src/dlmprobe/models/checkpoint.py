@@ -30,7 +30,6 @@ from transformer_lens.model_bridge.sources._bridge_builder import (
 from transformer_lens.model_bridge.sources.native.init import initialize_native_model
 from transformer_lens.model_bridge.sources.native.model import NativeModel
 
-from dlmprobe.tasks import Task
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.files import (
     atomic_folder,
@@ -40,6 +39,7 @@ from dlmprobe.files import (
     one_line,
 )
 from dlmprobe.models.config import ModelConfig
+from dlmprobe.tasks import Task
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 WEIGHTS_FILE = "model.safetensors"

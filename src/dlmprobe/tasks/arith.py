@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float, Int
 
+from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.tasks.task import (
     MAX_SEQUENCE_LENGTH,
     MAX_VOCAB_SIZE,
@@ -24,7 +25,6 @@ from dlmprobe.tasks.task import (
     Vocab,
     check_int,
 )
-from dlmprobe.errors import DlmprobeInputError
 
 OPERATIONS = {
     "+": lambda a, b, m: (a + b) % m,

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float, Int
 
-from dlmprobe.tasks.task import Example, LabelSpan, Task, Vocab, check_int
 from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.tasks.task import Example, LabelSpan, Task, Vocab, check_int
 
 BOX_SHAPES = {4: (2, 2), 6: (2, 3), 9: (3, 3)}
 DEFAULT_BLANKS = {4: 8, 6: 20, 9: 45}

@@ -43,9 +43,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from dlmprobe.tasks.task import LabelSpan, Task
-from dlmprobe.tasks.task import Split, puzzle_uid, split_of
 from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.tasks.task import LabelSpan, Split, Task, puzzle_uid, split_of
 
 ANSWER_PREFIX = "The answer is"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
