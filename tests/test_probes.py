@@ -300,24 +300,24 @@ def test_per_distance_cells_find_a_read_ahead_planted_one_position_ahead(tmp_pat
     assert (table.loc[table["distance"] == 1, "accuracy"] > 0.9).all()
     assert (table.loc[table["distance"] != 1, "accuracy"] < 0.45).all()
     # Every row's out-of-fold hit is kept per cell, keyed by (site, step, distance).
-    examples, hits = grid.row_hits_[(site, 0, 1)]
-    assert len(examples) == N and abs(hits.mean() - table.query("step == 0 and distance == 1")["accuracy"].item()) < 1e-9
+    rows = grid.rows_[(site, 0, 1)]
+    assert len(rows) == N and abs(rows["probe"].mean() - table.query("step == 0 and distance == 1")["accuracy"].item()) < 1e-9
     with pytest.raises(ValueError, match="per_distance"):
         ProbeGrid(label="answer", read="pooled", per_distance=True)
 
 
 def test_out_of_fold_reuses_what_run_fitted(tmp_path, monkeypatch):
-    import dlmprobe.probes.grid as grid_module
+    import dlmprobe.probes.stats as stats_module
 
     data = _synthetic_store(tmp_path / "s.h5")
     fits = []
-    original = grid_module.fit_logistic
+    original = stats_module.fit_logistic
 
     def counting(*args, **kwargs):
         fits.append(args[0].shape[0])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(grid_module, "fit_logistic", counting)
+    monkeypatch.setattr(stats_module, "fit_logistic", counting)
     grid = ProbeGrid(label="answer", target="truth", random_baseline=False, folds=4)
     table = grid.run(data, progress=False)
     fitted = len(fits)

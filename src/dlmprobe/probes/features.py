@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from dlmprobe.store import ActivationDataset
 from dlmprobe.models import ModelConfig, random_model
+from dlmprobe.store import ActivationDataset
 
 
 class StoredFeatures:
