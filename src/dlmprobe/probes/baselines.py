@@ -28,7 +28,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,9 @@ from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.probes.stats import ExampleBootstrap, cross_validate
 from dlmprobe.store import ActivationDataset
 from dlmprobe.tasks import Example, Task, get_task
+
+#: Every input-only baseline a grid can fit besides the majority class.
+BASELINES = ("position", "prompt+position", "embedding", "givens")
 
 
 def label_rows(data: ActivationDataset, label: str, step: int, only_masked: bool = True) -> pd.DataFrame:
@@ -129,15 +132,20 @@ def per_example_feature(rows: pd.DataFrame, prompts: np.ndarray, targets: np.nda
 
 
 class InputFeatures:
-    """Every input-only feature matrix a store allows, for any of its rows; per-example parts computed once.
+    """The input-only feature matrices ``names`` (of :data:`BASELINES`) a store allows, for any of
+    its rows; per-example parts computed once.
 
-    ``task`` (its :meth:`~dlmprobe.tasks.Task.givens_features`) adds ``givens``; ``embedding``, the
-    model's (vocab, d) W_E, adds ``embedding`` (with ``position_embedding``, its (positions, d) W_pos,
-    if it has one). ``notes`` says which baselines could not be built and why.
+    ``task`` (its :meth:`~dlmprobe.tasks.Task.givens_features`) allows ``givens``; ``embedding``, the
+    model's (vocab, d) W_E, allows ``embedding`` (with ``position_embedding``, its (positions, d)
+    W_pos, if it has one). ``notes`` says which baselines could not be built and why.
     """
 
     def __init__(self, data: ActivationDataset, task: Task | None = None, embedding: np.ndarray | None = None,
-                 position_embedding: np.ndarray | None = None):
+                 position_embedding: np.ndarray | None = None, names: Sequence[str] = BASELINES):
+        unknown = sorted(set(names) - set(BASELINES))
+        if unknown:
+            raise DlmprobeInputError(f"baselines must be among {list(BASELINES)}, got {unknown[0]!r}")
+        self.names = list(names)
         self.length = data.canvas.shape[2]
         vocab_size = int(max(data.canvas.max(), data.prompt.max())) + 1
         if embedding is not None:
@@ -146,7 +154,9 @@ class InputFeatures:
         self.embedding, self.position_embedding = embedding, position_embedding
         self.givens: np.ndarray | None = None
         self.notes: list[str] = []
-        if task is not None:
+        if embedding is None and "embedding" in names:
+            self.notes.append("no embedding baseline: no model embedding given")
+        if task is not None and "givens" in names:
             try:
                 self.givens = np.stack([task.givens_features(Example(tuple(p.tolist()), tuple(t.tolist())))
                                         for p, t in zip(data.prompt, data.target)])  # (examples, target, k)
@@ -155,12 +165,13 @@ class InputFeatures:
 
     def __call__(self, rows: pd.DataFrame) -> dict[str, np.ndarray]:
         """Feature matrices of ``rows`` (columns ``example``, ``position``, ``target_position``, ``token``) by name."""
-        features = {
-            "position": position_onehot(rows, self.length),
-            "prompt+position": np.concatenate([self.prompts[rows["example"].to_numpy()],
-                                               position_onehot(rows, self.length)], axis=1),
-        }
-        if self.embedding is not None:
+        features = {}
+        if "position" in self.names:
+            features["position"] = position_onehot(rows, self.length)
+        if "prompt+position" in self.names:
+            features["prompt+position"] = np.concatenate([self.prompts[rows["example"].to_numpy()],
+                                                          position_onehot(rows, self.length)], axis=1)
+        if self.embedding is not None and "embedding" in self.names:
             features["embedding"] = embedding_features(rows, self.embedding, self.position_embedding)
         if self.givens is not None:
             features["givens"] = self.givens[rows["example"].to_numpy(), rows["target_position"].to_numpy()]
@@ -232,12 +243,12 @@ def fit_input_baselines(data: ActivationDataset, inputs: InputFeatures | None,
     on the grid's folds, all cells of one baseline in one batched fit. Returns ``key -> name -> hits``.
     """
     out = {key: {"majority": majority_hits(y, examples, fold_of)} for key, (_, examples, _, _, y) in cells.items()}
-    if inputs is None or not cells:
+    if inputs is None or not cells or not inputs.names:
         return out
     keys = list(cells)
     features = {key: inputs(rows_at(data, step, examples, positions, slots))
                 for key, (step, examples, positions, slots, _) in cells.items()}
-    for name in features[keys[0]]:
+    for name in features[keys[0]]:  # every cell has the same baselines
         guesses = cross_validate([features[key][name] for key in keys], [[cells[key][4] for key in keys]],
                                  [cells[key][1] for key in keys], fold_of, classes, C, max_iter, device)[0]
         for key, guess in zip(keys, guesses):

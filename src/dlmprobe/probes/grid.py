@@ -40,7 +40,12 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from dlmprobe.hooks import layer_of
-from dlmprobe.probes.baselines import InputFeatures, fit_input_baselines, store_task
+from dlmprobe.probes.baselines import (
+    BASELINES,
+    InputFeatures,
+    fit_input_baselines,
+    store_task,
+)
 from dlmprobe.probes.features import (
     FeatureSource,
     RandomWeightsFeatures,
@@ -107,7 +112,8 @@ class ProbeGrid:
         control, control_draws: the control task and how many draws of its labels.
         random_baseline: the random-weights baseline. ``mdl``: online code length too.
         lens: the logit lens and the model's own read-out beside every probe.
-        baselines: the input-only baselines beside every probe.
+        baselines: the input-only baselines fitted beside every probe (the majority class always is),
+            among :data:`~dlmprobe.probes.baselines.BASELINES`; ``()`` for none but the majority.
 
     Fitted state (set by :meth:`run`, or :meth:`out_of_fold` for the task probe alone), as
     scikit-learn names it: ``skipped_`` (cells with too few rows, one line each), ``rows_`` (per
@@ -135,7 +141,7 @@ class ProbeGrid:
     control_draws: int = 3
     random_baseline: bool = True
     lens: bool = True
-    baselines: bool = True
+    baselines: Sequence[str] = BASELINES
     mdl: bool = False
     bootstrap: int = 500
     seed: int = 0
@@ -352,8 +358,9 @@ class ProbeGrid:
                 fit.readout = readers.readout
         if self.baselines:
             task = store_task(fit.data)
-            fit.inputs = InputFeatures(fit.data, task, readers.embedding, readers.position_embedding)
-            notes += fit.inputs.notes + ([] if task is not None else ["no givens baseline: the store names no task"])
+            fit.inputs = InputFeatures(fit.data, task, readers.embedding, readers.position_embedding, self.baselines)
+            missing = task is None and "givens" in self.baselines
+            notes += fit.inputs.notes + (["no givens baseline: the store names no task"] if missing else [])
         self.readers_note_ = "; ".join(note for note in notes if note)
 
     def _fit_batch(self, cells: list[Cell], variant: str, fit: _Fit, full: bool) -> None:
