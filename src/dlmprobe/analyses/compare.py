@@ -98,7 +98,7 @@ def compare_runs(
                                      f"position; record it with positions='sep+target'")
     readers = readers or {}
     # The prompt one-hot is left out: as wide as prompt x vocabulary, it is the costliest baseline
-    # to fit per (step, distance) cell and never the strongest on the shipped tasks.
+    # to fit per (step, distance) cell (4x the probes' time on sudoku); decodability fits it per step.
     settings = {"label": label, "sites": sites, "steps": steps, "folds": folds, "bootstrap": bootstrap,
                 "control": False, "random_baseline": False, "baselines": ("position", "embedding", "givens")}
     frontier = {name: data for name, data in runs.items() if "frontier" in reads_of(data)}
