@@ -6,13 +6,20 @@ import re
 import numpy as np
 import pytest
 
-from dlmprobe.analyses import commit_order, compare_runs, decodability, load_result, planning_lead, trajectory_view
+from dlmprobe.analyses import (
+    commit_order,
+    compare_runs,
+    decodability,
+    load_result,
+    planning_lead,
+    trajectory_view,
+)
 from dlmprobe.analyses.lead import first_stable_step
 from dlmprobe.capture import CacheConfig, run_cache
 from dlmprobe.cli import main
-from dlmprobe.store import ActivationDataset
 from dlmprobe.probes.features import frontier_positions
 from dlmprobe.report import write_report
+from dlmprobe.store import ActivationDataset
 
 SITES = ["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]
 
