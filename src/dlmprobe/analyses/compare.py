@@ -221,17 +221,22 @@ def _summary(rows: pd.DataFrame, table: pd.DataFrame, runs: Mapping[str, Activat
         text += (f"\n\n**Like for like** ({', '.join(f'`{r}`' for r in at['run'].unique())}): every run read at "
                  f"its last written token at {site}, decoding the same positions ahead, every (step, distance) "
                  f"cell trained on as many rows as the smallest run has there; 95% intervals over examples.")
+        text += (" Beside each probe: the run's own argmax at the probed position at that step (an autoregressive "
+                 "model predicts only the next position, so further ahead it has none and counts as wrong) and the "
+                 "strongest input-only baseline on the same rows.")
+        nearest = int(at["distance"].min())
+        groups = [(f"{nearest} position{'s' if nearest > 1 else ''} ahead", at["distance"] == nearest)]
+        if (at["distance"] >= max(5, nearest + 1)).any():
+            groups.append(("five or more ahead", at["distance"] >= max(5, nearest + 1)))
         for target in at["target"].unique():
             what = "the token the run commits" if target == "output" else "the correct value"
-            for name, part in (("one position ahead", at["distance"] == 1), ("five or more ahead", at["distance"] >= 5)):
+            for name, part in groups:
                 chosen = at[(at["target"] == target) & part]
-                if not len(chosen):
-                    continue
                 pooled = _pool(chosen.drop(columns=["distance", "step"]), ["run"], n_boot, rng).set_index("run")
                 text += f"\n- {what}, {name}: " + "; ".join(
                     f"`{run}` probe {with_interval(r['accuracy'], r['ci_low'], r['ci_high'])}"
-                    + (f", its own argmax {percent(r['readout_accuracy'])}" if "readout_accuracy" in r else "")
-                    + (f", strongest input baseline ({r['strongest_baseline']}) {percent(r['strongest_baseline_accuracy'])}"
+                    + (f", its argmax {percent(r['readout_accuracy'])}" if "readout_accuracy" in r else "")
+                    + (f", {r['strongest_baseline']} baseline {percent(r['strongest_baseline_accuracy'])}"
                        if "strongest_baseline" in r else "")
                     + f" ({int(r['n_rows'])} rows)"
                     for run, r in pooled.iterrows()) + "."

@@ -156,6 +156,8 @@ class InputFeatures:
         self.notes: list[str] = []
         if embedding is None and "embedding" in names:
             self.notes.append("no embedding baseline: no model embedding given")
+        if task is None and "givens" in names:
+            self.notes.append("no givens baseline: the store names no task")
         if task is not None and "givens" in names:
             try:
                 self.givens = np.stack([task.givens_features(Example(tuple(p.tolist()), tuple(t.tolist())))

@@ -51,6 +51,7 @@ from dlmprobe.probes.features import (
     RandomWeightsFeatures,
     StoredFeatures,
     frontier_positions,
+    subsample_rows,
 )
 from dlmprobe.probes.lens import ModelReaders, Readout, store_readers
 from dlmprobe.probes.stats import (
@@ -218,16 +219,10 @@ class ProbeGrid:
             groups = [(int(dd), keep & (distance == dd)) for dd in np.unique(distance[keep])]
         else:
             groups = [(-1, keep)]
-        return [(slot, self._capped(mask, step, slot)) for slot, mask in groups], read_at
+        return [(slot, subsample_rows(mask, self._limit(step, slot), (self.seed, step, slot))) for slot, mask in groups], read_at
 
-    def _capped(self, mask: np.ndarray, step: int, slot: int) -> np.ndarray:
-        limit = self.max_rows.get((step, slot)) if isinstance(self.max_rows, Mapping) else self.max_rows
-        if limit is None or mask.sum() <= limit:
-            return mask
-        chosen = np.random.default_rng([self.seed, step, slot % 2**32]).choice(int(mask.sum()), int(limit), replace=False)
-        out = np.zeros(mask.size, dtype=bool)
-        out[np.flatnonzero(mask)[chosen]] = True
-        return out.reshape(mask.shape)
+    def _limit(self, step: int, slot: int) -> int | None:
+        return self.max_rows.get((step, slot)) if isinstance(self.max_rows, Mapping) else self.max_rows
 
     def row_counts(self, data: ActivationDataset) -> dict[tuple[int, int], int]:
         """Rows of every cell, by ``(step, slot)`` (the same for every site), read from the canvas alone."""
@@ -357,10 +352,9 @@ class ProbeGrid:
             else:
                 fit.readout = readers.readout
         if self.baselines:
-            task = store_task(fit.data)
-            fit.inputs = InputFeatures(fit.data, task, readers.embedding, readers.position_embedding, self.baselines)
-            missing = task is None and "givens" in self.baselines
-            notes += fit.inputs.notes + (["no givens baseline: the store names no task"] if missing else [])
+            fit.inputs = InputFeatures(fit.data, store_task(fit.data), readers.embedding, readers.position_embedding,
+                                       self.baselines)
+            notes += fit.inputs.notes
         self.readers_note_ = "; ".join(note for note in notes if note)
 
     def _fit_batch(self, cells: list[Cell], variant: str, fit: _Fit, full: bool) -> None:
