@@ -6,13 +6,20 @@ import re
 import numpy as np
 import pytest
 
-from dlmprobe.analyses import commit_order, compare_runs, decodability, load_result, planning_lead, trajectory_view
+from dlmprobe.analyses import (
+    commit_order,
+    compare_runs,
+    decodability,
+    load_result,
+    planning_lead,
+    trajectory_view,
+)
 from dlmprobe.analyses.lead import first_stable_step
 from dlmprobe.capture import CacheConfig, run_cache
 from dlmprobe.cli import main
-from dlmprobe.store import ActivationDataset
 from dlmprobe.probes.features import frontier_positions
 from dlmprobe.report import write_report
+from dlmprobe.store import ActivationDataset
 
 SITES = ["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]
 
@@ -62,8 +69,21 @@ def test_decodability_table_figure_and_summary_agree(stores):
     assert ((table["accuracy"] >= 0) & (table["accuracy"] <= 1)).all()
     # The summary quotes the first step of the best layer from the table, not a typed number.
     best = table[table["site"] == table.groupby("site")["accuracy"].mean().idxmax()].sort_values("step").iloc[0]
-    assert f"{100 * best['accuracy']:.0f}% accuracy" in result.summary
+    assert f"{100 * best['accuracy']:.0f}% (95% CI {100 * best['ci_low']:.0f}%" in result.summary
+    assert f"(`{best['strongest_baseline']}`): {100 * best['strongest_baseline_accuracy']:.0f}%" in result.summary
     assert len(result.figure.axes) >= 3
+    # The logit lens at the last block is the model's own read-out, row for row.
+    last = table[table["site"] == SITES[1]]
+    assert (last["lens_accuracy"] == last["readout_accuracy"]).all()
+    assert {"baseline_position_accuracy", "baseline_givens_accuracy", "baseline_embedding_accuracy"} <= set(table.columns)
+    assert (table["control_draws"] == 3).all()
+    # Per difficulty stratum: the strata of each cell add up to the cell's rows.
+    strata = result.tables["strata"]
+    probe = strata[strata["reader"] == "probe"].groupby(["site", "step"])["n_rows"].sum()
+    assert probe.to_dict() == table.set_index(["site", "step"])["n_rows"].to_dict()
+    assert set(strata["stratum_name"]) <= {"constant (after * 0)"} | {f"depth {d}" for d in range(1, 10)}
+    assert "By difficulty" in result.summary
+    assert set(result.tables["clock"]["site"]) == set(SITES) and "Clock check" in result.summary
 
 
 def test_planning_lead_matches_the_trajectory(stores):
@@ -83,7 +103,14 @@ def test_planning_lead_matches_the_trajectory(stores):
                 break
             first = s
         assert row["first_argmax_step"] == first and row["lead_argmax"] == commit - first
-    assert set(result.table["reader"]) == {"probe", "argmax"}
+    assert set(result.table["reader"]) == {"probe", "argmax", "lens"}
+    # Against the schedule: the oracle read at every step leads by the commit step itself.
+    schedule = result.tables["schedule"]
+    overall = schedule[schedule["stratum"] == "all"].set_index("reader")
+    assert overall.loc["argmax", "oracle_lead"] == pytest.approx(rows["commit_step"].mean())
+    assert overall.loc["argmax", "lead"] == pytest.approx(rows["lead_argmax"].mean())
+    assert (schedule["lead"] <= schedule["oracle_lead"] + 1e-9).all() and (schedule["uninformed_lead"] == 0).all()
+    assert f"at most {rows['commit_step'].mean():.1f} steps" in result.summary
 
 
 def test_compare_reads_ahead_and_refuses_a_store_without_sep(stores):
@@ -94,9 +121,17 @@ def test_compare_reads_ahead_and_refuses_a_store_without_sep(stores):
     assert {("diffusion", "own"), ("autoregressive", "frontier"), ("diffusion, left-to-right", "own"),
             ("diffusion, left-to-right", "frontier")} == set(map(tuple, table[["run", "read"]].drop_duplicates().to_numpy()))
     ahead = result.tables["by_distance"]
-    one = ahead[(ahead["run"] == "autoregressive") & (ahead["distance"] == 1) & (ahead["site"] == SITES[1])]
-    # One position ahead of the last written token is the token the twin writes next: its last layer knows it.
-    assert one["accuracy"].iloc[0] > 0.9
+    one = ahead[(ahead["run"] == "autoregressive") & (ahead["distance"] == 1) & (ahead["site"] == SITES[1])
+                & (ahead["target"] == "output")]
+    # One position ahead of the last written token is the token the twin writes next: its last layer knows
+    # it, and its own argmax is what it writes.
+    assert one["accuracy"].item() > 0.9 and one["readout_accuracy"].item() == 1.0
+    # Like for like: both runs with <sep> read at the same distances, on as many rows, with both labels.
+    counts = ahead.pivot_table(index=["target", "site", "distance"], columns="run", values="n_rows")
+    assert set(counts.columns) == {"autoregressive", "diffusion, left-to-right"} and (counts.nunique(axis=1) == 1).all()
+    assert set(ahead["target"]) == {"output", "truth"}
+    assert result.summary.index("Like for like") < result.summary.index("Not like for like")
+    assert "lacks the `<sep>` position" in result.summary and "`diffusion`" in result.summary
     with pytest.raises(ValueError, match="sep"):
         compare_runs({"autoregressive": ActivationDataset(stores["autoregressive"].path),
                       "bad": _ar_target_only(stores)}, progress=False)

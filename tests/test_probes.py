@@ -12,9 +12,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from dlmprobe.store import ActivationDataset, ActivationWriter, StoreLayout
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.probes import LinearProbe, ProbeGrid, clock_table
+from dlmprobe.store import ActivationDataset, ActivationWriter, StoreLayout
 
 
 def _blobs(n=600, d=16, classes=4, noise=1.0, seed=0):
@@ -130,45 +130,54 @@ MASK = 4
 PLANTED_SITE, PLANTED_STEP = "blocks.1.hook_resid_post", 2
 
 
-def _synthetic_store(path, nan_site=False):
+def _synthetic_store(path, nan_site=False, answers=None, readout_step=None, position_code=False):
     """Activations are noise, except at one site and step where the answer is linearly readable.
 
     Every target position stays masked until the last step, so every row is "before commit".
+    ``answers`` (N, T) replaces the per-example answers; the model's recorded argmax names the
+    answers at ``readout_step`` only (0, never an answer, elsewhere); ``position_code`` writes each
+    target position's own direction into every activation.
     """
     rng = np.random.default_rng(0)
-    answers = rng.integers(10, 14, size=N)  # 4 classes of token ids
+    drawn = rng.integers(10, 14, size=N)  # 4 classes of token ids
+    answers = np.repeat(drawn[:, None], T, 1) if answers is None else answers
     canvas = np.full((N, STEPS + 1, L), MASK)
     canvas[:, :, : P + 2] = 7
     canvas[:, :, -1] = 3
-    canvas[:, -1, P + 2 : P + 2 + T] = answers[:, None]
-    canvas[:, :, 1] = rng.integers(20, 23, size=N)[:, None]  # a visible prompt token (control type)
+    canvas[:, -1, P + 2 : P + 2 + T] = answers
+    canvas[:, :, 1] = rng.integers(20, 23, size=N)[:, None]  # a visible prompt token
     positions = list(range(P + 2, P + 2 + T))
     directions = rng.normal(size=(14, D))
     acts = {}
     for site in ("blocks.0.hook_resid_post", PLANTED_SITE):
         a = rng.normal(size=(N, STEPS, T, D))
         if site == PLANTED_SITE:
-            a[:, PLANTED_STEP] += 3 * directions[answers][:, None, :]
+            a[:, PLANTED_STEP] += 3 * directions[answers]
+        if position_code:
+            a += 5 * np.eye(T, D)
         if nan_site and site == "blocks.0.hook_resid_post":
             a[:, 0, 0, 0] = np.nan
         acts[site] = a
     layout = StoreLayout(n_examples=N, n_steps=STEPS, canvas_length=L, prompt_length=P, target_length=T,
                          labels={"answer": T}, sites={s: D for s in acts}, steps=range(STEPS), positions=positions,
                          dtype="float32")
+    prediction = np.zeros((N, STEPS, L), int)
+    if readout_step is not None:
+        prediction[:, readout_step, P + 2 : P + 2 + T] = answers
     with ActivationWriter(path, layout, config={"task": {"answer_label": "answer"}}, mask_id=MASK) as writer:
         writer.write_batch({
-            "uid": [f"ex{i}" for i in range(N)], "prompt": canvas[:, 0, 1 : P + 1], "target": np.repeat(answers[:, None], T, 1),
-            "output": np.repeat(answers[:, None], T, 1), "solved": np.ones(N, bool), "canvas": canvas,
-            "commit_step": np.full((N, L), -1), "prediction": np.zeros((N, STEPS, L), int),
+            "uid": [f"ex{i}" for i in range(N)], "prompt": canvas[:, 0, 1 : P + 1], "target": answers,
+            "output": answers, "solved": np.ones(N, bool), "canvas": canvas,
+            "commit_step": np.full((N, L), -1), "prediction": prediction,
             "confidence": np.zeros((N, STEPS, L), np.float16),
-            "labels": {"answer": (np.tile(np.arange(T), (N, 1)), np.repeat(answers[:, None], T, 1))},
+            "labels": {"answer": (np.tile(np.arange(T), (N, 1)), answers)},
             "activations": acts,
         })
-    return ActivationDataset(path)
+    return ActivationDataset(path), directions
 
 
 def test_grid_finds_the_signal_where_it_is_planted_and_nowhere_else(tmp_path):
-    data = _synthetic_store(tmp_path / "s.h5")
+    data, _ = _synthetic_store(tmp_path / "s.h5")
     table = ProbeGrid(label="answer", target="truth", random_baseline=False, folds=4).run(data, progress=False)
     assert len(table) == 2 * STEPS
     planted = (table["site"] == PLANTED_SITE) & (table["step"] == PLANTED_STEP)
@@ -182,7 +191,7 @@ def test_grid_finds_the_signal_where_it_is_planted_and_nowhere_else(tmp_path):
 
 
 def test_grid_matches_an_sklearn_loop_within_a_point(tmp_path):
-    data = _synthetic_store(tmp_path / "s.h5")
+    data, _ = _synthetic_store(tmp_path / "s.h5")
     table = ProbeGrid(label="answer", target="truth", random_baseline=False, control=False, folds=4,
                       seed=3).run(data, progress=False)
     fold_of = np.random.default_rng(3).permutation(N) % 4
@@ -199,7 +208,7 @@ def test_grid_matches_an_sklearn_loop_within_a_point(tmp_path):
 
 
 def test_phase_and_per_slot(tmp_path):
-    data = _synthetic_store(tmp_path / "s.h5")
+    data, _ = _synthetic_store(tmp_path / "s.h5")
     with pytest.raises(ValueError, match="no cell has enough rows"):
         ProbeGrid(label="answer", phase="after_commit", random_baseline=False).run(data, progress=False)
     table = ProbeGrid(label="answer", per_slot=True, random_baseline=False, control=False,
@@ -217,20 +226,20 @@ def test_phase_and_per_slot(tmp_path):
     ],
 )
 def test_grid_bad_selections_are_one_line_errors(tmp_path, kwargs, message):
-    data = _synthetic_store(tmp_path / "s.h5")
+    data, _ = _synthetic_store(tmp_path / "s.h5")
     with pytest.raises(ValueError, match=message) as err:
         ProbeGrid(random_baseline=False, **kwargs).run(data, progress=False)
     assert "\n" not in str(err.value)
 
 
 def test_nan_activations_and_single_class_are_refused(tmp_path):
-    data = _synthetic_store(tmp_path / "nan.h5", nan_site=True)
+    data, _ = _synthetic_store(tmp_path / "nan.h5", nan_site=True)
     with pytest.raises(ValueError, match="NaN or inf"):
         ProbeGrid(label="answer", random_baseline=False).run(data, progress=False)
 
 
 def test_online_code_is_shorter_where_the_signal_is(tmp_path):
-    data = _synthetic_store(tmp_path / "s.h5")
+    data, _ = _synthetic_store(tmp_path / "s.h5")
     table = ProbeGrid(label="answer", target="truth", random_baseline=False, control=False, mdl=True,
                       steps=[0, PLANTED_STEP], sites=[PLANTED_SITE]).run(data, progress=False)
     bits = dict(zip(table["step"], table["mdl_bits"]))
@@ -239,7 +248,7 @@ def test_online_code_is_shorter_where_the_signal_is(tmp_path):
 
 
 def test_clock_table_reads_the_step_from_a_clock_signal(tmp_path):
-    data = _synthetic_store(tmp_path / "s.h5")
+    data, _ = _synthetic_store(tmp_path / "s.h5")
     table = clock_table(data, "answer", folds=3)
     assert set(table["site"]) == {"blocks.0.hook_resid_post", PLANTED_SITE}
     assert (table["step_chance"] == 1 / STEPS).all()
@@ -300,24 +309,24 @@ def test_per_distance_cells_find_a_read_ahead_planted_one_position_ahead(tmp_pat
     assert (table.loc[table["distance"] == 1, "accuracy"] > 0.9).all()
     assert (table.loc[table["distance"] != 1, "accuracy"] < 0.45).all()
     # Every row's out-of-fold hit is kept per cell, keyed by (site, step, distance).
-    examples, hits = grid.row_hits_[(site, 0, 1)]
-    assert len(examples) == N and abs(hits.mean() - table.query("step == 0 and distance == 1")["accuracy"].item()) < 1e-9
+    rows = grid.rows_[(site, 0, 1)]
+    assert len(rows) == N and abs(rows["probe"].mean() - table.query("step == 0 and distance == 1")["accuracy"].item()) < 1e-9
     with pytest.raises(ValueError, match="per_distance"):
         ProbeGrid(label="answer", read="pooled", per_distance=True)
 
 
 def test_out_of_fold_reuses_what_run_fitted(tmp_path, monkeypatch):
-    import dlmprobe.probes.grid as grid_module
+    import dlmprobe.probes.stats as stats_module
 
-    data = _synthetic_store(tmp_path / "s.h5")
+    data, _ = _synthetic_store(tmp_path / "s.h5")
     fits = []
-    original = grid_module.fit_logistic
+    original = stats_module.fit_logistic
 
     def counting(*args, **kwargs):
         fits.append(args[0].shape[0])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(grid_module, "fit_logistic", counting)
+    monkeypatch.setattr(stats_module, "fit_logistic", counting)
     grid = ProbeGrid(label="answer", target="truth", random_baseline=False, folds=4)
     table = grid.run(data, progress=False)
     fitted = len(fits)
@@ -351,3 +360,85 @@ def test_random_weights_features_run_one_forward_pass_per_step(tiny_config, tmp_
     alone = RandomWeightsFeatures(data, [site])(site, step)
     assert np.allclose(alone, blocks[(site, step)], equal_nan=True)
     assert not np.allclose(blocks[(site, step)], data.activations(site, step), equal_nan=True)
+
+
+# -- what the grid sets beside every probe: the model's read-out, input baselines, controls ----------
+def test_lens_and_readout_columns_tell_a_model_that_says_it_from_one_that_does_not(tmp_path):
+    from dlmprobe.probes.lens import ModelReaders, Readout
+
+    data, directions = _synthetic_store(tmp_path / "s.h5", readout_step=PLANTED_STEP)
+    vocab = int(data.canvas.max()) + 1
+    aligned = np.zeros((D, vocab))
+    aligned[:, :14] = directions.T  # the unembedding reads the planted directions: the lens names the answer
+    unrelated = np.random.default_rng(5).normal(size=(D, vocab))
+    tables = {}
+    for name, W_U in (("aligned", aligned), ("unrelated", unrelated)):
+        grid = ProbeGrid(label="answer", target="truth", random_baseline=False, control=False, folds=4, bootstrap=200)
+        tables[name] = grid.run(data, progress=False, readers=ModelReaders(readout=Readout(W_U))).set_index(["site", "step"])
+    planted, noise = (PLANTED_SITE, PLANTED_STEP), ("blocks.0.hook_resid_post", PLANTED_STEP)
+    aligned, unrelated = tables["aligned"], tables["unrelated"]
+    assert aligned.loc[planted, "lens_accuracy"] > 0.9 and aligned.loc[noise, "lens_accuracy"] < 0.35
+    # Where the model says it, the probe knows no more: the paired interval holds 0.
+    assert aligned.loc[planted, "probe_over_lens_ci_low"] <= 0 <= aligned.loc[planted, "probe_over_lens_ci_high"]
+    # Where the unembedding reads something else, the probe knows more than the lens, measurably.
+    assert unrelated.loc[planted, "lens_accuracy"] < 0.4 and unrelated.loc[planted, "probe_over_lens_ci_low"] > 0.4
+    # The recorded argmax names the answer at the planted step only, at every site.
+    readout = aligned["readout_accuracy"].unstack("step")
+    assert (readout[PLANTED_STEP] == 1.0).all() and (readout.drop(columns=PLANTED_STEP) == 0.0).all().all()
+    assert aligned.loc[planted, "probe_over_readout_ci_high"] <= 0.01
+    assert aligned.loc[noise, "probe_over_readout"] < -0.5 and aligned.loc[noise, "probe_over_readout_ci_high"] < 0
+
+
+def test_input_baselines_in_the_grid_set_the_bar_on_the_same_rows(tmp_path):
+    """A label fixed by the position: the position baseline reads it and the probe, however good, is not
+    selective against it; a label that owes nothing to the input: every baseline is at chance."""
+    data, _ = _synthetic_store(tmp_path / "position.h5", answers=10 + np.tile(np.arange(T), (N, 1)))
+    table = ProbeGrid(label="answer", target="truth", random_baseline=False, control=False, folds=4,
+                      bootstrap=100).run(data, progress=False)
+    assert (table["baseline_position_accuracy"] > 0.99).all() and (table["strongest_baseline"] == "position").all()
+    assert (table["majority"] < 0.4).all()  # three positions, three values
+    assert (table["baseline_selectivity"] < 0.01).all()  # nothing beyond the position, even where the probe is perfect
+    planted = (table["site"] == PLANTED_SITE) & (table["step"] == PLANTED_STEP)
+    assert table.loc[planted, "accuracy"].item() > 0.95
+
+    data, _ = _synthetic_store(tmp_path / "noise.h5")  # one random answer per example, the same at every slot
+    grid = ProbeGrid(label="answer", target="truth", random_baseline=False, control=False, folds=4, bootstrap=100)
+    table = grid.run(data, progress=False)
+    assert (table["strongest_baseline_accuracy"] < 0.4).all()  # four classes
+    assert table.loc[planted, "baseline_selectivity_ci_low"].item() > 0.4
+    assert (table.loc[~planted, "baseline_selectivity_ci_low"] < 0).all()
+    assert "no givens baseline" in grid.readers_note_ and "no logit lens" in grid.readers_note_
+    rows = grid.rows_[(PLANTED_SITE, PLANTED_STEP, -1)]
+    assert {"probe", "readout", "majority", "baseline_position", "baseline_prompt+position"} <= set(rows.columns)
+    assert rows["probe"].mean() == pytest.approx(table.loc[planted, "accuracy"].item())
+
+
+def test_control_task_is_typed_by_position_and_catches_a_probe_that_memorises_positions(tmp_path):
+    """Features that name the position, labels random per example: the control task (a random label per
+    position) is easy to fit, the real one is not, so selectivity goes negative. Several draws, a spread."""
+    data, _ = _synthetic_store(tmp_path / "coded.h5", position_code=True)
+    table = ProbeGrid(label="answer", target="truth", random_baseline=False, folds=4, control_draws=4, lens=False,
+                      baselines=(), sites=["blocks.0.hook_resid_post"], steps=[0]).run(data, progress=False)
+    assert table["control_draws"].item() == 4 and np.isfinite(table["control_accuracy_sd"].item())
+    assert table["control_accuracy"].item() > 0.95 and table["accuracy"].item() < 0.4
+    assert table["selectivity"].item() < -0.5
+    planted = ProbeGrid(label="answer", target="truth", random_baseline=False, folds=4, lens=False, baselines=(),
+                        sites=[PLANTED_SITE], steps=[PLANTED_STEP]).run(data, progress=False)
+    # The answer is there too, but a stream that names the position makes any label of it look unselective.
+    assert planted["accuracy"].item() > 0.95 and abs(planted["selectivity"].item()) < 0.1
+
+
+def test_max_rows_caps_every_cell_with_the_same_rows_for_every_site_and_target(tmp_path):
+    data, _ = _synthetic_store(tmp_path / "s.h5")
+    grid = ProbeGrid(label="answer", random_baseline=False, control=False, baselines=(), folds=4)
+    assert grid.row_counts(data) == {(step, -1): N * T for step in range(STEPS)}
+    capped = {}
+    for target in ("output", "truth"):
+        grid = ProbeGrid(label="answer", target=target, random_baseline=False, control=False, baselines=(), folds=4,
+                         max_rows={(0, -1): 100, (1, -1): 0})
+        table = grid.run(data, progress=False).set_index("step")
+        assert table.loc[0, "n_rows"].min() == 100 and 1 not in table.index and table.loc[2, "n_rows"].min() == N * T
+        capped[target] = {site: grid.rows_[(site, 0, -1)][["example", "position"]] for site in data.sites}
+        assert grid.row_counts(data)[(0, -1)] == 100
+    frames = [frame for per_target in capped.values() for frame in per_target.values()]
+    assert all(frame.equals(frames[0]) for frame in frames)

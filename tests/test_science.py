@@ -295,3 +295,43 @@ def test_displacement_and_matching_scale():
     assert scale == 4.0 and displacement(before, before + scale * (after - before)) == pytest.approx(10.0)
     with pytest.raises(DlmprobeInputError, match="moves no row"):
         matching_scale(before, before, 1.0)
+
+
+def test_store_readers_load_the_stores_own_model_and_refuse_other_weights(tiny_run, tmp_path):
+    from dlmprobe.probes.lens import readers_of, store_readers
+
+    ckpt, data = tiny_run
+    readers = store_readers(data)
+    assert readers.note == "" and np.array_equal(readers.readout.W_U, readout_of(from_checkpoint(ckpt)).W_U)
+    assert readers.embedding.shape == (ckpt.config.d_vocab, ckpt.config.d_model)
+    assert readers.position_embedding.shape[1] == ckpt.config.d_model
+    # The store names the checkpoint folder; retrained weights there are not the ones that wrote it.
+    saved = {path: path.read_bytes() for path in ckpt.path.iterdir()}
+    other = ModelConfig.from_dict({**ckpt.config.to_dict(), "seed": 7})
+    save_checkpoint(build_native(other), other, ckpt.path)
+    try:
+        moved = store_readers(data)
+        assert moved.readout is None and moved.embedding is None and "differ" in moved.note
+    finally:
+        for path, content in saved.items():
+            path.write_bytes(content)
+    assert store_readers(data).note == "" and readers_of(from_checkpoint(ckpt)).note == ""
+
+
+def test_accuracy_by_stratum_intervals_resample_examples():
+    from dlmprobe.probes.stats import ExampleBootstrap, bootstrap_by_example
+
+    rng = np.random.default_rng(0)
+    examples = np.repeat(np.arange(40), 3)
+    strata = np.where(examples < 39, examples % 2, 2)  # stratum 2: a single example
+    hits = {"planted": strata == 1, "coin": rng.random(len(examples)) < 0.5}
+    table = accuracy_by_stratum(hits, strata, examples=examples, n_boot=300).set_index(["reader", "stratum"])
+    assert table.loc[("planted", 1), "accuracy"] == 1.0 and table.loc[("planted", 0), "accuracy"] == 0.0
+    low, high = table.loc[("coin", 0), ["ci_low", "ci_high"]]
+    assert low < table.loc[("coin", 0), "accuracy"] < high and high - low > 0.1
+    assert table.loc[("coin", 2), "n_examples"] == 1 and np.isnan(table.loc[("coin", 2), "ci_low"])
+    # One set of resamples: an accuracy's interval is bootstrap_by_example's; a difference gets a paired one.
+    boot = ExampleBootstrap(examples, 200, np.random.default_rng(3))
+    assert boot.interval(hits["coin"]) == bootstrap_by_example(hits["coin"], examples, 200, np.random.default_rng(3))
+    same_low, same_high = boot.interval(hits["coin"].astype(float) - hits["coin"])
+    assert same_low == same_high == 0.0

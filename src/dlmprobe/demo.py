@@ -1,7 +1,8 @@
 """The main job: sample, capture, probe, analyse and report on the built-in models, end to end.
 
 ``dlmprobe demo`` runs :func:`run_demo`: it records activation datasets of the shipped sudoku
-denoiser (its default order and forced left-to-right) and of its autoregressive twin, runs the eight
+denoiser (its default order, forced left-to-right and random order) and of its autoregressive twin,
+every one with the ``<sep>`` position so that all are compared like for like, runs the eight
 analyses on them (faithfulness and commit order also on arith, whose target writes intermediate
 results before the answer; the diffusion-vs-autoregressive comparison also on path-star, whose arm
 only the far-away goal decides), and writes ``report.html`` with every figure and table.
@@ -97,21 +98,24 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, ov
         stage(f"{result.name}: {result.summary.splitlines()[0][:160]}…  -> {folder}")
         return result
 
-    sudoku = cache("sudoku-diffusion", "sudoku-diffusion", "target")
+    # Every compared run stores <sep>, so that all can be read where a twin is: at the last written token.
+    sudoku = cache("sudoku-diffusion", "sudoku-diffusion", "sep+target")
     twin = cache("sudoku-autoregressive", "sudoku-autoregressive", "sep+target")
     left_to_right = cache("sudoku-diffusion-left-to-right", "sudoku-diffusion", "sep+target", {"block_length": 1})
+    random_order = cache("sudoku-diffusion-random-order", "sudoku-diffusion", "sep+target", {"order": "random"})
     arith = cache("arith-diffusion", "arith-diffusion", "target", sites=[config.probe_site], n=256, every=1)
-    paths = cache("pathstar-diffusion", "pathstar-diffusion", "target", every=1)
+    paths = cache("pathstar-diffusion", "pathstar-diffusion", "sep+target", every=1)
     paths_twin = cache("pathstar-autoregressive", "pathstar-autoregressive", "sep+target", every=1)
 
-    stage("1 decodability over time (probe grid with controls)")
+    stage("1 decodability over time (probe grid beside the logit lens, input baselines, strata, clock)")
     grid = ProbeGrid(label="blank", bootstrap=200)  # decodability's settings
     keep(decodability(sudoku, grid=grid))
     stage("2 planning lead")
     predicted = grid.out_of_fold(sudoku)[config.probe_site]  # the probes decodability fitted, not refitted
     keep(planning_lead(sudoku, label="blank", site=config.probe_site, predicted=predicted))
-    stage("3 diffusion vs autoregressive vs left-to-right diffusion")
-    keep(compare_runs({"diffusion": sudoku, "autoregressive": twin, "diffusion, left-to-right": left_to_right},
+    stage("3 diffusion vs autoregressive, like for like; left-to-right and random order as sampler controls")
+    keep(compare_runs({"diffusion": sudoku, "autoregressive": twin, "diffusion, left-to-right": left_to_right,
+                       "diffusion, random order": random_order},
                       label="blank", sites=["blocks.1.hook_resid_post", config.probe_site]))
     # Path-star: only the far-away goal decides the arm; does either model know it before writing it?
     keep(compare_runs({"diffusion": paths, "autoregressive": paths_twin}, label="arm"), "compare-pathstar")
@@ -133,7 +137,8 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, ov
 
     report = write_report(results_dir, out / "report.html", title="dlmprobe demo: do small diffusion LMs plan?",
                           intro=_intro(config, {"sudoku-diffusion": sudoku, "sudoku-autoregressive": twin,
-                                               "sudoku-diffusion-left-to-right": left_to_right, "arith-diffusion": arith,
+                                               "sudoku-diffusion-left-to-right": left_to_right,
+                                               "sudoku-diffusion-random-order": random_order, "arith-diffusion": arith,
                                                "pathstar-diffusion": paths, "pathstar-autoregressive": paths_twin}))
     stage(f"report written: {report}")
     return report

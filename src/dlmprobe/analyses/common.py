@@ -1,9 +1,11 @@
-"""Small helpers every store-based analysis shares: the task, kind and run description of a store."""
+"""Small helpers every store-based analysis shares: the task, kind and run description of a store,
+intervals in words, and accuracy per difficulty stratum."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -11,6 +13,7 @@ import torch
 
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.hooks import layer_of
+from dlmprobe.probes.baselines import accuracy_by_stratum
 from dlmprobe.store import ActivationDataset
 from dlmprobe.tasks import Example, Task, get_task
 
@@ -93,3 +96,56 @@ def label_mask(task: Task, examples: Sequence[Example], label: str) -> torch.Ten
     for i, ex in enumerate(examples):
         mask[i, list(ex.labels[label].positions)] = True
     return mask
+
+
+def with_interval(value: float, low: float, high: float) -> str:
+    """``84% (95% CI 80–88%)``; the interval left out when it is NaN (no bootstrap)."""
+    if not np.isfinite(low):
+        return percent(value)
+    return f"{percent(value)} (95% CI {percent(low)}–{percent(high)})"
+
+
+def points(value: float, low: float, high: float) -> str:
+    """A difference of two rates in points with its interval, and what the interval says."""
+    text = f"{100 * value:+.0f} points"
+    if not np.isfinite(low):
+        return text
+    verdict = "includes 0" if low <= 0 <= high else "excludes 0"
+    return f"{text} (95% CI {100 * low:+.0f} to {100 * high:+.0f}, {verdict})"
+
+
+def difficulty_of(data: ActivationDataset) -> tuple[np.ndarray, Callable[[int], str]] | None:
+    """Every target position's difficulty from the prompt alone, (examples, target_length), and
+    the task's namer of its values; None if the store names no task or the task defines none."""
+    spec = data.config.get("task") or {}
+    if "name" not in spec:
+        return None
+    task = task_of(data)
+    try:
+        values = np.stack([task.difficulty(Example(tuple(p.tolist()), tuple(t.tolist())))
+                           for p, t in zip(data.prompt, data.target)])
+    except NotImplementedError:
+        return None
+    return values, task.difficulty_name
+
+
+def strata_table(data: ActivationDataset, rows: dict[tuple[str, int, int], pd.DataFrame], slot_name: str = "slot",
+                 n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
+    """Every reader's accuracy per difficulty stratum in every cell of a probe grid (``grid.rows_``).
+
+    One row per (site, step, slot, reader, stratum) with ``n_rows``, ``n_examples`` and a 95%
+    interval over examples; empty when the task defines no difficulty.
+    """
+    found = difficulty_of(data)
+    if found is None or not rows:
+        return pd.DataFrame()
+    difficulty, name_of = found
+    parts = []
+    for (site, step, slot), cell in rows.items():
+        strata = difficulty[cell["example"].to_numpy(), cell["position"].to_numpy() - data.target_start]
+        readers = {name: cell[name].to_numpy() for name in cell.columns if name not in ("example", "slot", "position")}
+        table = accuracy_by_stratum(readers, strata, name_of, cell["example"].to_numpy(), n_boot, seed)
+        parts.append(table.assign(site=site, layer=layer_of(site), step=step, **{slot_name: slot}))
+    out = pd.concat(parts, ignore_index=True)
+    front = ["site", "layer", "step", slot_name]
+    return out[front + [c for c in out.columns if c not in front]]

@@ -1,33 +1,52 @@
-"""Analysis 3: diffusion vs autoregressive — the same probes on both, on a common axis.
+"""Analysis 3: diffusion vs autoregressive — the same probes on every run, like for like first.
 
-A diffusion model can be read at the still-masked answer position itself (``read="own"``). An
-autoregressive model has computed nothing there yet: "before commit" means reading the residual
-stream at the last written position and decoding the answer token k positions ahead
-(``read="frontier"``). Runs are compared against the fraction of the output committed and the
-forward passes spent. The diffusion model decoded in forced left-to-right order (block length 1)
-separates the effect of the decoding order from that of training: with the same weights it can be
-read both ways.
+An autoregressive model has computed nothing at a position it has not reached: "before commit" it
+can only be read at the last written token, decoding the token k positions ahead
+(``read="frontier"``). So every run is compared **like for like** there: read at the last token of
+its written prefix (the ``<sep>`` token before anything is written; a store needs the ``<sep>``
+position, ``positions="sep+target"``), at the same distances ahead, with both label definitions
+(``output``: the token the run commits; ``truth``: the correct value), and every (step, distance)
+cell trained on as many rows as the smallest run has there (a random subset of the others). Beside
+each run, on its rows: the model's own argmax at the probed position, the logit lens at the read
+position, and the input-only baselines.
+
+A diffusion model can also be read at the still-masked position itself (``read="own"``), reported
+apart: that reads a different position than the twin, so it compares models and read positions at
+once. The diffusion model decoded in forced left-to-right order (block length 1), or in random
+order, separates the decoding order from training: the same weights under another sampler.
 
 Example:
     >>> runs = {"diffusion": ActivationDataset("d.h5"), "autoregressive": ActivationDataset("ar.h5"),
     ...         "diffusion, left-to-right": ActivationDataset("l2r.h5")}
     >>> result = compare_runs(runs, label="blank")
+    >>> result.tables["by_distance"]
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from dlmprobe.errors import DlmprobeInputError
-from dlmprobe.analyses.common import deepest_site, default_label, describe_run, kind_of, percent
+from dlmprobe.analyses.common import (
+    deepest_site,
+    default_label,
+    describe_run,
+    kind_of,
+    percent,
+    with_interval,
+)
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
-from dlmprobe.store import ActivationDataset
+from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.hooks import layer_of
 from dlmprobe.probes import ProbeGrid
-from dlmprobe.probes.stats import bootstrap_by_example
+from dlmprobe.probes.lens import ModelReaders
+from dlmprobe.probes.stats import ExampleBootstrap, readers_beside_probe
+from dlmprobe.store import ActivationDataset
+
+ROW_COLUMNS = ("example", "slot", "position")
 
 
 def reads_of(data: ActivationDataset) -> list[str]:
@@ -46,8 +65,10 @@ def compare_runs(
     folds: int = 5,
     bootstrap: int = 200,
     progress: bool = True,
+    targets: Sequence[str] = ("output", "truth"),
+    readers: Mapping[str, ModelReaders] | None = None,
 ) -> AnalysisResult:
-    """Before-commit probe accuracy of every run and read, per layer and step, on common axes.
+    """Before-commit probe accuracy of every run, like for like at the last written token, then at own positions.
 
     Args:
         runs: name -> store; the names label the curves (e.g. ``"diffusion"``, ``"autoregressive"``,
@@ -55,89 +76,94 @@ def compare_runs(
         label: the label decoded (default: the task's answer label).
         sites: sites probed (default: those every run stores); steps: a subset of the stored steps
             (each run must store them).
+        targets: the label definitions read like for like (``output``, ``truth``).
+        readers: per run name, the model's read-out and embeddings (default: each store's built-in model).
     """
     if not runs:
         raise DlmprobeInputError("compare_runs needs at least one run")
     tasks = {name: (d.config.get("task", {}).get("name"), str(d.config.get("task", {}).get("params"))) for name, d in runs.items()}
     if len(set(tasks.values())) > 1:
         raise DlmprobeInputError(f"runs must be of one task with the same options, got {tasks}")
+    if not targets or set(targets) - {"output", "truth"}:
+        raise DlmprobeInputError(f"targets must be 'output' and/or 'truth', got {list(targets)}")
     first = next(iter(runs.values()))
     label = default_label(first, label)
     common = [s for s in first.sites if all(s in d.sites for d in runs.values())]
     sites = list(sites) if sites is not None else common
     if not sites:
         raise DlmprobeInputError(f"the runs share no site: {[d.sites for d in runs.values()]}")
-    tables, distance_tables = [], []
     for name, data in runs.items():
-        reads = reads_of(data)
-        if not reads:
+        if not reads_of(data):
             raise DlmprobeInputError(f"run {name!r} ({data.path.name}) is autoregressive but does not store the <sep> "
                                      f"position; record it with positions='sep+target'")
-        for read in reads:
-            # From the last written token one probe per distance ahead: one feature vector cannot
-            # name the tokens of several positions at once.
-            grid = ProbeGrid(label=label, read=read, sites=sites, steps=steps, folds=folds, control=False,
-                             random_baseline=False, bootstrap=bootstrap, per_distance=read == "frontier")
-            table = grid.run(data, progress=progress)
-            if read == "frontier":
-                table.insert(0, "run", name)
-                distance_tables.append(table)
-                table = _pool_distances(table, grid, bootstrap)
-            else:
-                table.insert(0, "run", name)
-            table.insert(1, "kind", kind_of(data))
-            table["forward_passes"] = table["step"] + 1
-            table["solve_rate"] = float(np.mean(data.solved))
-            tables.append(table)
-    table = pd.concat(tables, ignore_index=True)
-    by_distance = _by_distance(pd.concat(distance_tables, ignore_index=True)) if distance_tables else pd.DataFrame()
+    readers = readers or {}
+    # The prompt one-hot is left out: as wide as prompt x vocabulary, it is the costliest baseline
+    # to fit per (step, distance) cell (4x the probes' time on sudoku); decodability fits it per step.
+    settings = {"label": label, "sites": sites, "steps": steps, "folds": folds, "bootstrap": bootstrap,
+                "control": False, "random_baseline": False, "baselines": ("position", "embedding", "givens")}
+    frontier = {name: data for name, data in runs.items() if "frontier" in reads_of(data)}
+    rows, cells, notes = [], [], {}
+    for target in targets:
+        # From the last written token one probe per distance ahead: one feature vector cannot
+        # name the tokens of several positions at once. Every cell capped at the smallest run's rows.
+        grids = {name: ProbeGrid(target=target, read="frontier", per_distance=True, **settings) for name in frontier}
+        counts = {name: grid.row_counts(frontier[name]) for name, grid in grids.items()}
+        keys = set().union(*counts.values())
+        limits = {key: min(c.get(key, 0) for c in counts.values()) for key in keys}
+        for name, grid in grids.items():
+            grid.max_rows = limits
+            rows.append(_run_rows(grid, frontier[name], name, progress, readers.get(name), cells, notes))
+    for name, data in runs.items():
+        if "own" in reads_of(data):
+            rows.append(_run_rows(ProbeGrid(target="output", read="own", **settings), data, name, progress,
+                                  readers.get(name), cells, notes))
+    rows = pd.concat(rows, ignore_index=True)
+    committed = pd.concat(cells, ignore_index=True).drop_duplicates(["run", "step"]).set_index(["run", "step"])["committed_fraction"]
+    rng = np.random.default_rng(0)
+    table = _pool(rows, ["run", "kind", "read", "target", "site", "layer", "step"], bootstrap, rng)
+    table["committed_fraction"] = [committed[(r, s)] for r, s in zip(table["run"], table["step"])]
+    table["forward_passes"] = table["step"] + 1
+    table["solve_rate"] = [float(np.mean(runs[r].solved)) for r in table["run"]]
+    table["like_for_like"] = table["read"] == "frontier"
+    ahead = rows[rows["read"] == "frontier"]
+    by_distance = _pool(ahead, ["run", "target", "site", "layer", "distance"], bootstrap, rng) if len(ahead) else pd.DataFrame()
     return AnalysisResult(
-        name="compare", title=f"Diffusion vs autoregressive: decoding `{label}` before it is written",
-        table=table, figure=_plot(table, by_distance), summary=_summary(table, by_distance, label),
+        name="compare", title=f"Diffusion vs autoregressive: decoding `{label}` before it is written, like for like",
+        table=table, figure=_plot(table, by_distance), summary=_summary(rows, table, runs, label, bootstrap, notes),
         tables={"by_distance": by_distance} if len(by_distance) else {},
-        meta={"runs": {name: describe_run(d) for name, d in runs.items()}, "label": label, "sites": sites},
+        meta={"runs": {name: describe_run(d) for name, d in runs.items()}, "label": label, "sites": sites,
+              "like_for_like_runs": list(frontier), "targets": list(targets), "readers_left_out": notes},
     )
 
 
-def _pool_distances(table: pd.DataFrame, grid: ProbeGrid, bootstrap: int) -> pd.DataFrame:
-    """Per-distance cells of a (site, step) pooled into one row: accuracy over all their rows, with a
-    bootstrap interval over examples (rows of one example are not independent)."""
+def _run_rows(grid: ProbeGrid, data: ActivationDataset, name: str, progress: bool, readers: ModelReaders | None,
+              cells: list[pd.DataFrame], notes: dict[str, str]) -> pd.DataFrame:
+    """Fit one grid on one run; every probed row with its readers' hits, labelled by run, read and cell."""
+    table = grid.run(data, progress=progress, readers=readers)
+    cells.append(table.assign(run=name)[["run", "step", "committed_fraction"]])
+    if grid.readers_note_:
+        notes[name] = grid.readers_note_
+    slot = "distance" if grid.per_distance else "slot"
+    parts = [frame.assign(site=site, step=step, **{slot: value}) for (site, step, value), frame in grid.rows_.items()]
+    out = pd.concat(parts, ignore_index=True).assign(run=name, kind=kind_of(data), read=str(grid.read), target=grid.target)
+    out["layer"] = [-1 if layer_of(s) is None else layer_of(s) for s in out["site"]]
+    return out
+
+
+def _pool(rows: pd.DataFrame, keys: list[str], n_boot: int, rng: np.random.Generator) -> pd.DataFrame:
+    """Every group of rows pooled into one: the probe's accuracy beside its readers', intervals over examples."""
     records = []
-    rng = np.random.default_rng(grid.seed)
-    for (site, step), group in table.groupby(["site", "step"], sort=True):
-        n = int(group["n_rows"].sum())
-        parts = [grid.row_hits_[(site, int(step), int(d))] for d in group["distance"]]
-        examples = np.concatenate([e for e, _ in parts])
-        hit = np.concatenate([h for _, h in parts])
-        hits = int(hit.sum())
-        low, high = bootstrap_by_example(hit, examples, bootstrap, rng)
-        first = group.iloc[0]
-        records.append({
-            "run": first["run"], "site": site, "layer": first["layer"], "step": int(step),
-            "committed_fraction": first["committed_fraction"], "label": first["label"], "target": first["target"],
-            "read": first["read"], "phase": first["phase"], "n_examples": int(group["n_examples"].max()),
-            "n_rows": n, "accuracy": hits / n, "ci_low": low, "ci_high": high,
-            "majority": float((group["majority"] * group["n_rows"]).sum() / n), "n_distances": len(group),
-        })
+    for values, group in rows.groupby(keys, sort=True):
+        readers = {c: group[c].to_numpy().astype(bool) for c in group.columns
+                   if c in ("probe", "lens", "readout", "majority") or c.startswith("baseline_")}
+        readers = {c: h for c, h in readers.items() if not group[c].isna().any()}
+        # Examples are keyed by run and example: a pooled group never mixes runs, so the example id suffices.
+        boot = ExampleBootstrap(group["example"].to_numpy(), n_boot, rng)
+        low, high = boot.interval(readers["probe"])
+        records.append({**dict(zip(keys, values)), "n_rows": len(group), "n_examples": boot.n_ids,
+                        "accuracy": float(readers["probe"].mean()), "ci_low": low, "ci_high": high,
+                        **readers_beside_probe(readers, boot)})
     return pd.DataFrame(records)
-
-
-def _by_distance(table: pd.DataFrame) -> pd.DataFrame:
-    """Frontier-read accuracy by how many positions ahead of the last written token the answer lies."""
-    table = table.assign(hits=table["accuracy"] * table["n_rows"], majority_hits=table["majority"] * table["n_rows"])
-    out = table.groupby(["run", "site", "layer", "distance"], as_index=False)[["hits", "majority_hits", "n_rows"]].sum()
-    out["accuracy"] = out["hits"] / out["n_rows"]
-    out["majority"] = out["majority_hits"] / out["n_rows"]
-    return out.drop(columns=["hits", "majority_hits"])
-
-
-def _best_layer(table: pd.DataFrame) -> pd.DataFrame:
-    """Per (run, read): the rows of the site with the best mean accuracy."""
-    keep = []
-    for _, group in table.groupby(["run", "read"], sort=False):
-        site = group.groupby("site")["accuracy"].mean().idxmax()
-        keep.append(group[group["site"] == site])
-    return pd.concat(keep)
 
 
 def _label(run: str, read: str) -> str:
@@ -145,59 +171,92 @@ def _label(run: str, read: str) -> str:
 
 
 def _plot(table: pd.DataFrame, by_distance: pd.DataFrame):
-    fig, axes = figure(ncols=3 if len(by_distance) else 2, width=4.6)
-    best = _best_layer(table)
-    for (run, read), group in best.groupby(["run", "read"], sort=False):
-        group = group.sort_values("step")
-        colour = CONDITION_COLOURS.get(run)
-        style = "-" if read == "own" else ":"
-        name = f"{_label(run, read)}, layer {group['layer'].iloc[0]}"
-        for axis, x in zip(axes[:2], ("committed_fraction", "forward_passes")):
-            axis.plot(group[x], group["accuracy"], ls=style, color=colour, label=name)
-            axis.fill_between(group[x], group["ci_low"], group["ci_high"], color=colour, alpha=0.15)
-            axis.plot(group[x], group["majority"], ls="--", lw=0.8, color=colour, alpha=0.6)
-    for axis, xlabel in zip(axes[:2], ("fraction of the output committed", "forward passes spent")):
-        axis.set_xlabel(xlabel)
-        axis.set_ylabel("probe accuracy, answer not yet written")
-        axis.set_ylim(0, 1.02)
-        axis.grid(alpha=0.3)
-    axes[0].set_title("best layer per run (dashed: majority)")
-    axes[1].legend(fontsize=7, loc="lower right")
+    fig, axes = figure(ncols=3, width=4.6)
     if len(by_distance):
-        axis = axes[2]
-        for (run, site), group in by_distance.groupby(["run", "site"], sort=False):
-            axis.plot(group["distance"], group["accuracy"], marker=".", label=f"{run}, {site.split('.hook')[0]}",
-                      color=CONDITION_COLOURS.get(run), alpha=0.4 + 0.6 * (site == deepest_site(by_distance["site"])))
+        axis = axes[0]
+        site = deepest_site(by_distance["site"])
+        shown = by_distance[(by_distance["site"] == site) & (by_distance["target"] == by_distance["target"].iloc[0])]
+        for run, group in shown.groupby("run", sort=False):
+            colour = CONDITION_COLOURS.get(run)
+            axis.plot(group["distance"], group["accuracy"], marker=".", color=colour, label=f"{run}: probe")
+            axis.fill_between(group["distance"], group["ci_low"], group["ci_high"], color=colour, alpha=0.15)
+            if "readout_accuracy" in group:
+                axis.plot(group["distance"], group["readout_accuracy"], ls=":", color=colour, label=f"{run}: own argmax")
+        if "strongest_baseline_accuracy" in shown:
+            best = shown.groupby("distance")["strongest_baseline_accuracy"].max()
+            axis.plot(best.index, best.to_numpy(), ls="--", color="black", lw=0.8, label="strongest input baseline")
         axis.set_xlabel("positions ahead of the last written token")
         axis.set_ylabel("accuracy")
-        axis.set_ylim(0, 1.02)
-        axis.set_title("read-ahead by distance")
-        axis.grid(alpha=0.3)
+        axis.set_title(f"like for like: {site.split('.hook')[0]}, {shown['target'].iloc[0]}, equal rows")
         axis.legend(fontsize=6)
+    for axis, read, title in ((axes[1], "frontier", "like for like, pooled over distances"),
+                              (axes[2], "own", "not like for like: own position (diffusion)")):
+        part = table[(table["read"] == read) & (table["target"] == "output")]
+        for run, group in part.groupby("run", sort=False):
+            site = group.groupby("site")["accuracy"].mean().idxmax()
+            group = group[group["site"] == site].sort_values("step")
+            colour = CONDITION_COLOURS.get(run)
+            axis.plot(group["committed_fraction"], group["accuracy"], color=colour,
+                      label=f"{_label(run, read)}, layer {group['layer'].iloc[0]}")
+            axis.fill_between(group["committed_fraction"], group["ci_low"], group["ci_high"], color=colour, alpha=0.15)
+            axis.plot(group["committed_fraction"], group["majority"], ls="--", lw=0.8, color=colour, alpha=0.6)
+        axis.set_xlabel("fraction of the output committed")
+        axis.set_title(title)
+        axis.legend(fontsize=6, loc="lower right")
+    for axis in axes:
+        axis.set_ylim(0, 1.02)
+        axis.grid(alpha=0.3)
+    axes[1].set_ylabel("probe accuracy, answer not yet written (dashed: majority)")
     return fig
 
 
-def _summary(table: pd.DataFrame, by_distance: pd.DataFrame, label: str) -> str:
-    parts = []
-    for (run, read), group in _best_layer(table).groupby(["run", "read"], sort=False):
-        first = group.sort_values("step").iloc[0]
-        parts.append(
-            f"{_label(run, read)}: {percent(group['accuracy'].mean())} mean accuracy over the run at layer "
-            f"{first['layer']} (step {int(first['step'])}: {percent(first['accuracy'])}, majority "
-            f"{percent(first['majority'])}); solves {percent(first['solve_rate'])}"
-        )
-    text = f"Decoding `{label}` tokens before they are written. " + "; ".join(parts) + "."
-    if len(by_distance):
-        last = by_distance[by_distance["site"] == deepest_site(by_distance["site"])]
-        near = last[last["distance"] == 1]
-        far = last[last["distance"] >= 5]
-        for run in last["run"].unique():
-            n1 = near[near["run"] == run]
-            nf = far[far["run"] == run]
-            if len(n1) and len(nf):
-                far_accuracy = (nf["accuracy"] * nf["n_rows"]).sum() / nf["n_rows"].sum()
-                far_majority = (nf["majority"] * nf["n_rows"]).sum() / nf["n_rows"].sum()
-                text += (f" Reading ahead from the last written token ({run}, {last['site'].iloc[0]}): "
-                         f"{percent(n1['accuracy'].iloc[0])} one position ahead, {percent(far_accuracy)} five or more "
-                         f"ahead (majority {percent(far_majority)}).")
+def _summary(rows: pd.DataFrame, table: pd.DataFrame, runs: Mapping[str, ActivationDataset], label: str,
+             n_boot: int, notes: dict[str, str]) -> str:
+    rng = np.random.default_rng(1)
+    text = f"Decoding `{label}` tokens before they are written."
+    ahead = rows[rows["read"] == "frontier"]
+    if len(ahead):
+        site = deepest_site(ahead["site"])
+        at = ahead[ahead["site"] == site]
+        text += (f"\n\n**Like for like** ({', '.join(f'`{r}`' for r in at['run'].unique())}): every run read at "
+                 f"its last written token at {site}, decoding the same positions ahead, every (step, distance) "
+                 f"cell trained on as many rows as the smallest run has there; 95% intervals over examples.")
+        text += (" Beside each probe: the run's own argmax at the probed position at that step (an autoregressive "
+                 "model predicts only the next position, so further ahead it has none and counts as wrong) and the "
+                 "strongest input-only baseline on the same rows.")
+        nearest = int(at["distance"].min())
+        groups = [(f"{nearest} position{'s' if nearest > 1 else ''} ahead", at["distance"] == nearest)]
+        if (at["distance"] >= max(5, nearest + 1)).any():
+            groups.append(("five or more ahead", at["distance"] >= max(5, nearest + 1)))
+        for target in at["target"].unique():
+            what = "the token the run commits" if target == "output" else "the correct value"
+            for name, part in groups:
+                chosen = at[(at["target"] == target) & part]
+                pooled = _pool(chosen.drop(columns=["distance", "step"]), ["run"], n_boot, rng).set_index("run")
+                text += f"\n- {what}, {name}: " + "; ".join(
+                    f"`{run}` probe {with_interval(r['accuracy'], r['ci_low'], r['ci_high'])}"
+                    + (f", its argmax {percent(r['readout_accuracy'])}" if "readout_accuracy" in r else "")
+                    + (f", {r['strongest_baseline']} baseline {percent(r['strongest_baseline_accuracy'])}"
+                       if "strongest_baseline" in r else "")
+                    + f" ({int(r['n_rows'])} rows)"
+                    for run, r in pooled.iterrows()) + "."
+    missing = [name for name, d in runs.items() if "frontier" not in reads_of(d)]
+    if missing:
+        text += (f"\n\nNot read like for like (the store lacks the `<sep>` position; record it with "
+                 f"positions='sep+target'): {', '.join(f'`{m}`' for m in missing)}.")
+    own = table[table["read"] == "own"]
+    if len(own):
+        parts = []
+        for run, group in own.groupby("run", sort=False):
+            site = group.groupby("site")["accuracy"].mean().idxmax()
+            group = group[group["site"] == site].sort_values("step")
+            start = group.iloc[0]
+            parts.append(f"`{run}` at layer {start['layer']}: mean {percent(group['accuracy'].mean())} over the run, step "
+                         f"{int(start['step'])} {with_interval(start['accuracy'], start['ci_low'], start['ci_high'])}"
+                         + (f" (its own argmax there {percent(start['readout_accuracy'])})" if "readout_accuracy" in start else "")
+                         + f"; solves {percent(start['solve_rate'])}")
+        text += ("\n\nNot like for like: a diffusion model read at its own still-masked position (a position the "
+                 "autoregressive twin has not computed), decoding the token it commits: " + "; ".join(parts) + ".")
+    for name, note in notes.items():
+        text += f" Left out for `{name}`: {note}."
     return text

@@ -26,15 +26,28 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float, Int
 
-from dlmprobe.analyses.lead import first_stable_step
 from dlmprobe.errors import DlmprobeInputError
+
+
+def first_stable_step(correct: np.ndarray, commit: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """First step of ``steps`` from which ``correct`` holds at every step up to the commit.
+
+    ``correct`` is (rows, len(steps)) bool, ``commit`` (rows,) the commit step. Steps at or after
+    the commit do not count; a row never correct before its commit gets its commit step.
+    """
+    before = steps[None, :] < commit[:, None]
+    ok = correct | ~before  # after the commit nothing is asked
+    # Scan from the last step back: a step is "stable" if it and every later one are ok.
+    stable = np.flip(np.logical_and.accumulate(np.flip(ok, axis=1), axis=1), axis=1) & before
+    first = np.where(stable.any(axis=1), steps[stable.argmax(axis=1)], commit)
+    return first
 
 
 def null_leads(commit: Int[np.ndarray, " row"], steps: Int[np.ndarray, " step"]) -> tuple[np.ndarray, np.ndarray]:
     """The lead of the oracle and of the uninformed reader at each row, read at ``steps`` as the probe is.
 
     The lead is the one :func:`~dlmprobe.analyses.lead.planning_lead` measures (commit step minus
-    the first step from which the reader is right until the commit), so the nulls share its
+    :func:`first_stable_step`, the first step from which the reader is right until the commit), so the nulls share its
     granularity: with coarse recorded steps the oracle's lead is coarse too.
     """
     commit, steps = np.asarray(commit), np.asarray(steps)

@@ -14,10 +14,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.analyses.common import describe_run, task_of
 from dlmprobe.analyses.plotting import figure
 from dlmprobe.analyses.result import AnalysisResult
+from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.store import ActivationDataset
 
 

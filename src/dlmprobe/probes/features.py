@@ -3,7 +3,8 @@
 * :class:`StoredFeatures`: the dataset's own activations, one (site, step) block at a time;
 * :class:`RandomWeightsFeatures`: the same sites of a randomly initialised model of the same
   architecture fed the stored canvases (the random-weights baseline), one forward pass per step;
-* :func:`frontier_positions`: the last written token of the target's prefix, for frontier reads.
+* :func:`frontier_positions`: the last written token of the target's prefix, for frontier reads;
+* :func:`subsample_rows`: a cell's rows capped at a count, the same ones whatever is read there.
 
 Example:
     >>> features = RandomWeightsFeatures(data, data.sites)
@@ -17,8 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from dlmprobe.store import ActivationDataset
 from dlmprobe.models import ModelConfig, random_model
+from dlmprobe.store import ActivationDataset
 
 
 class StoredFeatures:
@@ -75,3 +76,16 @@ def frontier_positions(data: ActivationDataset, step: int) -> np.ndarray:
     masked = data.canvas[:, step, data.target_start : data.target_start + length] == data.mask_id
     first_masked = np.where(masked.any(axis=1), masked.argmax(axis=1), length)
     return data.target_start - 1 + first_masked
+
+
+def subsample_rows(mask: np.ndarray, limit: int | None, key: tuple[int, ...]) -> np.ndarray:
+    """``mask`` with at most ``limit`` of its True entries kept, drawn from ``key`` (seed, step, slot).
+
+    The draw depends on the key alone, so every site and label definition of a cell keeps the same rows.
+    """
+    if limit is None or mask.sum() <= limit:
+        return mask
+    chosen = np.random.default_rng([k % 2**32 for k in key]).choice(int(mask.sum()), int(limit), replace=False)
+    out = np.zeros(mask.size, dtype=bool)
+    out[np.flatnonzero(mask)[chosen]] = True
+    return out.reshape(mask.shape)

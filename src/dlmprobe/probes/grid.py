@@ -3,15 +3,19 @@
 The question a grid answers: at step t, before position p is committed, does a linear read-out of
 a site already tell which token will be committed at p (``target="output"``) or what the correct
 answer is (``target="truth"``)? Every cell is fitted by :func:`~dlmprobe.probes.linear.fit_logistic`
-in batched optimisations, together with the controls a reviewer asks for:
+in batched optimisations, beside what a reviewer compares it with, on the same rows:
 
-* ``majority``: the most frequent training class;
-* ``control_accuracy``: the same probe on a control task (Hewitt & Liang 2019): random labels that
-  are consistent per input type, the type being the token at ``control_position`` (by default the
-  first prompt token) and the slot; ``selectivity = accuracy - control_accuracy``;
-* ``random_weights_accuracy``: the same probe on a model of the same architecture with random
-  weights, replaying the stored canvases;
-* ``ci_low`` / ``ci_high``: a bootstrap 95% interval over examples;
+* the model's own read-out: ``lens_accuracy`` (the logit lens on the very features the probe
+  reads) and ``readout_accuracy`` (the model's argmax at the probed position at that step);
+  ``probe_over_lens``/``probe_over_readout`` say how much more the probe knows than the model says;
+* input-only baselines on the same rows, folds and trainer (``majority``,
+  ``baseline_<name>_accuracy``); ``baseline_selectivity``: the probe minus the strongest of them;
+* ``control_accuracy``: Hewitt & Liang's control task, random labels consistent per canvas
+  position decoded (a sudoku cell), mean of ``control_draws`` draws (``control_accuracy_sd``
+  their spread); ``selectivity = accuracy - control_accuracy``;
+* ``random_weights_accuracy``: the same probe on a random-weights model fed the stored canvases;
+* ``ci_low``/``ci_high`` and every ``*_ci_low``/``*_ci_high``: bootstrap 95% intervals over
+  examples, paired for differences (:func:`~dlmprobe.probes.stats.readers_beside_probe`);
 * ``mdl_bits`` (optional): online-code description length (Voita & Titov 2020).
 
 Splits are k-fold by example, never by row: the rows of one example at different steps or slots
@@ -26,31 +30,42 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from dlmprobe.hooks import layer_of
+from dlmprobe.probes.baselines import (
+    BASELINES,
+    InputFeatures,
+    fit_input_baselines,
+    store_task,
+)
 from dlmprobe.probes.features import (
     FeatureSource,
     RandomWeightsFeatures,
     StoredFeatures,
     frontier_positions,
+    subsample_rows,
 )
-from dlmprobe.probes.linear import fit_logistic, predict_logits
-from dlmprobe.store import ActivationDataset
+from dlmprobe.probes.lens import ModelReaders, Readout, store_readers
 from dlmprobe.probes.stats import (
+    ExampleBootstrap,
     bootstrap_by_example,
     control_labels,
-    majority_accuracy,
+    cross_validate,
     online_code_length,
+    readers_beside_probe,
 )
+from dlmprobe.store import ActivationDataset
+
+# bootstrap_by_example lives in stats; analyses that import it from here keep working.
+__all__ = ["Cell", "ProbeGrid", "bootstrap_by_example"]
 
 Phase = Literal["before_commit", "after_commit"]
 Target = Literal["output", "truth"]
@@ -58,7 +73,7 @@ Target = Literal["output", "truth"]
 
 @dataclass
 class Cell:
-    """The rows of one probe: features, labels, the example and control type of every row."""
+    """The rows of one probe: features, labels, and the example, canvas position and slot of every row."""
 
     site: str
     step: int
@@ -66,7 +81,7 @@ class Cell:
     X: np.ndarray  # (rows, d)
     y: np.ndarray  # (rows,)
     examples: np.ndarray  # (rows,)
-    control_type: np.ndarray  # (rows,)
+    positions: np.ndarray  # (rows,) canvas position each row decodes (its control type too)
     slots: np.ndarray  # (rows,) label slot of every row
 
 
@@ -91,11 +106,21 @@ class ProbeGrid:
         sites, steps: subsets of the stored ones (None = all).
         folds: k of the k-fold split by example; ``seed`` seeds folds, control labels, bootstrap.
         C: inverse L2 strength, as scikit-learn's. ``min_rows``: smaller cells are skipped.
-        random_baseline, control: compute those controls. ``mdl``: online code length too.
+        max_rows: at most this many rows per cell, a random subset drawn per (step, slot) from
+            ``seed`` (so every site and target sees the same rows); a mapping ``(step, slot) ->
+            rows`` caps each cell on its own (absent keys: no cap). Comparisons of runs pass the
+            smallest count of every cell, so that all train on as many rows.
+        control, control_draws: the control task and how many draws of its labels.
+        random_baseline: the random-weights baseline. ``mdl``: online code length too.
+        lens: the logit lens and the model's own read-out beside every probe.
+        baselines: the input-only baselines fitted beside every probe (the majority class always is),
+            among :data:`~dlmprobe.probes.baselines.BASELINES`; ``()`` for none but the majority.
 
     Fitted state (set by :meth:`run`, or :meth:`out_of_fold` for the task probe alone), as
-    scikit-learn names it: ``skipped_`` (cells with too few rows, one line each), ``row_hits_``
-    (per cell ``(site, step, slot)``: the example and out-of-fold hit of every row),
+    scikit-learn names it: ``skipped_`` (cells with too few rows, one line each), ``rows_`` (per
+    cell ``(site, step, slot)``, a DataFrame of every row: ``example``, ``slot``, ``position``
+    and each reader's out-of-fold hit, ``probe``, ``lens``, ``readout``, ``majority`` and
+    ``baseline_<name>``), ``readers_note_`` (which readers could not be computed and why),
     ``out_of_fold_`` (what :meth:`out_of_fold` returns) and ``fitted_on_`` (the data and settings
     they belong to).
     """
@@ -112,17 +137,20 @@ class ProbeGrid:
     C: float = 1.0
     max_iter: int = 100
     min_rows: int = 20
+    max_rows: int | Mapping[tuple[int, int], int] | None = None
     control: bool = True
-    control_position: int = 1
+    control_draws: int = 3
     random_baseline: bool = True
+    lens: bool = True
+    baselines: Sequence[str] = BASELINES
     mdl: bool = False
     bootstrap: int = 500
     seed: int = 0
     cells_per_fit: int = 16
     device: str = "cpu"
     skipped_: list[str] = field(default_factory=list, init=False, repr=False)
-    row_hits_: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = field(
-        default_factory=dict, init=False, repr=False)
+    rows_: dict[tuple[str, int, int], pd.DataFrame] = field(default_factory=dict, init=False, repr=False)
+    readers_note_: str = field(default="", init=False, repr=False)
     out_of_fold_: dict[str, np.ndarray] | None = field(default=None, init=False, repr=False)
     fitted_on_: tuple[str, str] | None = field(default=None, init=False, repr=False)
 
@@ -139,6 +167,8 @@ class ProbeGrid:
             raise ValueError(f"folds must be >= 2, got {self.folds}")
         if self.C <= 0:
             raise ValueError(f"C must be positive, got {self.C}")
+        if self.control and self.control_draws < 1:
+            raise ValueError(f"control_draws must be >= 1, got {self.control_draws}")
 
     def settings(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
@@ -160,63 +190,70 @@ class ProbeGrid:
         return sites, steps
 
     def _layout(self, data: ActivationDataset) -> dict[str, np.ndarray]:
-        """Per (example, slot): canvas position, target value, control type; computed once."""
+        """Per (example, slot): canvas position and target value; computed once."""
         slots, values = data.label(self.label)
-        n, k = slots.shape
         positions = data.target_start + slots  # (n, k) canvas positions
-        rows = np.arange(n)[:, None]
+        rows = np.arange(slots.shape[0])[:, None]
         y = values if self.target == "truth" else data.canvas[rows, -1, positions]
         if (y == data.mask_id).any():
             raise ValueError("some label positions were never committed; the run is incomplete")
         if len(np.unique(y)) < 2:
             raise ValueError(f"label {self.label!r} ({self.target}) has only one class {np.unique(y).tolist()}: nothing to probe")
-        if not 0 <= self.control_position < data.canvas.shape[2]:
-            raise ValueError(f"control_position must be a canvas position, got {self.control_position}")
-        control_token = data.canvas[:, -1, self.control_position]
-        control_type = control_token[:, None] * k + np.arange(k)[None, :]  # (n, k): type = (token, slot)
-        return {"positions": positions, "y": y, "control_type": control_type}
+        return {"positions": positions, "y": y}
+
+    def _groups(self, data: ActivationDataset, step: int, positions: np.ndarray) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
+        """The cells of one step before features: (slot, row mask (n, k)) each, and the read position (n, k)."""
+        n, k = positions.shape
+        masked = data.canvas[np.arange(n)[:, None], step, positions] == data.mask_id  # (n, k)
+        keep = masked if self.phase == "before_commit" else ~masked
+        if self.read == "frontier":
+            read_at = np.broadcast_to(frontier_positions(data, step)[:, None], (n, k))
+        elif self.read in ("own", "pooled"):
+            read_at = positions
+        else:
+            read_at = np.full((n, k), int(self.read))
+        if self.per_slot:
+            groups = [(j, keep & (np.arange(k) == j)[None, :]) for j in range(k)]
+        elif self.per_distance:
+            distance = positions - read_at
+            groups = [(int(dd), keep & (distance == dd)) for dd in np.unique(distance[keep])]
+        else:
+            groups = [(-1, keep)]
+        return [(slot, subsample_rows(mask, self._limit(step, slot), (self.seed, step, slot))) for slot, mask in groups], read_at
+
+    def _limit(self, step: int, slot: int) -> int | None:
+        return self.max_rows.get((step, slot)) if isinstance(self.max_rows, Mapping) else self.max_rows
+
+    def row_counts(self, data: ActivationDataset) -> dict[tuple[int, int], int]:
+        """Rows of every cell, by ``(step, slot)`` (the same for every site), read from the canvas alone."""
+        _, steps = self._select(data)
+        positions = self._layout(data)["positions"]
+        return {(step, slot): int(mask.sum()) for step in steps for slot, mask in self._groups(data, step, positions)[0]}
 
     def _cells(self, data: ActivationDataset, sites: list[str], steps: list[int],
                layout: dict[str, np.ndarray], features: FeatureSource) -> Iterator[Cell]:
-        positions, y_all, control_all = layout["positions"], layout["y"], layout["control_type"]
+        positions, y_all = layout["positions"], layout["y"]
         n, k = positions.shape
         rows = np.arange(n)[:, None]
         for step in steps:
-            masked = data.canvas[rows, step, positions] == data.mask_id  # (n, k)
-            frontier = frontier_positions(data, step) if self.read == "frontier" else None
-            keep = masked if self.phase == "before_commit" else ~masked
+            groups, read_at = self._groups(data, step, positions)
+            index = data.position_index(read_at)  # (n, k) along the stored positions
             for site in sites:
                 acts = features(site, step)  # (n, stored_pos, d)
-                read_at = positions  # (n, k) canvas position each row is read at
-                if self.read == "own":
-                    X_all = acts[rows, data.position_index(positions)]  # (n, k, d)
-                elif self.read == "pooled":
+                if self.read == "pooled":
                     X_all = np.broadcast_to(acts.mean(axis=1, keepdims=True), (n, k, acts.shape[2]))
-                elif self.read == "frontier":
-                    read_at = np.broadcast_to(frontier[:, None], (n, k))
-                    index = data.position_index(frontier)
-                    X_all = np.broadcast_to(acts[np.arange(n), index][:, None], (n, k, acts.shape[2]))
                 else:
-                    read_at = np.full((n, k), int(self.read))
-                    index = int(data.position_index(np.array([self.read]))[0])
-                    X_all = np.broadcast_to(acts[:, index : index + 1], (n, k, acts.shape[2]))
-                if self.per_slot:
-                    slot_groups = [(j, keep[:, j : j + 1], slice(j, j + 1)) for j in range(k)]
-                elif self.per_distance:
-                    distance = positions - read_at
-                    slot_groups = [(int(dd), keep & (distance == dd), slice(None)) for dd in np.unique(distance[keep])]
-                else:
-                    slot_groups = [(-1, keep, slice(None))]
-                for slot, mask, part in slot_groups:
-                    X = X_all[:, part][mask]
+                    X_all = acts[rows, index]  # (n, k, d)
+                for slot, mask in groups:
+                    X = X_all[mask]
                     if not np.isfinite(X).all():
                         raise ValueError(
                             f"activations of {site} at step {step} contain NaN or inf at the probed rows "
                             f"(an autoregressive store has NaN at positions not yet computed: read an earlier position)"
                         )
                     examples = np.broadcast_to(rows, mask.shape)[mask]
-                    slots = np.broadcast_to(np.arange(k)[part][None, :], mask.shape)[mask]
-                    yield Cell(site, step, slot, X, y_all[:, part][mask], examples, control_all[:, part][mask], slots)
+                    slots = np.broadcast_to(np.arange(k)[None, :], mask.shape)[mask]
+                    yield Cell(site, step, slot, X, y_all[mask], examples, positions[mask], slots)
 
     def cells(self, data: ActivationDataset) -> Iterator[Cell]:
         """The grid's cells (rows, labels, examples) as it would fit them: for custom probes."""
@@ -224,9 +261,14 @@ class ProbeGrid:
         yield from self._cells(data, sites, steps, self._layout(data), StoredFeatures(data))
 
     # -- fitting -------------------------------------------------------------------------------
-    def run(self, data: ActivationDataset, progress: bool = True) -> pd.DataFrame:
-        """Train every cell of the grid with its controls; one DataFrame row per cell."""
-        records = self._fit(data, progress, full=True)
+    def run(self, data: ActivationDataset, progress: bool = True, readers: ModelReaders | None = None) -> pd.DataFrame:
+        """Train every cell of the grid with its controls; one DataFrame row per cell.
+
+        ``readers``: the model's read-out and embeddings for the lens and the embedding baseline
+        (:func:`~dlmprobe.probes.lens.readers_of`); by default those of the built-in model the
+        store names, if it can be loaded (``readers_note_`` says what was left out).
+        """
+        records = self._fit(data, progress, full=True, readers=readers)
         if not records:
             raise ValueError(
                 f"no cell has enough rows to probe (min_rows={self.min_rows}, {self.folds} folds, 2 classes): "
@@ -252,27 +294,31 @@ class ProbeGrid:
     def _fingerprint(self, data: ActivationDataset) -> tuple[str, str]:
         return str(Path(data.path).resolve()), repr(self.settings())
 
-    def _fit(self, data: ActivationDataset, progress: bool, full: bool) -> dict[tuple[str, int, int], dict[str, Any]]:
-        """Fit every cell's task probe (and, if ``full``, its controls and table row); keeps the fitted state."""
+    def _fit(self, data: ActivationDataset, progress: bool, full: bool,
+             readers: ModelReaders | None = None) -> dict[tuple[str, int, int], dict[str, Any]]:
+        """Fit every cell's task probe (and, if ``full``, its readers, controls and table row); keeps the fitted state."""
         sites, steps = self._select(data)
         layout = self._layout(data)
         rng = np.random.default_rng(self.seed)
         n = data.n_examples
         if n < self.folds:
             raise ValueError(f"{n} examples are too few for {self.folds}-fold probing")
-        fold_of = rng.permutation(n) % self.folds  # by example
+        fold_of = rng.permutation(n) % self.folds  # by example; the first draw (baselines.example_folds)
         k = layout["positions"].shape[1]
-        fit = _Fit(fold_of=fold_of, classes=np.unique(layout["y"]), rng=rng,
+        fit = _Fit(data=data, fold_of=fold_of, classes=np.unique(layout["y"]), rng=rng,
                    out_of_fold={site: np.full((n, len(steps), k), -1, dtype=np.int64) for site in sites},
                    step_index={step: i for i, step in enumerate(steps)})
         sources: dict[str, FeatureSource] = {"task": StoredFeatures(data)}
+        self.readers_note_ = ""
         if full:
-            fit.control_map = control_labels(layout["control_type"], layout["y"], rng)
+            if self.control:
+                fit.control_maps = [control_labels(layout["positions"], layout["y"], rng) for _ in range(self.control_draws)]
             target = slice(data.target_start, data.target_start + data.output.shape[1])
             fit.committed = 1.0 - (data.canvas[:, :, target] == data.mask_id).mean(axis=(0, 2))  # of the whole target, per step
+            self._prepare_readers(fit, readers)
             if self.random_baseline:
                 sources["random_weights"] = RandomWeightsFeatures(data, sites)
-        self.skipped_, self.row_hits_ = [], {}
+        self.skipped_, self.rows_ = [], {}
         total = len(sites) * len(steps) * (k if self.per_slot else 1)
         bar = tqdm(total=None if self.per_distance else total * len(sources), disable=not progress,
                    desc=f"probe {self.label}" + ("" if full else " (per row)"), unit="cell")
@@ -294,101 +340,100 @@ class ProbeGrid:
         self.out_of_fold_, self.fitted_on_ = fit.out_of_fold, self._fingerprint(data)
         return fit.records
 
+    def _prepare_readers(self, fit: _Fit, readers: ModelReaders | None) -> None:
+        """The lens's read-out and the input features, from ``readers`` or the store's own model."""
+        notes = []
+        if self.lens or self.baselines:
+            readers = readers if readers is not None else store_readers(fit.data)
+            notes.append(readers.note)
+        if self.lens and readers.readout is not None:
+            if self.read == "pooled":
+                notes.append("no logit lens: a mean over positions is no activation the model reads out")
+            else:
+                fit.readout = readers.readout
+        if self.baselines:
+            fit.inputs = InputFeatures(fit.data, store_task(fit.data), readers.embedding, readers.position_embedding,
+                                       self.baselines)
+            notes += fit.inputs.notes
+        self.readers_note_ = "; ".join(note for note in notes if note)
+
     def _fit_batch(self, cells: list[Cell], variant: str, fit: _Fit, full: bool) -> None:
         ys = {variant: [c.y for c in cells]}
-        if variant == "task" and full and self.control:
-            ys["control"] = [fit.control_map[c.control_type] for c in cells]
-        predicted = self._cross_validate(cells, list(ys.values()), fit.fold_of, fit.classes)
-        for name, predicted_per_cell in zip(ys, predicted):
-            for cell, y, guess in zip(cells, ys[name], predicted_per_cell):
-                key = (cell.site, cell.step, cell.slot)
-                if name != "task":
-                    if key in fit.records:
-                        fit.records[key][f"{name}_accuracy"] = float((guess == y).mean())
-                    continue
-                fit.out_of_fold[cell.site][cell.examples, fit.step_index[cell.step], cell.slots] = guess
-                if full:
-                    fit.records[key] = self._record(cell, guess == y, fit)
+        if variant == "task" and full:
+            for draw, table in enumerate(fit.control_maps):
+                ys[f"control{draw}"] = [table[c.positions] for c in cells]
+        predicted = cross_validate([c.X for c in cells], list(ys.values()), [c.examples for c in cells],
+                                   fit.fold_of, fit.classes, self.C, self.max_iter, self.device)
+        guesses = dict(zip(ys, predicted))
+        for i, cell in enumerate(cells):
+            key = (cell.site, cell.step, cell.slot)
+            if variant != "task":
+                if key in fit.records:
+                    fit.records[key][f"{variant}_accuracy"] = float((guesses[variant][i] == cell.y).mean())
+                continue
+            fit.out_of_fold[cell.site][cell.examples, fit.step_index[cell.step], cell.slots] = guesses["task"][i]
+        if variant == "task" and full:
+            self._fit_baselines(cells, fit)
+            for i, cell in enumerate(cells):
+                controls = [float((guesses[name][i] == ys[name][i]).mean()) for name in ys if name != "task"]
+                fit.records[(cell.site, cell.step, cell.slot)] = self._record(cell, guesses["task"][i] == cell.y, controls, fit)
 
-    def _record(self, cell: Cell, hits: np.ndarray, fit: _Fit) -> dict[str, Any]:
-        """The table row of a task cell; bootstrap and online code draw from the grid's generator."""
-        self.row_hits_[(cell.site, cell.step, cell.slot)] = (cell.examples, hits)
-        low, high = bootstrap_by_example(hits, cell.examples, self.bootstrap, fit.rng)
+    def _fit_baselines(self, cells: list[Cell], fit: _Fit) -> None:
+        """Per new (step, slot): every input-only baseline's out-of-fold hits (the same for every site)."""
+        new = {(c.step, c.slot): c for c in cells if (c.step, c.slot) not in fit.baseline_hits}
+        if new:
+            fit.baseline_hits.update(fit_input_baselines(
+                fit.data, fit.inputs, {key: (c.step, c.examples, c.positions, c.slots, c.y) for key, c in new.items()},
+                fit.fold_of, fit.classes, self.C, self.max_iter, self.device))
+
+    def _record(self, cell: Cell, hits: np.ndarray, controls: list[float], fit: _Fit) -> dict[str, Any]:
+        """The table row of a task cell; resamples and online code draw from the grid's generator."""
+        readers = {"probe": hits}
+        if fit.readout is not None:
+            readers["lens"] = fit.readout.predict(cell.X, exclude=[fit.data.mask_id]) == cell.y
+        if cell.step < fit.data.n_steps:
+            readers["readout"] = fit.data.prediction[cell.examples, cell.step, cell.positions] == cell.y
+        readers.update({name if name == "majority" else f"baseline_{name}": h
+                        for name, h in fit.baseline_hits.get((cell.step, cell.slot), {}).items()})
+        self.rows_[(cell.site, cell.step, cell.slot)] = pd.DataFrame(
+            {"example": cell.examples, "slot": cell.slots, "position": cell.positions, **readers})
+        boot = ExampleBootstrap(cell.examples, self.bootstrap, fit.rng)
+        low, high = boot.interval(hits)
         record = {
             "site": cell.site, "layer": layer_of(cell.site), "step": cell.step,
             ("distance" if self.per_distance else "slot"): cell.slot,
             "committed_fraction": float(fit.committed[cell.step]), "label": self.label,
             "target": self.target, "read": str(self.read), "phase": self.phase,
-            "n_examples": len(np.unique(cell.examples)), "n_rows": len(cell.y),
+            "n_examples": boot.n_ids, "n_rows": len(cell.y),
             # k-fold: every row is tested once, by a probe trained on the other folds.
             "n_train": round(len(cell.y) * (self.folds - 1) / self.folds), "n_test": len(cell.y),
             "n_classes": len(np.unique(cell.y)), "accuracy": float(hits.mean()),
             "ci_low": low, "ci_high": high,
-            "majority": majority_accuracy(cell.y, cell.examples, fit.fold_of, self.folds),
         }
+        if controls:
+            record.update(control_accuracy=float(np.mean(controls)), control_draws=len(controls),
+                          control_accuracy_sd=float(np.std(controls, ddof=1)) if len(controls) > 1 else float("nan"))
+        record.update(readers_beside_probe(readers, boot))
         if self.mdl:
             record["mdl_bits"], record["uniform_bits"] = online_code_length(
                 cell.X, np.searchsorted(fit.classes, cell.y), cell.examples, len(fit.classes), self.C, self.max_iter,
                 fit.rng, self.device)
         return record
 
-    def _cross_validate(self, cells: list[Cell], label_sets: list[list[np.ndarray]], fold_of: np.ndarray,
-                        classes: np.ndarray) -> list[list[np.ndarray]]:
-        """Out-of-fold prediction (a class value) of every row, for each label set (task, control) and cell.
-
-        Every (label set, cell, fold) is one problem of a single batched fit: the features of a
-        cell are shared by its label sets; folds differ in which rows are trained on.
-        """
-        X, valid = _pad([c.X for c in cells], self.device)  # (cells, rows, d)
-        rows = X.shape[1]
-        fold = _pad_int([fold_of[c.examples] for c in cells], rows, self.device).unsqueeze(1)
-        folds = torch.arange(self.folds, device=self.device).view(1, -1, 1)
-        train = (valid.unsqueeze(1) & (fold != folds)).float()  # (cells, folds, rows)
-        test = valid.unsqueeze(1) & (fold == folds)
-        ys = [_pad_int([np.searchsorted(classes, v) for v in label_set], rows, self.device).clamp_min(0)
-              for label_set in label_sets]  # each (cells, rows)
-        # Problems of a cell: every label set x every fold.
-        y = torch.stack([v.unsqueeze(1).expand(-1, self.folds, -1) for v in ys], dim=1).flatten(1, 2)
-        weight = train.repeat(1, len(label_sets), 1)
-        W, b = fit_logistic(X, y, weight, len(classes), self.C, self.max_iter)
-        predicted = predict_logits(X, W, b).argmax(-1).view(len(cells), len(label_sets), self.folds, rows)
-        lengths = [len(c.y) for c in cells]
-        out = []
-        for s in range(len(ys)):
-            # Each row is tested in exactly one fold: keep that fold's prediction.
-            index = (predicted[:, s] * test).sum(dim=1)  # (cells, rows)
-            out.append([classes[index[i, :m].cpu().numpy()] for i, m in enumerate(lengths)])
-        return out
-
 
 @dataclass
 class _Fit:
     """What one fitting pass over a grid shares between its batches."""
 
+    data: ActivationDataset
     fold_of: np.ndarray
     classes: np.ndarray
     rng: np.random.Generator
     out_of_fold: dict[str, np.ndarray]
     step_index: dict[int, int]
-    control_map: np.ndarray | None = None
+    control_maps: list[np.ndarray] = field(default_factory=list)
     committed: np.ndarray | None = None
+    readout: Readout | None = None
+    inputs: InputFeatures | None = None
+    baseline_hits: dict[tuple[int, int], dict[str, np.ndarray]] = field(default_factory=dict)
     records: dict[tuple[str, int, int], dict[str, Any]] = field(default_factory=dict)
-
-
-def _pad(Xs: list[np.ndarray], device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack cells of different row counts into (cells, rows, d) with a validity mask."""
-    rows = max(len(x) for x in Xs)
-    X = torch.zeros((len(Xs), rows, Xs[0].shape[1]), dtype=torch.float32, device=device)
-    valid = torch.zeros((len(Xs), rows), dtype=torch.bool, device=device)
-    for i, xi in enumerate(Xs):
-        X[i, : len(xi)] = torch.as_tensor(xi, dtype=torch.float32)
-        valid[i, : len(xi)] = True
-    return X, valid
-
-
-def _pad_int(values: list[np.ndarray], rows: int, device: str) -> torch.Tensor:
-    out = torch.full((len(values), rows), -1, dtype=torch.long, device=device)
-    for i, v in enumerate(values):
-        out[i, : len(v)] = torch.as_tensor(v, dtype=torch.long)
-    return out
-

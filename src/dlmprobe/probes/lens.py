@@ -11,7 +11,9 @@ with what the model itself says at the same rows:
   (``ActivationDataset.prediction``), the model's own prediction.
 
 Both leave out the mask token, as the sampler does. Rows are those of
-:func:`dlmprobe.probes.baselines.label_rows`.
+:func:`dlmprobe.probes.baselines.label_rows`. A :class:`~dlmprobe.probes.ProbeGrid` puts both beside
+every probe, on the probe's own rows and features, with :class:`ModelReaders` from
+:func:`readers_of` (a model) or :func:`store_readers` (the built-in model a store names).
 
 Example:
     >>> readout = readout_of(from_checkpoint(load_model("sudoku-diffusion")))
@@ -31,7 +33,7 @@ from jaxtyping import Float, Int
 
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.hooks import layer_of
-from dlmprobe.models import ModelHandle
+from dlmprobe.models import ModelHandle, from_checkpoint, load_model
 from dlmprobe.probes.baselines import label_rows
 from dlmprobe.store import ActivationDataset
 
@@ -117,6 +119,54 @@ def readout_of(handle: ModelHandle) -> Readout:
             raise DlmprobeInputError(f"cannot find the epsilon of final norm {type(norm).__name__}")
         return Readout(W_U, b_U, "rmsnorm", _array(getattr(norm, "weight", None)), None, float(eps))
     raise DlmprobeInputError(f"expected a LayerNorm or RMSNorm final norm, got {type(norm).__name__}")
+
+
+@dataclass(frozen=True)
+class ModelReaders:
+    """What a probe grid reads from the model beside its probes: the logit lens's :class:`Readout`
+    and the token (and position) embedding of the ``embedding`` baseline; ``note`` says which is
+    missing and why ("" when none is)."""
+
+    readout: Readout | None = None
+    embedding: Float[np.ndarray, "vocab d"] | None = None
+    position_embedding: Float[np.ndarray, "pos d"] | None = None
+    note: str = ""
+
+
+def readers_of(handle: ModelHandle) -> ModelReaders:
+    """The read-out and embeddings of a model; what cannot be read is named in ``note``, not raised."""
+    notes = []
+    try:
+        readout = readout_of(handle)
+    except DlmprobeInputError as err:
+        readout = None
+        notes.append(f"no logit lens: {err}")
+    embed, pos = getattr(handle.module, "embed", None), getattr(handle.module, "pos_embed", None)
+    weight = getattr(_inner(embed), "weight", None) if embed is not None else None
+    if weight is None:
+        notes.append(f"no embedding baseline: model {handle.name!r} has no embed.weight")
+    position = getattr(_inner(pos), "weight", None) if pos is not None else None  # None: rotary positions
+    return ModelReaders(readout, _array(weight), _array(position), "; ".join(notes))
+
+
+def store_readers(data: ActivationDataset) -> ModelReaders:
+    """The readers of the built-in model a store was recorded from, loaded by the name it stored.
+
+    Only a checkpoint whose weights match the store's recorded sha256 is used; otherwise (a Hugging
+    Face model, a moved or retrained checkpoint, a hand-built store) the readers are empty and
+    ``note`` says why: pass :func:`readers_of` of the right model instead.
+    """
+    model = data.config.get("model") or {}
+    name, recorded = model.get("name"), model.get("weights_sha256")
+    if not name or not model.get("config"):
+        return ModelReaders(note=f"no logit lens or embedding baseline: {data.path.name} names no built-in model")
+    try:
+        ckpt = load_model(name)
+    except (FileNotFoundError, DlmprobeInputError, ValueError) as err:
+        return ModelReaders(note=f"no logit lens or embedding baseline: cannot load model {name!r} ({err})")
+    if recorded and ckpt.weights_sha256 != recorded:
+        return ModelReaders(note=f"no logit lens or embedding baseline: the weights of {name!r} differ from those that wrote {data.path.name}")
+    return readers_of(from_checkpoint(ckpt))
 
 
 def lens_predictions(data: ActivationDataset, readout: Readout, site: str, step: int, rows: pd.DataFrame,

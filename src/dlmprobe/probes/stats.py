@@ -1,8 +1,12 @@
 """The statistics around a probe's accuracy: chance levels, control labels, intervals, code length.
 
+* :func:`cross_validate`: out-of-fold predictions of many cells and label sets in one batched fit,
+  the trainer every probe and every input-only baseline of a grid shares;
 * :func:`bootstrap_by_example`: a 95% interval of accuracy that resamples examples, not rows (the
   rows of one example are near duplicates), built on :func:`cluster_bootstrap`, the one cluster
   bootstrap of the kit: any rate that sums hits and counts over resampled clusters;
+  :class:`ExampleBootstrap` shares one set of resamples between several readers of the same rows,
+  so that the difference of two accuracies gets a paired interval;
 * :func:`majority_accuracy`: the most frequent training class of each fold, as a probe;
 * :func:`control_labels`: Hewitt & Liang's control task (random labels, consistent per input type);
 * :func:`online_code_length`: Voita & Titov's online (prequential) description length.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -35,14 +40,67 @@ def cluster_bootstrap(numerator: np.ndarray, denominator: np.ndarray, draws: np.
     return float(low), float(high)
 
 
+class ExampleBootstrap:
+    """One set of example resamples for every reader of the same rows (probe, lens, baselines).
+
+    :meth:`interval` gives the 95% interval of the mean of any per-row value: hits give an
+    accuracy's interval, the difference of two readers' hits the paired interval of the difference
+    of their accuracies (the rows are the same, so the difference of rates is the rate of differences).
+    """
+
+    def __init__(self, examples: np.ndarray, n_boot: int, rng: np.random.Generator):
+        ids, self.inverse = np.unique(np.asarray(examples), return_inverse=True)
+        self.n_ids = len(ids)
+        self.count = np.bincount(self.inverse, minlength=self.n_ids).astype(float)
+        self.draws = rng.integers(0, self.n_ids, size=(n_boot, self.n_ids)) if n_boot >= 1 else None
+
+    def interval(self, values: np.ndarray) -> tuple[float, float]:
+        """95% percentile interval of the row mean of ``values`` (one per row); NaNs without resamples."""
+        if self.draws is None:
+            return float("nan"), float("nan")
+        total = np.bincount(self.inverse, weights=np.asarray(values, dtype=float), minlength=self.n_ids)
+        return cluster_bootstrap(total, self.count, self.draws)
+
+
+def reader_columns(reader: str, reader_hits: np.ndarray, probe_hits: np.ndarray, boot: ExampleBootstrap,
+                   gap: str | None = None) -> dict[str, float]:
+    """A reader's accuracy with its interval, and the probe's lead over it with a paired interval:
+    ``<reader>_accuracy``, ``<reader>_ci_low``/``_ci_high``, and ``<gap>`` (default
+    ``probe_over_<reader>``) with ``<gap>_ci_low``/``<gap>_ci_high``."""
+    gap = gap or f"probe_over_{reader}"
+    low, high = boot.interval(reader_hits)
+    gap_low, gap_high = boot.interval(np.asarray(probe_hits, dtype=float) - reader_hits)
+    return {f"{reader}_accuracy": float(np.mean(reader_hits)), f"{reader}_ci_low": low, f"{reader}_ci_high": high,
+            gap: float(np.mean(probe_hits) - np.mean(reader_hits)), f"{gap}_ci_low": gap_low, f"{gap}_ci_high": gap_high}
+
+
+def readers_beside_probe(readers: Mapping[str, np.ndarray], boot: ExampleBootstrap) -> dict[str, float | str]:
+    """The table columns of every reader of a probe's rows, each given by its per-row hits.
+
+    ``readers["probe"]`` is the probe's; ``lens`` and ``readout`` (the model's own read-out) get
+    :func:`reader_columns`; ``majority`` and every ``baseline_<name>`` are input-only baselines:
+    each gets its accuracy, and the strongest of them is ``strongest_baseline`` (its name without
+    the prefix) with ``strongest_baseline_accuracy`` and ``baseline_selectivity`` (the probe's lead
+    over it), each with a paired interval.
+    """
+    probe = readers["probe"]
+    record: dict[str, float | str] = {}
+    for reader in ("lens", "readout"):
+        if reader in readers:
+            record.update(reader_columns(reader, readers[reader], probe, boot))
+    inputs = {name: hits for name, hits in readers.items() if name == "majority" or name.startswith("baseline_")}
+    for name, hits in inputs.items():
+        record["majority" if name == "majority" else f"{name}_accuracy"] = float(np.mean(hits))
+    if inputs:
+        best = max(inputs, key=lambda name: float(np.mean(inputs[name])))
+        record["strongest_baseline"] = best.removeprefix("baseline_")
+        record.update(reader_columns("strongest_baseline", inputs[best], probe, boot, gap="baseline_selectivity"))
+    return record
+
+
 def bootstrap_by_example(hits: np.ndarray, examples: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
     """95% percentile interval of accuracy, resampling examples (not rows); NaNs when ``n_boot < 1``."""
-    if n_boot < 1:
-        return float("nan"), float("nan")
-    ids, inverse = np.unique(examples, return_inverse=True)
-    correct = np.bincount(inverse, weights=hits.astype(float), minlength=len(ids))
-    count = np.bincount(inverse, minlength=len(ids)).astype(float)
-    return cluster_bootstrap(correct, count, rng.integers(0, len(ids), size=(n_boot, len(ids))))
+    return ExampleBootstrap(examples, n_boot, rng).interval(hits)
 
 
 def majority_accuracy(y: np.ndarray, examples: np.ndarray, fold_of: np.ndarray, folds: int) -> float:
@@ -58,7 +116,8 @@ def majority_accuracy(y: np.ndarray, examples: np.ndarray, fold_of: np.ndarray, 
 def control_labels(control_type: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Hewitt & Liang's control task: each input type gets a label drawn from the label distribution.
 
-    Returns a lookup table: ``table[type]`` is the control label of that type.
+    ``control_type`` holds non-negative integer types (a probe grid types a row by the canvas
+    position it decodes). Returns a lookup table: ``table[type]`` is the control label of that type.
     """
     types = np.unique(control_type)
     table = np.zeros(int(types.max()) + 1, dtype=y.dtype)
@@ -92,3 +151,56 @@ def online_code_length(X: np.ndarray, y: np.ndarray, examples: np.ndarray, n_cla
         block = torch.as_tensor((row_rank >= start) & (row_rank < stop), device=device)
         bits -= float(picked[p][block].sum()) / math.log(2)
     return bits, float(len(y) * math.log2(n_classes))
+
+
+def cross_validate(Xs: list[np.ndarray], label_sets: list[list[np.ndarray]], examples: list[np.ndarray],
+                   fold_of: np.ndarray, classes: np.ndarray, C: float, max_iter: int,
+                   device: str = "cpu") -> list[list[np.ndarray]]:
+    """Out-of-fold prediction (a class value) of every row, for each label set and cell.
+
+    ``Xs[i]`` is cell i's features (rows, d), every cell of one width; ``label_sets[s][i]`` its
+    labels under label set s (e.g. the task and control draws), values among ``classes``;
+    ``examples[i]`` the example of each row, whose fold is ``fold_of[example]``. Every (label set,
+    cell, fold) is one problem of a single batched :func:`fit_logistic`: the features of a cell are
+    shared by its label sets; folds differ in which rows are trained on. Returns
+    ``predicted[s][i]``, (rows,) class values.
+    """
+    folds = int(fold_of.max()) + 1
+    X, valid = _pad(Xs, device)  # (cells, rows, d)
+    rows = X.shape[1]
+    fold = _pad_int([fold_of[e] for e in examples], rows, device).unsqueeze(1)
+    fold_ids = torch.arange(folds, device=device).view(1, -1, 1)
+    train = (valid.unsqueeze(1) & (fold != fold_ids)).float()  # (cells, folds, rows)
+    test = valid.unsqueeze(1) & (fold == fold_ids)
+    ys = [_pad_int([np.searchsorted(classes, v) for v in label_set], rows, device).clamp_min(0)
+          for label_set in label_sets]  # each (cells, rows)
+    # Problems of a cell: every label set x every fold.
+    y = torch.stack([v.unsqueeze(1).expand(-1, folds, -1) for v in ys], dim=1).flatten(1, 2)
+    weight = train.repeat(1, len(label_sets), 1)
+    W, b = fit_logistic(X, y, weight, len(classes), C, max_iter)
+    predicted = predict_logits(X, W, b).argmax(-1).view(len(Xs), len(label_sets), folds, rows)
+    lengths = [len(x) for x in Xs]
+    out = []
+    for s in range(len(ys)):
+        # Each row is tested in exactly one fold: keep that fold's prediction.
+        index = (predicted[:, s] * test).sum(dim=1)  # (cells, rows)
+        out.append([classes[index[i, :m].cpu().numpy()] for i, m in enumerate(lengths)])
+    return out
+
+
+def _pad(Xs: list[np.ndarray], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack cells of different row counts into (cells, rows, d) with a validity mask."""
+    rows = max(len(x) for x in Xs)
+    X = torch.zeros((len(Xs), rows, Xs[0].shape[1]), dtype=torch.float32, device=device)
+    valid = torch.zeros((len(Xs), rows), dtype=torch.bool, device=device)
+    for i, xi in enumerate(Xs):
+        X[i, : len(xi)] = torch.as_tensor(xi, dtype=torch.float32)
+        valid[i, : len(xi)] = True
+    return X, valid
+
+
+def _pad_int(values: list[np.ndarray], rows: int, device: str) -> torch.Tensor:
+    out = torch.full((len(values), rows), -1, dtype=torch.long, device=device)
+    for i, v in enumerate(values):
+        out[i, : len(v)] = torch.as_tensor(v, dtype=torch.long)
+    return out
