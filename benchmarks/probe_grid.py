@@ -48,7 +48,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-import dlmprobe.probes.grid as grid_module
+import dlmprobe.probes.stats as stats_module
 from dlmprobe.capture import CacheConfig, run_cache
 from dlmprobe.probes import ProbeGrid
 from dlmprobe.store import ActivationDataset
@@ -94,7 +94,7 @@ def timed_run(grid: ProbeGrid, data: ActivationDataset) -> tuple[pd.DataFrame, f
     """One grid run: its table, wall time, the time spent in fit_logistic and every call's report."""
     reports: list[dict] = []
     trainer = [0.0]
-    original = grid_module.fit_logistic
+    original = stats_module.fit_logistic
 
     def recording(*args, **kwargs):
         report: dict = {}
@@ -104,13 +104,13 @@ def timed_run(grid: ProbeGrid, data: ActivationDataset) -> tuple[pd.DataFrame, f
         reports.append(report)
         return out
 
-    grid_module.fit_logistic = recording
+    stats_module.fit_logistic = recording
     try:
         start = time.perf_counter()
         table = grid.run(data, progress=False)
         wall = time.perf_counter() - start
     finally:
-        grid_module.fit_logistic = original
+        stats_module.fit_logistic = original
     return table, wall, trainer[0], reports
 
 

@@ -64,7 +64,7 @@ def deepest_site(sites) -> str:
     """
     sites = list(dict.fromkeys(sites))
     if not sites:
-        raise ValueError("no site to choose from")
+        raise DlmprobeInputError("no site to choose from")
     return max(sites, key=lambda s: (layer_of(s) if layer_of(s) is not None else -1, s))
 
 

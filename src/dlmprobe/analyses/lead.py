@@ -71,7 +71,7 @@ def planning_lead(
         grid = ProbeGrid(label=label, sites=[site], folds=folds, control=False, random_baseline=False, bootstrap=0)
         predicted = grid.out_of_fold(data, progress=progress)[site]
     if predicted.shape != (n, len(data.steps), k):
-        raise ValueError(f"predicted must be (examples, stored steps, slots) = {(n, len(data.steps), k)}, got {predicted.shape}")
+        raise DlmprobeInputError(f"predicted must be (examples, stored steps, slots) = {(n, len(data.steps), k)}, got {predicted.shape}")
     probe = predicted  # (n, stored steps, k)
     positions = data.target_start + slots
     rows = np.arange(n)[:, None]

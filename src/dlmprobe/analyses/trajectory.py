@@ -44,7 +44,7 @@ def trajectory_view(data: ActivationDataset, example: int = 0, probe: np.ndarray
     final = canvas[-1]
     n_steps = data.n_steps
     if probe is not None and probe.shape != (n_steps, length):
-        raise ValueError(f"probe guesses must be (n_steps, target_length) = {(n_steps, length)}, got {probe.shape}")
+        raise DlmprobeInputError(f"probe guesses must be (n_steps, target_length) = {(n_steps, length)}, got {probe.shape}")
     records = []
     for step in range(n_steps):
         for pos in range(length):

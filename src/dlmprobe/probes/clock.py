@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.hooks import layer_of
 from dlmprobe.probes.linear import fit_logistic, predict_logits
 from dlmprobe.store import ActivationDataset
@@ -30,7 +31,7 @@ def clock_table(data: ActivationDataset, label: str, sites: Sequence[str] | None
     Rows pool every stored step, so the first ``max_examples`` examples are enough and keep it fast.
     """
     if label not in data.label_names:
-        raise ValueError(f"unknown label {label!r}; the dataset has labels {data.label_names}")
+        raise DlmprobeInputError(f"unknown label {label!r}; the dataset has labels {data.label_names}")
     sites = list(sites) if sites is not None else data.sites
     slots, _ = data.label(label)
     n = min(data.n_examples, max_examples)
@@ -46,7 +47,7 @@ def clock_table(data: ActivationDataset, label: str, sites: Sequence[str] | None
     for site in sites:
         X = np.stack([data.activations(site, int(s))[:n][rows, position_index] for s in data.steps], axis=1)  # (n, S, k, d)
         if not np.isfinite(X).all():
-            raise ValueError(f"activations of {site} contain NaN or inf at the probed positions")
+            raise DlmprobeInputError(f"activations of {site} contain NaN or inf at the probed positions")
         d = X.shape[-1]
         X = X.reshape(-1, d)
         step_label = np.broadcast_to(np.arange(len(data.steps))[None, :, None], (n, len(data.steps), k)).reshape(-1)

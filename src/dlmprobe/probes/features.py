@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.models import ModelConfig, random_model
 from dlmprobe.store import ActivationDataset
 
@@ -42,7 +43,7 @@ class RandomWeightsFeatures:
     def __init__(self, data: ActivationDataset, sites: Sequence[str]):
         model_config = data.config.get("model", {}).get("config")
         if model_config is None:
-            raise ValueError("the random-weights baseline needs the model config stored by dlmprobe cache")
+            raise DlmprobeInputError("the random-weights baseline needs the model config stored by dlmprobe cache")
         config = ModelConfig.from_dict({**model_config, "seed": int(model_config.get("seed", 0)) + 1})
         self.model = random_model(config).model
         self.data, self.sites = data, list(sites)
@@ -52,7 +53,7 @@ class RandomWeightsFeatures:
     @torch.no_grad()
     def __call__(self, site: str, step: int) -> np.ndarray:
         if site not in self.sites:
-            raise ValueError(f"site {site!r} is not among the random-weights model's recorded sites {self.sites}")
+            raise DlmprobeInputError(f"site {site!r} is not among the random-weights model's recorded sites {self.sites}")
         if step != self._step:
             canvas = torch.as_tensor(self.data.canvas[:, step], dtype=torch.long)
             _, cache = self.model.run_with_cache(canvas, names_filter=self.sites)

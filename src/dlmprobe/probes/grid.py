@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.hooks import layer_of
 from dlmprobe.probes.baselines import (
     BASELINES,
@@ -156,19 +157,19 @@ class ProbeGrid:
 
     def __post_init__(self) -> None:
         if self.target not in ("output", "truth"):
-            raise ValueError(f"target must be 'output' or 'truth', got {self.target!r}")
+            raise DlmprobeInputError(f"target must be 'output' or 'truth', got {self.target!r}")
         if self.phase not in ("before_commit", "after_commit"):
-            raise ValueError(f"phase must be 'before_commit' or 'after_commit', got {self.phase!r}")
+            raise DlmprobeInputError(f"phase must be 'before_commit' or 'after_commit', got {self.phase!r}")
         if not (self.read in ("own", "pooled", "frontier") or isinstance(self.read, int)):
-            raise ValueError(f"read must be 'own', 'pooled', 'frontier' or a canvas position, got {self.read!r}")
+            raise DlmprobeInputError(f"read must be 'own', 'pooled', 'frontier' or a canvas position, got {self.read!r}")
         if self.per_distance and (self.per_slot or self.read == "pooled"):
-            raise ValueError("per_distance needs a single read position (own, frontier or a canvas position) and no per_slot")
+            raise DlmprobeInputError("per_distance needs a single read position (own, frontier or a canvas position) and no per_slot")
         if self.folds < 2:
-            raise ValueError(f"folds must be >= 2, got {self.folds}")
+            raise DlmprobeInputError(f"folds must be >= 2, got {self.folds}")
         if self.C <= 0:
-            raise ValueError(f"C must be positive, got {self.C}")
+            raise DlmprobeInputError(f"C must be positive, got {self.C}")
         if self.control and self.control_draws < 1:
-            raise ValueError(f"control_draws must be >= 1, got {self.control_draws}")
+            raise DlmprobeInputError(f"control_draws must be >= 1, got {self.control_draws}")
 
     def settings(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
@@ -178,15 +179,15 @@ class ProbeGrid:
         sites = list(self.sites) if self.sites is not None else data.sites
         unknown = [s for s in sites if s not in data.sites]
         if unknown:
-            raise ValueError(f"unknown site {unknown[0]!r}; the dataset has {data.sites}")
+            raise DlmprobeInputError(f"unknown site {unknown[0]!r}; the dataset has {data.sites}")
         steps = list(self.steps) if self.steps is not None else data.steps.tolist()
         missing = [s for s in steps if s not in data.steps]
         if missing:
-            raise ValueError(f"step {missing[0]} is not stored; stored steps: {data.steps.tolist()}")
+            raise DlmprobeInputError(f"step {missing[0]} is not stored; stored steps: {data.steps.tolist()}")
         if not sites or not steps:
-            raise ValueError("the selection matches no site or no step")
+            raise DlmprobeInputError("the selection matches no site or no step")
         if self.label not in data.label_names:
-            raise ValueError(f"unknown label {self.label!r}; the dataset has labels {data.label_names}")
+            raise DlmprobeInputError(f"unknown label {self.label!r}; the dataset has labels {data.label_names}")
         return sites, steps
 
     def _layout(self, data: ActivationDataset) -> dict[str, np.ndarray]:
@@ -196,9 +197,9 @@ class ProbeGrid:
         rows = np.arange(slots.shape[0])[:, None]
         y = values if self.target == "truth" else data.canvas[rows, -1, positions]
         if (y == data.mask_id).any():
-            raise ValueError("some label positions were never committed; the run is incomplete")
+            raise DlmprobeInputError("some label positions were never committed; the run is incomplete")
         if len(np.unique(y)) < 2:
-            raise ValueError(f"label {self.label!r} ({self.target}) has only one class {np.unique(y).tolist()}: nothing to probe")
+            raise DlmprobeInputError(f"label {self.label!r} ({self.target}) has only one class {np.unique(y).tolist()}: nothing to probe")
         return {"positions": positions, "y": y}
 
     def _groups(self, data: ActivationDataset, step: int, positions: np.ndarray) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
@@ -247,7 +248,7 @@ class ProbeGrid:
                 for slot, mask in groups:
                     X = X_all[mask]
                     if not np.isfinite(X).all():
-                        raise ValueError(
+                        raise DlmprobeInputError(
                             f"activations of {site} at step {step} contain NaN or inf at the probed rows "
                             f"(an autoregressive store has NaN at positions not yet computed: read an earlier position)"
                         )
@@ -270,7 +271,7 @@ class ProbeGrid:
         """
         records = self._fit(data, progress, full=True, readers=readers)
         if not records:
-            raise ValueError(
+            raise DlmprobeInputError(
                 f"no cell has enough rows to probe (min_rows={self.min_rows}, {self.folds} folds, 2 classes): "
                 f"{self.skipped_[0] if self.skipped_ else 'nothing selected'}"
             )
@@ -302,7 +303,7 @@ class ProbeGrid:
         rng = np.random.default_rng(self.seed)
         n = data.n_examples
         if n < self.folds:
-            raise ValueError(f"{n} examples are too few for {self.folds}-fold probing")
+            raise DlmprobeInputError(f"{n} examples are too few for {self.folds}-fold probing")
         fold_of = rng.permutation(n) % self.folds  # by example; the first draw (baselines.example_folds)
         k = layout["positions"].shape[1]
         fit = _Fit(data=data, fold_of=fold_of, classes=np.unique(layout["y"]), rng=rng,
