@@ -7,7 +7,8 @@ from dlmprobe.sampling import (
     AutoregressiveSamplerConfig,
     DiffusionSamplerConfig,
     generate,
-    sample_diffusion,
+    make_canvas,
+    sample,
     tokens_per_step,
 )
 
@@ -121,7 +122,7 @@ def test_callback_can_remask_and_the_sampler_refills(diffusion):
     mask = task.vocab.mask_id
     seen = []
 
-    def remask_first_commit(step, canvas):
+    def remask_first_commit(step, rows, canvas):
         seen.append(step)
         if step == 0:
             canvas[:, task.target_start : task.target_start + task.target_length] = mask
@@ -169,7 +170,8 @@ def test_prompt_longer_than_context_is_refused(diffusion):
 
 
 def test_low_level_sampler_accepts_raw_prefixes(diffusion):
-    prefix = torch.tensor([[1, 5, 6, 2]])
-    tr = sample_diffusion(diffusion.model, prefix, 3, 4, DiffusionSamplerConfig())
-    assert tr.canvases.shape == (1, 4, 7)
+    canvas = make_canvas(torch.tensor([[1, 5, 6, 2]]), 3, 4)
+    assert canvas.tolist() == [[1, 5, 6, 2, 4, 4, 4]]
+    tr = sample(diffusion.model, canvas, 4, 3, 4, DiffusionSamplerConfig())
+    assert tr.canvases.shape == (1, 4, 7) and (tr.output != 4).all()
     assert AutoregressiveSamplerConfig().temperature == 0
