@@ -10,7 +10,12 @@ from dlmprobe.datasets.store import ActivationDataset
 from dlmprobe.hooks import ActivationEditor
 from dlmprobe.models import load_model, random_model
 from dlmprobe.probes.linear import LinearProbe
-from dlmprobe.probes.subspaces import leace_subspace, pca_subspace, probe_subspace, random_subspace
+from dlmprobe.probes.subspaces import (
+    leace_subspace,
+    pca_subspace,
+    probe_subspace,
+    random_subspace,
+)
 from dlmprobe.sampling import DiffusionSamplerConfig, generate
 
 SITE = "blocks.3.hook_resid_post"

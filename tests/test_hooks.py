@@ -119,9 +119,9 @@ def test_recorder_takes_steps_and_rows_from_the_sampler_across_batches(diffusion
 
 def test_recorder_refuses_a_forward_pass_with_no_step(diffusion):
     task = diffusion.task
-    with ActivationRecorder(diffusion.model, "blocks.0.hook_resid_post") as rec:
-        with pytest.raises(RuntimeError, match="no step announced"):
-            generate(rec.model, task, task.sample(2, "eval"), "diffusion")
+    with ActivationRecorder(diffusion.model, "blocks.0.hook_resid_post") as rec, \
+            pytest.raises(RuntimeError, match="no step announced"):
+        generate(rec.model, task, task.sample(2, "eval"), "diffusion")
     assert _installed_hooks(diffusion.model) == 0
 
 
@@ -210,10 +210,10 @@ def test_editor_hooks_are_removed_when_the_edit_raises(diffusion):
     def fail(h, rows, positions):
         raise RuntimeError("edit failed")
 
-    with pytest.raises(RuntimeError, match="edit failed"):
-        with ActivationEditor(model, "blocks.0.hook_resid_post", fail, _target_positions(task, 3)) as editor:
-            assert _installed_hooks(model) == 1
-            generate(model, task, examples, "diffusion", observers=[editor])
+    with pytest.raises(RuntimeError, match="edit failed"), \
+            ActivationEditor(model, "blocks.0.hook_resid_post", fail, _target_positions(task, 3)) as editor:
+        assert _installed_hooks(model) == 1
+        generate(model, task, examples, "diffusion", observers=[editor])
     assert _installed_hooks(model) == 0 and not model.training
     assert torch.equal(model(tokens), before)
 
@@ -230,6 +230,6 @@ def test_editor_refuses_bad_input_in_one_line(diffusion):
         with pytest.raises(ValueError, match=message) as caught:
             ActivationEditor(model, site, lambda h, r, p: h, mask, **kwargs)
         assert "\n" not in str(caught.value)
-    with ActivationEditor(model, "blocks.0.hook_resid_post", lambda h, r, p: h, where) as editor:
-        with pytest.raises(ValueError, match="where covers 2 examples"):
-            generate(model, task, task.sample(3, "eval"), "diffusion", observers=[editor])
+    with ActivationEditor(model, "blocks.0.hook_resid_post", lambda h, r, p: h, where) as editor, \
+            pytest.raises(ValueError, match="where covers 2 examples"):
+        generate(model, task, task.sample(3, "eval"), "diffusion", observers=[editor])

@@ -28,7 +28,10 @@ a rank ``C - 1`` subspace (``C`` classes):
 
 What the model commits is compared with a clean run of the same puzzles and sampler: the fraction
 of edited positions whose token changes, the exact-solve rate, and for ``steer`` the fraction that
-commit ``c`` (chance ``1 / C``), each with a 95% bootstrap interval over puzzles.
+commit ``c`` (chance ``1 / C``), each with a 95% bootstrap interval over puzzles. After the clean
+run, every condition (intervention, subspace, start step) is sampled in one shared run whose rows
+each carry their condition (:func:`sample_conditions`), so the sampler must be deterministic
+(temperature 0).
 
 Example:
     >>> ckpt = load_model("sudoku-diffusion")

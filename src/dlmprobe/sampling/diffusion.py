@@ -122,7 +122,7 @@ class DiffusionPolicy:
         eligible[:, block_slice] = masked[:, block_slice]
         n_eligible = eligible.sum(-1)
         if step_in_block == 0:
-            self.budget = torch.tensor([tokens_per_step(int(n), self.steps_per_block) for n in n_eligible],
+            self.budget = torch.tensor([tokens_per_step(n, self.steps_per_block) for n in n_eligible.tolist()],
                                        device=masked.device)
         if step_in_block == self.steps_per_block - 1:
             k = n_eligible  # the block's last step commits whatever is still masked
@@ -130,7 +130,7 @@ class DiffusionPolicy:
             k = n_eligible.clamp(max=self.budget[:, step_in_block])
         batch = masked.shape[0]
         score = torch.full(masked.shape, float("-inf"), device=masked.device)
-        if self.order == "random":  # drawn for every position, as today's sampler draws them
+        if self.order == "random":  # one draw per canvas position: the stream does not depend on the block
             score[:, block_slice] = _scores("random", logits, top, norm, chosen, generator)[:, block_slice]
         else:
             score[:, block_slice] = _scores(self.order, logits[:, block_slice], top[:, block_slice],

@@ -115,9 +115,9 @@ def sample(
         logits = logits_of(model(canvas[:, : stop]))[:, start:stop].float()  # (batch, window, vocab)
         logits[..., mask_id] = float("-inf")  # committing <mask> would leave the position masked
         top, argmax = logits.max(dim=-1)
-        # Σ exp(logit - max): a probability is exp(logit - max) / norm, the argmax's 1 / norm. Not
-        # exp(max - logsumexp): logsumexp's absolute rounding (~1e-6 at 10) would merge near-1
-        # confidences that today's sampler tells apart and break their ties differently.
+        # Σ exp(logit - max): a probability is exp(logit - max) / norm, the argmax's 1 / norm, with no
+        # softmax kept. Not exp(max - logsumexp): logsumexp's absolute rounding (~1e-6 near 10) would
+        # merge near-1 confidences a few ulps apart, whose order decides what a trained model commits.
         norm = (logits - top.unsqueeze(-1)).exp().sum(-1)
         predictions[:, step, window] = argmax.cpu()
         confidence[:, step, window] = norm.reciprocal().cpu()
@@ -135,6 +135,6 @@ def sample(
             edited = callback(step, rows, canvas.clone())
             if edited is not None:
                 canvas = edited.to(device)
-                commit_step[(canvas == mask_id).cpu()] = NOT_COMMITTED
+                commit_step[(canvas == mask_id).cpu()] = NOT_COMMITTED  # remasked: no longer committed
         canvases.append(canvas.to("cpu", copy=True))
     return Trajectory(torch.stack(canvases, dim=1), predictions, confidence, commit_step, gen_start, gen_length)
