@@ -92,7 +92,7 @@ def test_a_zero_rank_ablation_changes_nothing(tiny):
     clean = generate(ckpt.model, task, examples, "diffusion", batch_size=5)
     edit = ablation_edit(probe_subspace(np.ones((3, d))), torch.zeros(d))
     (run,) = sample_conditions(ckpt.model, task, examples, "blocks.1.hook_resid_post",
-                               _target_positions(task, len(examples)), [(edit, 0)], DiffusionSamplerConfig(), 5)
+                               _target_positions(task, len(examples)), [(edit, 1)], DiffusionSamplerConfig(), clean, 5)
     for field in ("canvases", "predictions", "confidence"):
         assert torch.equal(getattr(run, field), getattr(clean, field)), field
 
@@ -106,15 +106,17 @@ def test_conditions_sampled_together_equal_each_condition_alone(tiny):
     conditions = [
         (lambda h, e, p: h + torch.linspace(-3, 3, h.shape[-1]), 0),
         (lambda h, e, p: h * (1 + e.unsqueeze(1) % 3), 1),  # a per-example edit: the rows' example indices
+        (lambda h, e, p: -h, 1),
         (lambda h, e, p: -h, 2),
     ]
-    together = sample_conditions(ckpt.model, task, examples, site, where, conditions, DiffusionSamplerConfig(), 7)
+    clean = generate(ckpt.model, task, examples, "diffusion")
+    together = sample_conditions(ckpt.model, task, examples, site, where, conditions, DiffusionSamplerConfig(), clean, 7)
     for (edit, start), run in zip(conditions, together):
         with ActivationEditor(ckpt.model, site, edit, where, start_step=start, mask_id=task.vocab.mask_id) as editor:
             alone = generate(ckpt.model, task, examples, "diffusion", batch_size=5, observers=[editor])
         assert torch.equal(run.canvases, alone.canvases) and torch.equal(run.predictions, alone.predictions)
         assert torch.allclose(run.confidence, alone.confidence, atol=1e-6)
-    assert not torch.equal(together[0].canvases, together[2].canvases)  # the conditions do differ
+    assert not torch.equal(together[0].canvases, together[3].canvases)  # the conditions do differ
 
 
 def test_hooks_are_removed_and_the_model_unchanged_when_the_edit_raises(tiny):
@@ -128,7 +130,7 @@ def test_hooks_are_removed_and_the_model_unchanged_when_the_edit_raises(tiny):
 
     with pytest.raises(RuntimeError, match="edit failed"):
         sample_conditions(model, task, examples, "blocks.0.hook_resid_post", _target_positions(task, len(examples)),
-                          [(fail, 1)], DiffusionSamplerConfig())
+                          [(fail, 0)], DiffusionSamplerConfig(), generate(model, task, examples, "diffusion"))
     assert _no_hooks(model) and not model.training
     assert torch.equal(model(tokens), before)
 

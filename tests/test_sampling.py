@@ -266,3 +266,47 @@ def test_autoregressive_remasked_positions_stay_masked(autoregressive):
     tr = generate(autoregressive.model, task, task.sample(3, "eval"), "autoregressive", callback=remask_first)
     assert (tr.output[:, 0] == mask).all() and (tr.output[:, 1:] != mask).all()
     assert (tr.commit_step[:, task.target_start] == NOT_COMMITTED).all()
+
+
+@pytest.mark.parametrize("kind,config,first_step", [
+    ("diffusion", DiffusionSamplerConfig(), 1),
+    ("diffusion", DiffusionSamplerConfig(order="margin", steps=3, block_length=3), 2),
+    ("autoregressive", AutoregressiveSamplerConfig(), 2),
+])
+def test_a_branch_at_step_t_equals_the_run_from_step_0(diffusion, autoregressive, kind, config, first_step):
+    ckpt = diffusion if kind == "diffusion" else autoregressive
+    task = ckpt.task
+    exs = task.sample(7, "eval")
+    whole = generate(ckpt.model, task, exs, kind, config, batch_size=3)
+    told = []
+
+    class Observer:
+        def begin_step(self, step, rows, canvas):
+            told.append(step)
+
+    branched = generate(ckpt.model, task, exs, kind, config, batch_size=3, branch=whole, first_step=first_step,
+                        observers=[Observer()])
+    for field in ("canvases", "predictions", "commit_step"):
+        assert torch.equal(getattr(branched, field), getattr(whole, field)), field
+    assert torch.allclose(branched.confidence, whole.confidence, rtol=0, atol=0, equal_nan=True)  # NaN: no prediction
+    assert told == [s for _ in range(3) for s in range(first_step, whole.n_steps)]  # the steps before are not run
+
+
+def test_a_branch_of_a_block_schedule_takes_up_the_budget_of_the_block_under_way(diffusion):
+    task = diffusion.task
+    exs = task.sample(4, "eval")
+    config = DiffusionSamplerConfig(steps=2)  # commits 2 then 1: resuming at step 1 must commit 1, not 2
+    whole = generate(diffusion.model, task, exs, "diffusion", config)
+    branched = generate(diffusion.model, task, exs, "diffusion", config, branch=whole, first_step=1)
+    assert torch.equal(branched.commit_step, whole.commit_step)
+
+
+def test_branching_needs_a_deterministic_sampler_and_a_matching_run(diffusion):
+    task = diffusion.task
+    exs = task.sample(3, "eval")
+    noisy = DiffusionSamplerConfig(temperature=1.0)
+    run = generate(diffusion.model, task, exs, "diffusion", noisy)
+    with pytest.raises(ValueError, match="deterministic sampler"):
+        generate(diffusion.model, task, exs, "diffusion", noisy, branch=run, first_step=1)
+    with pytest.raises(ValueError, match="needs a branch run of all 2 examples"):
+        generate(diffusion.model, task, exs[:2], "diffusion", branch=run, first_step=1)

@@ -28,10 +28,10 @@ a rank ``C - 1`` subspace (``C`` classes):
 
 What the model commits is compared with a clean run of the same puzzles and sampler: the fraction
 of edited positions whose token changes, the exact-solve rate, and for ``steer`` the fraction that
-commit ``c`` (chance ``1 / C``), each with a 95% bootstrap interval over puzzles. After the clean
-run, every condition (intervention, subspace, start step) is sampled in one shared run whose rows
-each carry their condition (:func:`sample_conditions`), so the sampler must be deterministic
-(temperature 0).
+commit ``c`` (chance ``1 / C``), each with a 95% bootstrap interval over puzzles. Up to step
+``t`` an edited run is the clean one, so the conditions (intervention, subspace) that start at
+``t`` branch off the clean run there and are sampled together, each row carrying its condition
+(:func:`sample_conditions`); the sampler must be deterministic (temperature 0).
 
 Example:
     >>> ckpt = load_model("sudoku-diffusion")
@@ -92,31 +92,34 @@ def steering_edit(subspace: Subspace, class_means: Float[Tensor, "cls d"], goal:
 
 def sample_conditions(model: torch.nn.Module, task: Task, examples: Sequence[Example], site: str,
                       where: Bool[Tensor, "example pos"], conditions: Sequence[tuple[Edit, int]],
-                      sampler: DiffusionSamplerConfig, batch_size: int = 256) -> list[Trajectory]:
-    """Sample ``examples`` once per condition ``(edit, start_step)``, all conditions in shared batches.
+                      sampler: DiffusionSamplerConfig, clean: Trajectory, batch_size: int = 256) -> list[Trajectory]:
+    """Sample ``examples`` once per condition ``(edit, start_step)``, conditions sharing batches.
 
     Under each condition the positions ``where[example]`` still masked in the canvas a step reads
-    go through ``edit`` (given example indices) at ``site`` from ``start_step`` on. Row
-    ``c * len(examples) + i`` of the shared run is example ``i`` under condition ``c``, so each
-    batch mixes conditions. At temperature 0 sampling is deterministic and each condition's run is
-    the one it would get alone.
+    go through ``edit`` (given example indices) at ``site`` from ``start_step`` on. Until then a
+    condition's run is the ``clean`` run of ``examples`` with ``sampler`` (deterministic: temperature
+    0), so the conditions that start at step ``t`` branch off it at ``t`` and run together, one row
+    per (condition, example), each row carrying its condition.
     """
     n = len(examples)
+    runs: dict[int, Trajectory] = {}
+    for t in sorted({t for _, t in conditions}):
+        group = [c for c, (_, start) in enumerate(conditions) if start == t]
 
-    def edit(h: Tensor, rows: Tensor, positions: Tensor) -> Tensor:
-        condition, example = rows // n, rows % n
-        edited = torch.empty_like(h)
-        for c in condition.unique().tolist():
-            chosen = condition == c
-            edited[chosen] = conditions[c][0](h[chosen], example[chosen], positions[chosen])
-        return edited
+        def edit(h: Tensor, rows: Tensor, positions: Tensor, group: list[int] = group) -> Tensor:
+            member, example = rows // n, rows % n
+            edited = torch.empty_like(h)
+            for m in member.unique().tolist():
+                chosen = member == m
+                edited[chosen] = conditions[group[m]][0](h[chosen], example[chosen], positions[chosen])
+            return edited
 
-    start = torch.tensor([t for _, t in conditions]).repeat_interleave(n)
-    with ActivationEditor(model, site, edit, where.repeat(len(conditions), 1), start_step=start,
-                          mask_id=task.vocab.mask_id) as editor:
-        run = generate(model, task, list(examples) * len(conditions), "diffusion", sampler, batch_size,
-                       observers=[editor])
-    return [run[c * n : (c + 1) * n] for c in range(len(conditions))]
+        with ActivationEditor(model, site, edit, where.repeat(len(group), 1), start_step=t,
+                              mask_id=task.vocab.mask_id) as editor:
+            run = generate(model, task, list(examples) * len(group), "diffusion", sampler, batch_size,
+                           observers=[editor], branch=Trajectory.concat([clean] * len(group)), first_step=t)
+        runs.update({c: run[m * n : (m + 1) * n] for m, c in enumerate(group)})
+    return [runs[c] for c in range(len(conditions))]
 
 
 def causal_check(
@@ -212,7 +215,7 @@ def causal_check(
                              else steering_edit(space, class_means, goal.to(device), alpha))
     conditions = [(t, kind, name) for t in start_steps for kind, name in variants]
     runs = sample_conditions(checkpoint.model, task, examples, site, where,
-                             [(edits[kind, name], t) for t, kind, name in conditions], sampler, batch_size)
+                             [(edits[kind, name], t) for t, kind, name in conditions], sampler, clean, batch_size)
     bar.update(1)
     bar.close()
     clean_solved = np.array(solved(task, examples, clean))

@@ -48,6 +48,9 @@ class AutoregressivePolicy:
     def predicted(self, step: int) -> slice:
         return slice(self.gen_start + step, self.gen_start + step + 1)
 
+    def resume(self, step: int, canvases: Int[Tensor, "batch step_plus_one pos"], mask_id: int) -> None:
+        """Nothing to take up: each step depends only on the canvas."""
+
     def commit(self, step: int, masked: Bool[Tensor, "batch 1"], logits: Float[Tensor, "batch 1 vocab"],
                top: Float[Tensor, "batch 1"], norm: Float[Tensor, "batch 1"], chosen: Int[Tensor, "batch 1"],
                generator: torch.Generator) -> Bool[Tensor, "batch 1"]:

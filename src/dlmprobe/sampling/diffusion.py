@@ -112,6 +112,17 @@ class DiffusionPolicy:
     def predicted(self, step: int) -> slice:
         return slice(0, self.length)
 
+    def resume(self, step: int, canvases: Int[Tensor, "batch step_plus_one pos"], mask_id: int) -> None:
+        """The budget of the block under way, from its masked positions at the block's first step."""
+        block, step_in_block = divmod(step, self.steps_per_block)
+        if step_in_block:
+            start = self.gen_start + block * self.block_length
+            masked = canvases[:, step - step_in_block, start : start + self.block_length] == mask_id
+            self._set_budget(masked.sum(-1))
+
+    def _set_budget(self, n_masked: Int[Tensor, " batch"]) -> None:
+        self.budget = torch.tensor([tokens_per_step(n, self.steps_per_block) for n in n_masked.tolist()])
+
     def commit(self, step: int, masked: Bool[Tensor, "batch pos"], logits: Float[Tensor, "batch pos vocab"],
                top: Float[Tensor, "batch pos"], norm: Float[Tensor, "batch pos"], chosen: Int[Tensor, "batch pos"],
                generator: torch.Generator) -> Bool[Tensor, "batch pos"]:
@@ -122,12 +133,11 @@ class DiffusionPolicy:
         eligible[:, block_slice] = masked[:, block_slice]
         n_eligible = eligible.sum(-1)
         if step_in_block == 0:
-            self.budget = torch.tensor([tokens_per_step(n, self.steps_per_block) for n in n_eligible.tolist()],
-                                       device=masked.device)
+            self._set_budget(n_eligible)
         if step_in_block == self.steps_per_block - 1:
             k = n_eligible  # the block's last step commits whatever is still masked
         else:
-            k = n_eligible.clamp(max=self.budget[:, step_in_block])
+            k = n_eligible.clamp(max=self.budget[:, step_in_block].to(masked.device))
         batch = masked.shape[0]
         score = torch.full(masked.shape, float("-inf"), device=masked.device)
         if self.order == "random":  # one draw per canvas position: the stream does not depend on the block

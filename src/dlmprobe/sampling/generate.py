@@ -52,12 +52,15 @@ def generate(
     callback: StepCallback | None = None,
     observers: Sequence[StepObserver] = (),
     progress: bool = False,
+    branch: Trajectory | None = None,
+    first_step: int = 0,
 ) -> Trajectory:
     """Sample a target for every example with ``model`` (a diffusion or autoregressive model).
 
     Examples are sampled ``batch_size`` at a time. ``callback`` and ``observers`` (activation
     recorders and editors) see the current batch only, and are told its ``rows``: the indices of
-    its examples in ``examples``.
+    its examples in ``examples``. With ``first_step > 0`` each example's run branches off its row of
+    ``branch`` (a run of the same examples and sampler) at that step (see :func:`sample`).
 
     Example:
         >>> with ActivationRecorder(ckpt.model, "blocks.*.hook_resid_post") as recorder:
@@ -71,6 +74,9 @@ def generate(
         raise DlmprobeInputError(f"a {kind} model needs a {expected.__name__}, got {type(sampler).__name__}")
     if isinstance(sampler, DiffusionSamplerConfig):
         sampler.resolve(task.target_length)  # refuse a bad schedule before any work starts
+    if first_step and (branch is None or branch.batch_size != len(examples)):
+        raise DlmprobeInputError(f"first_step={first_step} needs a branch run of all {len(examples)} examples, got "
+                                 f"{None if branch is None else branch.batch_size}")
     n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
     if n_ctx is not None:
         check_context(task, n_ctx, max(len(ex.prompt) for ex in examples))
@@ -84,7 +90,9 @@ def generate(
             prefix, suffix = prefixes(task, batch)
             canvas = make_canvas(prefix, task.target_length, task.vocab.mask_id, suffix)
             parts.append(sample(model, canvas, prefix.shape[1], task.target_length, task.vocab.mask_id, sampler,
-                                rows=torch.arange(start, start + len(batch)), callback=callback, observers=observers))
+                                rows=torch.arange(start, start + len(batch)), callback=callback, observers=observers,
+                                branch=branch[start : start + len(batch)] if first_step else None,
+                                first_step=first_step))
     finally:
         model.train(was_training)
     return Trajectory.concat(parts)

@@ -42,6 +42,9 @@ class Policy(Protocol):
 
     def predicted(self, step: int) -> slice: ...
 
+    def resume(self, step: int, canvases: Int[Tensor, "batch step_plus_one pos"], mask_id: int) -> None:
+        """Take up a run at ``step`` whose canvases up to ``step`` are given."""
+
     def commit(self, step: int, masked: Bool[Tensor, "batch window"], logits: Float[Tensor, "batch window vocab"],
                top: Float[Tensor, "batch window"], norm: Float[Tensor, "batch window"],
                chosen: Int[Tensor, "batch window"], generator: torch.Generator) -> Bool[Tensor, "batch window"]:
@@ -80,12 +83,17 @@ def sample(
     rows: Int[Tensor, " batch"] | None = None,
     callback: StepCallback | None = None,
     observers: Sequence[StepObserver] = (),
+    branch: Trajectory | None = None,
+    first_step: int = 0,
 ) -> Trajectory:
     """Fill the masked positions of ``canvas[:, gen_start : gen_start + gen_length]`` with ``model``.
 
     ``config`` (a ``DiffusionSamplerConfig`` or ``AutoregressiveSamplerConfig``) chooses the
     policy. ``rows`` are the examples' indices that observers and the callback are told (default
-    ``0 .. batch-1``).
+    ``0 .. batch-1``). With ``first_step > 0`` the run branches off ``branch`` (a run of the same
+    rows and sampler): its record up to ``first_step`` is copied and sampling starts there, which
+    gives the run from step 0 exactly when the sampler is deterministic (temperature 0, not the
+    random order) and nothing edited the model before ``first_step``.
 
     Example:
         >>> canvas = make_canvas(torch.tensor([[1, 5, 6, 2]]), 3, mask_id=4)
@@ -107,7 +115,15 @@ def sample(
     predictions = torch.full((batch, policy.n_steps, length), -1, dtype=torch.long)
     confidence = torch.full((batch, policy.n_steps, length), float("nan"), dtype=torch.float32)
     commit_step = torch.full((batch, length), NOT_COMMITTED, dtype=torch.long)
-    for step in range(policy.n_steps):
+    if first_step:
+        _check_branch(branch, first_step, config, (batch, policy.n_steps, length))
+        canvas = branch.canvases[:, first_step].to(device, copy=True)
+        canvases = list(branch.canvases[:, : first_step + 1].unbind(1))
+        predictions[:, :first_step] = branch.predictions[:, :first_step]
+        confidence[:, :first_step] = branch.confidence[:, :first_step]
+        commit_step = torch.where(branch.commit_step < first_step, branch.commit_step, NOT_COMMITTED)
+        policy.resume(first_step, branch.canvases, mask_id)
+    for step in range(first_step, policy.n_steps):
         for observer in observers:
             observer.begin_step(step, rows, canvas)
         window = policy.predicted(step)
@@ -138,3 +154,16 @@ def sample(
                 commit_step[(canvas == mask_id).cpu()] = NOT_COMMITTED  # remasked: no longer committed
         canvases.append(canvas.to("cpu", copy=True))
     return Trajectory(torch.stack(canvases, dim=1), predictions, confidence, commit_step, gen_start, gen_length)
+
+
+def _check_branch(branch: Trajectory | None, first_step: int, config: SamplerConfig, shape: tuple[int, int, int]) -> None:
+    if branch is None or tuple(branch.predictions.shape) != shape:
+        got = None if branch is None else tuple(branch.predictions.shape)
+        raise DlmprobeInputError(f"first_step={first_step} needs a branch run of the same rows and schedule, with "
+                                 f"predictions of shape {shape}; got {got}")
+    if not 0 < first_step < shape[1]:
+        raise DlmprobeInputError(f"first_step must lie in [0, {shape[1]}), got {first_step}")
+    # The noise of the steps skipped is not drawn, so a random stream would not line up with the branch's.
+    if config.temperature > 0 or getattr(config, "order", None) == "random":
+        raise DlmprobeInputError("branching off a run needs a deterministic sampler (temperature 0, not the random "
+                                 "order)")
