@@ -4,20 +4,19 @@ import numpy as np
 import pytest
 import torch
 
-from dlmprobe.analyses.causal import (
-    ablation_edit,
-    causal_check,
+from dlmprobe.analyses.causal import ablation_edit, causal_check, sample_conditions
+from dlmprobe.capture import CacheConfig, run_cache
+from dlmprobe.hooks import ActivationEditor
+from dlmprobe.models import load_model, random_model
+from dlmprobe.probes.linear import LinearProbe
+from dlmprobe.probes.subspaces import (
     leace_subspace,
     pca_subspace,
     probe_subspace,
     random_subspace,
-    sample_intervened,
 )
-from dlmprobe.capture import CacheConfig, run_cache
+from dlmprobe.sampling import DiffusionSamplerConfig, generate
 from dlmprobe.store import ActivationDataset
-from dlmprobe.models import load_model, random_model
-from dlmprobe.probes.linear import LinearProbe
-from dlmprobe.sampling import generate
 
 SITE = "blocks.3.hook_resid_post"
 
@@ -92,38 +91,32 @@ def test_a_zero_rank_ablation_changes_nothing(tiny):
     task, d = ckpt.task, ckpt.config.d_model
     clean = generate(ckpt.model, task, examples, "diffusion", batch_size=5)
     edit = ablation_edit(probe_subspace(np.ones((3, d))), torch.zeros(d))
-    run = sample_intervened(ckpt.model, task, examples, "blocks.1.hook_resid_post", edit,
-                            _target_positions(task, len(examples)), 0, batch_size=5)
+    (run,) = sample_conditions(ckpt.model, task, examples, "blocks.1.hook_resid_post",
+                               _target_positions(task, len(examples)), [(edit, 1)], DiffusionSamplerConfig(), clean, 5)
     for field in ("canvases", "predictions", "confidence"):
         assert torch.equal(getattr(run, field), getattr(clean, field)), field
 
 
-@pytest.mark.parametrize("start", [0, 1, 2])
-def test_edits_act_from_the_start_step_on_the_still_masked_positions(tiny, start):
+def test_conditions_sampled_together_equal_each_condition_alone(tiny):
+    """Rows of several conditions share batches; each condition's run is the one it gets alone."""
     ckpt, examples = tiny
-    task = ckpt.task
+    task, site = ckpt.task, "blocks.1.hook_resid_post"
     where = _target_positions(task, len(examples))
-    where[::2, task.target_start] = False  # positions outside `where` are never edited
-    clean = generate(ckpt.model, task, examples, "diffusion", batch_size=5)
-    seen = []
-
-    def record(h, example, position):
-        seen.append(sorted(zip(example.tolist(), position.tolist())))
-        return h
-
-    run = sample_intervened(ckpt.model, task, examples, "blocks.1.hook_resid_post", record, where, start, batch_size=5)
-    assert torch.equal(run.canvases, clean.canvases)
-    masked = (clean.canvases == task.vocab.mask_id) & where.unsqueeze(1)  # (example, step, pos)
-    expected = [
-        sorted((e, p) for e in range(first, min(first + 5, len(examples))) for p in masked[e, step].nonzero().flatten().tolist())
-        for first in range(0, len(examples), 5) for step in range(start, clean.n_steps)
+    where[::3, task.target_start + 1] = False
+    conditions = [
+        (lambda h, e, p: h + torch.linspace(-3, 3, h.shape[-1]), 0),
+        (lambda h, e, p: h * (1 + e.unsqueeze(1) % 3), 1),  # a per-example edit: the rows' example indices
+        (lambda h, e, p: -h, 1),
+        (lambda h, e, p: -h, 2),
     ]
-    assert seen == expected  # one call per forward pass from the start step, batch offsets included
-
-    shifted = sample_intervened(ckpt.model, task, examples, "blocks.1.hook_resid_post",
-                                lambda h, e, p: h + torch.linspace(-3, 3, h.shape[-1]), where, start, batch_size=5)
-    assert torch.equal(shifted.confidence[:, :start], clean.confidence[:, :start])
-    assert not torch.equal(shifted.confidence[:, start], clean.confidence[:, start])
+    clean = generate(ckpt.model, task, examples, "diffusion")
+    together = sample_conditions(ckpt.model, task, examples, site, where, conditions, DiffusionSamplerConfig(), clean, 7)
+    for (edit, start), run in zip(conditions, together):
+        with ActivationEditor(ckpt.model, site, edit, where, start_step=start, mask_id=task.vocab.mask_id) as editor:
+            alone = generate(ckpt.model, task, examples, "diffusion", batch_size=5, observers=[editor])
+        assert torch.equal(run.canvases, alone.canvases) and torch.equal(run.predictions, alone.predictions)
+        assert torch.allclose(run.confidence, alone.confidence, atol=1e-6)
+    assert not torch.equal(together[0].canvases, together[3].canvases)  # the conditions do differ
 
 
 def test_hooks_are_removed_and_the_model_unchanged_when_the_edit_raises(tiny):
@@ -136,8 +129,8 @@ def test_hooks_are_removed_and_the_model_unchanged_when_the_edit_raises(tiny):
         raise RuntimeError("edit failed")
 
     with pytest.raises(RuntimeError, match="edit failed"):
-        sample_intervened(model, task, examples, "blocks.0.hook_resid_post", fail,
-                          _target_positions(task, len(examples)), 1)
+        sample_conditions(model, task, examples, "blocks.0.hook_resid_post", _target_positions(task, len(examples)),
+                          [(fail, 0)], DiffusionSamplerConfig(), generate(model, task, examples, "diffusion"))
     assert _no_hooks(model) and not model.training
     assert torch.equal(model(tokens), before)
 

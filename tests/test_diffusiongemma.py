@@ -36,7 +36,7 @@ def _prompts(task, n=3):
     return torch.tensor([[vocab.bos_id, *ex.prompt, vocab.sep_id] for ex in task.sample(n, split="eval", seed=1)])
 
 
-def _edit(step, canvas):
+def _edit(step, rows, canvas):
     edited = canvas.clone()
     edited[:, EDIT_POSITION] = EDIT_TOKEN
     return edited
@@ -188,7 +188,7 @@ def test_bad_arguments_are_refused(model, task, tmp_path):
     with pytest.raises(DlmprobeInputError, match="max_denoising_steps"):
         run_native(model, prompts, steps=2, max_denoising_steps=3)
     with pytest.raises(DlmprobeInputError, match="prompt unchanged"):
-        run_native(model, prompts, steps=2, callback=lambda step, canvas: torch.zeros_like(canvas))
+        run_native(model, prompts, steps=2, callback=lambda step, rows, canvas: torch.zeros_like(canvas))
     from dlmprobe.tasks import get_task
     with pytest.raises(DlmprobeInputError, match="canvas"):
         capture_native(model, get_task("arith", n_ops=4), tmp_path / "x.h5", n=2, steps=2)

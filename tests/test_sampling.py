@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -7,9 +9,12 @@ from dlmprobe.sampling import (
     AutoregressiveSamplerConfig,
     DiffusionSamplerConfig,
     generate,
-    sample_diffusion,
+    make_canvas,
+    prefixes,
+    sample,
     tokens_per_step,
 )
+from dlmprobe.sampling.diffusion import _scores
 
 
 @pytest.fixture
@@ -121,7 +126,7 @@ def test_callback_can_remask_and_the_sampler_refills(diffusion):
     mask = task.vocab.mask_id
     seen = []
 
-    def remask_first_commit(step, canvas):
+    def remask_first_commit(step, rows, canvas):
         seen.append(step)
         if step == 0:
             canvas[:, task.target_start : task.target_start + task.target_length] = mask
@@ -169,7 +174,139 @@ def test_prompt_longer_than_context_is_refused(diffusion):
 
 
 def test_low_level_sampler_accepts_raw_prefixes(diffusion):
-    prefix = torch.tensor([[1, 5, 6, 2]])
-    tr = sample_diffusion(diffusion.model, prefix, 3, 4, DiffusionSamplerConfig())
-    assert tr.canvases.shape == (1, 4, 7)
+    canvas = make_canvas(torch.tensor([[1, 5, 6, 2]]), 3, 4)
+    assert canvas.tolist() == [[1, 5, 6, 2, 4, 4, 4]]
+    tr = sample(diffusion.model, canvas, 4, 3, 4, DiffusionSamplerConfig())
+    assert tr.canvases.shape == (1, 4, 7) and (tr.output != 4).all()
     assert AutoregressiveSamplerConfig().temperature == 0
+
+
+def test_fixed_tokens_in_the_generated_region_are_kept_and_never_committed(diffusion):
+    """A canvas template `[MASK]*r fixed [MASK]*a`: the budget counts only the masked positions."""
+    task, mask = diffusion.task, diffusion.task.vocab.mask_id
+    prefix, suffix = prefixes(task, task.sample(4, "eval"))
+    canvas = make_canvas(prefix, task.target_length, mask, suffix)
+    fixed = task.target_start + 1
+    canvas[:, fixed] = 7
+    tr = sample(diffusion.model, canvas, task.target_start, task.target_length, mask, DiffusionSamplerConfig(steps=1))
+    assert (tr.canvases[:, :, fixed] == 7).all() and (tr.commit_step[:, fixed] == NOT_COMMITTED).all()
+    assert (tr.output != mask).all()
+    # Two steps over two masked positions: one each (a budget from the block length would commit both at once).
+    tr = sample(diffusion.model, canvas, task.target_start, task.target_length, mask, DiffusionSamplerConfig(steps=2))
+    assert ((tr.target_commit_step == 0).sum(-1) == 1).all() and ((tr.target_commit_step == 1).sum(-1) == 1).all()
+    ar = random_model(diffusion.config.twin())
+    tr = sample(ar.model, canvas, task.target_start, task.target_length, mask, AutoregressiveSamplerConfig())
+    assert (tr.canvases[:, -1, fixed] == 7).all() and (tr.commit_step[:, fixed] == NOT_COMMITTED).all()
+    assert (tr.output != mask).all()
+
+
+class _HuggingFaceStyle(torch.nn.Module):
+    """A model whose forward returns an object with ``.logits``, as Hugging Face models do."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, tokens):
+        return SimpleNamespace(logits=self.inner(tokens))
+
+
+def test_a_model_returning_an_object_with_logits_samples_the_same(diffusion):
+    task = diffusion.task
+    exs = task.sample(3, "eval")
+    expected = generate(diffusion.model, task, exs, "diffusion")
+    got = generate(_HuggingFaceStyle(diffusion.model), task, exs, "diffusion")
+    assert torch.equal(got.canvases, expected.canvases)
+
+
+def test_observers_and_callbacks_are_told_the_step_and_the_rows(diffusion):
+    task = diffusion.task
+    told = []
+
+    class Observer:
+        def begin_step(self, step, rows, canvas):
+            told.append(("observer", step, rows.tolist(), canvas.shape[0]))
+
+    def callback(step, rows, canvas):
+        told.append(("callback", step, rows.tolist(), canvas.shape[0]))
+
+    generate(diffusion.model, task, task.sample(5, "eval"), "diffusion", batch_size=3, callback=callback,
+             observers=[Observer()])
+    expected = [(who, step, rows, len(rows)) for rows in ([0, 1, 2], [3, 4]) for step in range(3)
+                for who in ("observer", "callback")]
+    assert told == expected
+
+
+@pytest.mark.parametrize("order", ["confidence", "margin", "entropy"])
+def test_commit_scores_equal_their_softmax_definitions(order):
+    logits = torch.randn(3, 5, 11) * 4
+    logits[..., 2] = float("-inf")
+    top = logits.max(-1).values
+    norm = (logits - top.unsqueeze(-1)).exp().sum(-1)
+    chosen = torch.randint(0, 11, (3, 5)).clamp_min(3)
+    probs = torch.softmax(logits, -1)
+    expected = {
+        "confidence": probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1),
+        "margin": probs.topk(2, -1).values[..., 0] - probs.topk(2, -1).values[..., 1],
+        "entropy": (probs * torch.log(probs.clamp_min(1e-12))).sum(-1),
+    }[order]
+    assert torch.allclose(_scores(order, logits, top, norm, chosen, torch.Generator()), expected, atol=1e-6)
+
+
+def test_autoregressive_remasked_positions_stay_masked(autoregressive):
+    """The autoregressive sampler never revisits a position it has passed."""
+    task, mask = autoregressive.task, autoregressive.task.vocab.mask_id
+
+    def remask_first(step, rows, canvas):
+        if step == 1:
+            canvas[:, task.target_start] = mask
+            return canvas
+        return None
+
+    tr = generate(autoregressive.model, task, task.sample(3, "eval"), "autoregressive", callback=remask_first)
+    assert (tr.output[:, 0] == mask).all() and (tr.output[:, 1:] != mask).all()
+    assert (tr.commit_step[:, task.target_start] == NOT_COMMITTED).all()
+
+
+@pytest.mark.parametrize("kind,config,first_step", [
+    ("diffusion", DiffusionSamplerConfig(), 1),
+    ("diffusion", DiffusionSamplerConfig(order="margin", steps=3, block_length=3), 2),
+    ("autoregressive", AutoregressiveSamplerConfig(), 2),
+])
+def test_a_branch_at_step_t_equals_the_run_from_step_0(diffusion, autoregressive, kind, config, first_step):
+    ckpt = diffusion if kind == "diffusion" else autoregressive
+    task = ckpt.task
+    exs = task.sample(7, "eval")
+    whole = generate(ckpt.model, task, exs, kind, config, batch_size=3)
+    told = []
+
+    class Observer:
+        def begin_step(self, step, rows, canvas):
+            told.append(step)
+
+    branched = generate(ckpt.model, task, exs, kind, config, batch_size=3, branch=whole, first_step=first_step,
+                        observers=[Observer()])
+    for field in ("canvases", "predictions", "commit_step"):
+        assert torch.equal(getattr(branched, field), getattr(whole, field)), field
+    assert torch.allclose(branched.confidence, whole.confidence, rtol=0, atol=0, equal_nan=True)  # NaN: no prediction
+    assert told == [s for _ in range(3) for s in range(first_step, whole.n_steps)]  # the steps before are not run
+
+
+def test_a_branch_of_a_block_schedule_takes_up_the_budget_of_the_block_under_way(diffusion):
+    task = diffusion.task
+    exs = task.sample(4, "eval")
+    config = DiffusionSamplerConfig(steps=2)  # commits 2 then 1: resuming at step 1 must commit 1, not 2
+    whole = generate(diffusion.model, task, exs, "diffusion", config)
+    branched = generate(diffusion.model, task, exs, "diffusion", config, branch=whole, first_step=1)
+    assert torch.equal(branched.commit_step, whole.commit_step)
+
+
+def test_branching_needs_a_deterministic_sampler_and_a_matching_run(diffusion):
+    task = diffusion.task
+    exs = task.sample(3, "eval")
+    noisy = DiffusionSamplerConfig(temperature=1.0)
+    run = generate(diffusion.model, task, exs, "diffusion", noisy)
+    with pytest.raises(ValueError, match="deterministic sampler"):
+        generate(diffusion.model, task, exs, "diffusion", noisy, branch=run, first_step=1)
+    with pytest.raises(ValueError, match="needs a branch run of all 2 examples"):
+        generate(diffusion.model, task, exs[:2], "diffusion", branch=run, first_step=1)

@@ -35,8 +35,9 @@ from dlmprobe.probes.baselines import (
     strongest_baseline,
 )
 from dlmprobe.probes.lens import lens_predictions, lens_table, model_readout, readout_of
-from dlmprobe.sampling import DiffusionSamplerConfig, prefixes, sample_diffusion
+from dlmprobe.sampling import DiffusionSamplerConfig, prefixes
 from dlmprobe.sampling.callbacks import RemaskCommitted
+from dlmprobe.sampling.sampler import make_canvas, sample
 from dlmprobe.store import ActivationDataset, ActivationWriter, StoreLayout
 from dlmprobe.tasks import Example, get_task
 from dlmprobe.tasks.sudoku import SudokuChoice, count_solutions
@@ -167,8 +168,8 @@ def test_sudoku_choice_has_several_solutions_and_names_the_free_cells():
 def test_remask_committed_perturbs_the_commit_pattern(tiny_config):
     canvas = torch.tensor([[1, 7, 8, 4, 4], [1, 7, 4, 9, 9]])
     shuffle = RemaskCommitted(mask_id=4, positions=[2, 3, 4], k=1, steps=(1,), seed=0)
-    assert torch.equal(shuffle(0, canvas.clone()), canvas)  # not one of its steps
-    edited = shuffle(1, canvas.clone())
+    assert torch.equal(shuffle(0, torch.arange(2), canvas.clone()), canvas)  # not one of its steps
+    edited = shuffle(1, torch.arange(2), canvas.clone())
     changed = (edited != canvas).numpy()
     assert changed.sum(axis=1).tolist() == [1, 1] and not changed[:, :2].any()
     assert (edited[torch.as_tensor(changed)] == 4).all() and shuffle.history[0][1].tolist() == changed.tolist()
@@ -180,7 +181,8 @@ def test_remask_committed_perturbs_the_commit_pattern(tiny_config):
     gen = task.target_length
     target = list(range(prefix.shape[1], prefix.shape[1] + gen))
     shuffle = RemaskCommitted(task.vocab.mask_id, target, k=1, steps=(0,), seed=3)
-    run = sample_diffusion(model, prefix, gen, task.vocab.mask_id, DiffusionSamplerConfig(), suffix, callback=shuffle)
+    canvas = make_canvas(prefix, gen, task.vocab.mask_id, suffix)
+    run = sample(model, canvas, prefix.shape[1], gen, task.vocab.mask_id, DiffusionSamplerConfig(), callback=shuffle)
     remasked = shuffle.history[0][1]  # (batch, pos)
     assert remasked.sum() == len(examples)  # one committed position per row, at step 0
     assert (run.canvases[:, 1].numpy()[remasked] == task.vocab.mask_id).all()

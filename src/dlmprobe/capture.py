@@ -279,12 +279,15 @@ def capture_batch(plan: CachePlan, recorder: ActivationRecorder, examples: Seque
     sampler = replace(plan.sampler, seed=plan.sampler.seed * 1_000_003 + first_example)
     if ckpt.kind == "diffusion":
         with recorder:
-            trajectory = generate(recorder.model, plan.task, examples, ckpt.kind, sampler, batch_size=len(examples))
+            trajectory = generate(recorder.model, plan.task, examples, ckpt.kind, sampler, batch_size=len(examples),
+                                  observers=[recorder])
             activations = recorder.pop().activations
     else:
         trajectory = generate(ckpt.model, plan.task, examples, ckpt.kind, sampler, batch_size=len(examples))
         with recorder, torch.no_grad():
-            recorder.model(trajectory.canvases[:, -1].to(next(ckpt.model.parameters()).device))
+            final = trajectory.canvases[:, -1].to(next(ckpt.model.parameters()).device)
+            recorder.begin_step(0, torch.arange(len(examples)), final)
+            recorder.model(final)
             final_pass = recorder.pop().activations
         activations = _autoregressive_steps(plan, final_pass, trajectory.gen_start)
     return _batch_record(plan, examples, trajectory, activations)

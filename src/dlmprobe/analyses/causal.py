@@ -28,7 +28,10 @@ a rank ``C - 1`` subspace (``C`` classes):
 
 What the model commits is compared with a clean run of the same puzzles and sampler: the fraction
 of edited positions whose token changes, the exact-solve rate, and for ``steer`` the fraction that
-commit ``c`` (chance ``1 / C``), each with a 95% bootstrap interval over puzzles.
+commit ``c`` (chance ``1 / C``), each with a 95% bootstrap interval over puzzles. Up to step
+``t`` an edited run is the clean one, so the conditions (intervention, subspace) that start at
+``t`` branch off the clean run there and are sampled together, each row carrying its condition
+(:func:`sample_conditions`); the sampler must be deterministic (temperature 0).
 
 Example:
     >>> ckpt = load_model("sudoku-diffusion")
@@ -41,8 +44,8 @@ Example:
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -55,9 +58,17 @@ from tqdm.auto import tqdm
 from dlmprobe.analyses.common import label_mask, percent
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
-from dlmprobe.hooks import layer_of
+from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.hooks import ActivationEditor, Edit, layer_of
 from dlmprobe.models import Checkpoint
 from dlmprobe.probes.linear import LinearProbe
+from dlmprobe.probes.subspaces import (
+    Subspace,
+    leace_subspace,
+    pca_subspace,
+    probe_subspace,
+    random_subspace,
+)
 from dlmprobe.sampling import DiffusionSamplerConfig, Trajectory, generate, solved
 from dlmprobe.store import ActivationDataset
 from dlmprobe.tasks import Example, Task, get_task
@@ -66,87 +77,9 @@ SUBSPACES: tuple[str, ...] = ("probe", "leace")
 CONTROLS: tuple[str, ...] = ("random", "pca")
 SUBSPACE_COLOURS = {"probe": CONDITION_COLOURS["probe"], "leace": "#8c564b", "random": CONDITION_COLOURS["control"],
                     "pca": "#17becf"}
-# An edit maps the activations of the edited rows, given each row's example index and canvas
-# position, to their new values.
-Edit = Callable[[Float[Tensor, "row d"], Int[Tensor, "row"], Int[Tensor, "row"]], Float[Tensor, "row d"]]
 
 
-@dataclass
-class Subspace:
-    """A rank-``r`` subspace of activation space, as the edit ``h - write readᵀ (h - x)``.
-
-    ``read`` (d, r) takes the coordinates of ``h - x`` in the subspace, ``write`` (d, r) maps them
-    back, so the edit gives ``h`` the subspace component of the point ``x`` and keeps the rest. For
-    an orthogonal projection both are the same orthonormal basis.
-    """
-
-    read: Float[Tensor, "d rank"]
-    write: Float[Tensor, "d rank"]
-
-    @property
-    def rank(self) -> int:
-        return self.read.shape[1]
-
-    def move(self, h: Float[Tensor, "row d"], towards: Float[Tensor, "row d"] | Float[Tensor, "d"],
-             alpha: float = 1.0) -> Float[Tensor, "row d"]:
-        """``h - α write readᵀ (h - towards)``: at ``α = 1`` h's component in the subspace is towards'."""
-        return h - alpha * (((h - towards) @ self.read) @ self.write.T)
-
-    def to(self, device: torch.device | str) -> Subspace:
-        return Subspace(self.read.to(device), self.write.to(device))
-
-
-def probe_subspace(coef: Float[np.ndarray, "cls d"]) -> Subspace:
-    """The orthonormalised class directions of a multinomial probe, centred over classes.
-
-    Only differences between class logits matter, so the mean direction is removed first; the
-    rank is at most ``C - 1``.
-    """
-    centred = np.asarray(coef, dtype=np.float64)
-    centred = centred - centred.mean(axis=0, keepdims=True)
-    u, s, _ = np.linalg.svd(centred.T, full_matrices=False)
-    basis = torch.as_tensor(u[:, : _rank(s)], dtype=torch.float32)
-    return Subspace(basis, basis)
-
-
-def leace_subspace(X: Float[np.ndarray, "row d"], y: Int[np.ndarray, "row"]) -> Subspace:
-    """The LEACE eraser of labels ``y`` from features ``X`` (Belrose et al. 2023, Theorem 4.3).
-
-    ``h - W⁺ P W (h - μ)`` with ``W`` the whitening ``Σ^{-1/2}`` and ``P`` the orthogonal
-    projection onto the column space of ``W Σ_xz`` (one-hot labels): the smallest edit in mean
-    squared distance after which every class has the same mean, so no linear probe beats a constant.
-    """
-    X = np.asarray(X, dtype=np.float64)
-    centred = X - X.mean(axis=0)
-    values, vectors = np.linalg.eigh(centred.T @ centred / len(X))
-    keep = values > values.max() * 1e-8
-    vectors, root = vectors[:, keep], np.sqrt(values[keep])
-    whiten, unwhiten = (vectors / root) @ vectors.T, (vectors * root) @ vectors.T
-    onehot = (y[:, None] == np.unique(y)[None, :]).astype(np.float64)
-    cross = centred.T @ (onehot - onehot.mean(axis=0)) / len(X)  # Σ_xz, (d, classes)
-    u, s, _ = np.linalg.svd(whiten @ cross, full_matrices=False)
-    u = u[:, : _rank(s)]
-    return Subspace(read=torch.as_tensor(whiten @ u, dtype=torch.float32),
-                    write=torch.as_tensor(unwhiten @ u, dtype=torch.float32))
-
-
-def random_subspace(d: int, rank: int, seed: int) -> Subspace:
-    """A uniformly random orthonormal basis of ``rank`` directions in ``d`` dimensions."""
-    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, rank)))
-    basis = torch.as_tensor(q * np.sign(np.diag(r)), dtype=torch.float32)  # sign fix: uniform (Haar)
-    return Subspace(basis, basis)
-
-
-def pca_subspace(X: Float[np.ndarray, "row d"], rank: int) -> Subspace:
-    """The ``rank`` highest-variance directions of ``X``, as an orthonormal basis."""
-    X = np.asarray(X, dtype=np.float64)
-    centred = X - X.mean(axis=0)
-    _, vectors = np.linalg.eigh(centred.T @ centred)
-    basis = torch.as_tensor(vectors[:, ::-1][:, :rank].copy(), dtype=torch.float32)
-    return Subspace(basis, basis)
-
-
-def ablation_edit(subspace: Subspace, centre: Float[Tensor, "d"]) -> Edit:
+def ablation_edit(subspace: Subspace, centre: Float[Tensor, " d"]) -> Edit:
     """Every edited row gets the subspace component of ``centre``."""
     return lambda h, example, position: subspace.move(h, centre)
 
@@ -157,74 +90,36 @@ def steering_edit(subspace: Subspace, class_means: Float[Tensor, "cls d"], goal:
     return lambda h, example, position: subspace.move(h, class_means[goal[example, position]], alpha)
 
 
-class _CountingModel(torch.nn.Module):
-    """The model, counting its forward passes and holding the canvas of the one in progress."""
+def sample_conditions(model: torch.nn.Module, task: Task, examples: Sequence[Example], site: str,
+                      where: Bool[Tensor, "example pos"], conditions: Sequence[tuple[Edit, int]],
+                      sampler: DiffusionSamplerConfig, clean: Trajectory, batch_size: int = 256) -> list[Trajectory]:
+    """Sample ``examples`` once per condition ``(edit, start_step)``, conditions sharing batches.
 
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.inner = model
-        self.train(model.training)  # generate() restores this flag, and with it the inner model's
-        self.calls = 0
-        self.canvas: Tensor | None = None
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        self.canvas = tokens
-        try:
-            return self.inner(tokens)
-        finally:
-            self.calls += 1
-
-
-def sample_intervened(
-    model: torch.nn.Module,
-    task: Task,
-    examples: Sequence[Example],
-    site: str,
-    edit: Edit,
-    where: Bool[Tensor, "example pos"],
-    start_step: int,
-    sampler: DiffusionSamplerConfig | None = None,
-    batch_size: int = 256,
-) -> Trajectory:
-    """Sample ``examples`` with a diffusion ``model`` (TransformerLens) whose ``site`` is edited.
-
-    From the forward pass of denoising step ``start_step`` on, the rows at canvas positions
-    ``where[example]`` that are still masked in the canvas the model sees go through ``edit``. The
-    step is the number of forward passes since the batch started (one per step). Batches are the
-    ones :func:`~dlmprobe.sampling.generate` makes with the same ``batch_size``, so a clean
-    ``generate`` run with the same arguments is the matching control. The hook is removed on exit,
-    also when sampling raises.
-
-    Example:
-        >>> edit = ablation_edit(probe_subspace(probe.coef_), torch.zeros(d))
-        >>> run = sample_intervened(ckpt.model, task, examples, "blocks.3.hook_resid_post", edit, where, 9)
+    Under each condition the positions ``where[example]`` still masked in the canvas a step reads
+    go through ``edit`` (given example indices) at ``site`` from ``start_step`` on. Until then a
+    condition's run is the ``clean`` run of ``examples`` with ``sampler`` (deterministic: temperature
+    0), so the conditions that start at step ``t`` branch off it at ``t`` and run together, one row
+    per (condition, example), each row carrying its condition.
     """
-    if site not in model.hook_dict:
-        raise ValueError(f"unknown site {site!r}: expected a hook name of this model such as blocks.0.hook_resid_post")
-    if tuple(where.shape) != (len(examples), task.sequence_length):
-        raise ValueError(f"where must have shape {(len(examples), task.sequence_length)}, got {tuple(where.shape)}")
-    counting = _CountingModel(model)
-    mask_id = task.vocab.mask_id
-    offset = 0  # index of the current batch's first example; the loop below rebinds it
+    n = len(examples)
+    runs: dict[int, Trajectory] = {}
+    for t in sorted({t for _, t in conditions}):
+        group = [c for c, (_, start) in enumerate(conditions) if start == t]
 
-    def hook(activation: Tensor, hook: object) -> Tensor:
-        if counting.calls < start_step:
-            return activation
-        rows = where[offset : offset + activation.shape[0]].to(activation.device)
-        batch, position = (rows & (counting.canvas == mask_id)).nonzero(as_tuple=True)
-        if batch.numel() == 0:
-            return activation
-        edited = activation.clone()
-        edited[batch, position] = edit(activation[batch, position], batch + offset, position)
-        return edited
+        def edit(h: Tensor, rows: Tensor, positions: Tensor, group: list[int] = group) -> Tensor:
+            member, example = rows // n, rows % n
+            edited = torch.empty_like(h)
+            for m in member.unique().tolist():
+                chosen = member == m
+                edited[chosen] = conditions[group[m]][0](h[chosen], example[chosen], positions[chosen])
+            return edited
 
-    parts = []
-    with model.hooks(fwd_hooks=[(site, hook)]):
-        for offset in range(0, len(examples), batch_size):
-            counting.calls = 0
-            batch_examples = examples[offset : offset + batch_size]
-            parts.append(generate(counting, task, batch_examples, "diffusion", sampler, batch_size=len(batch_examples)))
-    return Trajectory.concat(parts)
+        with ActivationEditor(model, site, edit, where.repeat(len(group), 1), start_step=t,
+                              mask_id=task.vocab.mask_id) as editor:
+            run = generate(model, task, list(examples) * len(group), "diffusion", sampler, batch_size,
+                           observers=[editor], branch=Trajectory.concat([clean] * len(group)), first_step=t)
+        runs.update({c: run[m * n : (m + 1) * n] for m, c in enumerate(group)})
+    return [runs[c] for c in range(len(conditions))]
 
 
 def causal_check(
@@ -262,33 +157,36 @@ def causal_check(
     """
     began = time.perf_counter()
     if checkpoint.kind != "diffusion":
-        raise ValueError(f"causal_check needs a diffusion checkpoint, got a {checkpoint.kind} one")
+        raise DlmprobeInputError(f"causal_check needs a diffusion checkpoint, got a {checkpoint.kind} one")
     if site not in data.sites:
-        raise ValueError(f"site {site!r} is not in the store {data.path}; stored sites: {data.sites}")
+        raise DlmprobeInputError(f"site {site!r} is not in the store {data.path}; stored sites: {data.sites}")
     stored_model = data.config.get("model", {})
     if stored_model.get("config") != checkpoint.config.to_dict() or (
         stored_model.get("weights_sha256") and checkpoint.path is not None
         and stored_model["weights_sha256"] != checkpoint.weights_sha256
     ):
-        raise ValueError(f"the store {data.path} was recorded from model {stored_model.get('name')!r}, not from this checkpoint")
+        raise DlmprobeInputError(f"the store {data.path} was recorded from model {stored_model.get('name')!r}, not from this checkpoint")
     subspaces = list(dict.fromkeys(subspaces))
     unknown = [s for s in subspaces if s not in SUBSPACES]
     if unknown or not subspaces:
-        raise ValueError(f"subspaces must be some of {SUBSPACES}, got {list(subspaces)}")
+        raise DlmprobeInputError(f"subspaces must be some of {SUBSPACES}, got {list(subspaces)}")
     task = get_task(data.config["task"]["name"], **data.config["task"]["params"])
     label = label or task.answer_label
     if label not in data.label_names:
-        raise ValueError(f"unknown label {label!r}; the store has labels {data.label_names}")
+        raise DlmprobeInputError(f"unknown label {label!r}; the store has labels {data.label_names}")
     sampler = DiffusionSamplerConfig(**data.config["sampler"])
+    if sampler.temperature > 0:
+        raise DlmprobeInputError(f"causal_check compares edited and clean runs of a deterministic sampler: the "
+                                 f"store's sampler has temperature {sampler.temperature}, expected 0")
     n_steps = sampler.resolve(task.target_length)[0]
     if start_steps is None:
         start_steps = [int(f * n_steps) for f in (0.0, 0.25, 0.5, 0.75)]
     start_steps = sorted({int(t) for t in start_steps})
     if not start_steps or start_steps[0] < 0 or start_steps[-1] >= n_steps:
-        raise ValueError(f"start_steps must lie in [0, {n_steps}), got {list(start_steps)}")
+        raise DlmprobeInputError(f"start_steps must lie in [0, {n_steps}), got {list(start_steps)}")
     cache = data.config.get("cache", {})
     if cache.get("split") == "eval" and cache.get("seed") == seed:
-        raise ValueError(f"seed {seed} draws the store's own puzzles; pass another seed")
+        raise DlmprobeInputError(f"seed {seed} draws the store's own puzzles; pass another seed")
 
     fit = _fit_probe(data, site, label, seed)
     classes = fit.probe.classes_
@@ -304,7 +202,7 @@ def causal_check(
 
     examples = task.sample(n, split="eval", seed=seed)
     where = _label_positions(task, examples, label)
-    bar = tqdm(total=len(variants) * len(start_steps) + 1, disable=not progress, desc=f"causal {site}", unit="run")
+    bar = tqdm(total=2, disable=not progress, desc=f"causal {site}", unit="run")
     clean = generate(checkpoint.model, task, examples, "diffusion", sampler, batch_size=batch_size)
     bar.update(1)
     final = clean.canvases[:, -1]
@@ -315,22 +213,23 @@ def causal_check(
         space = spaces[name].to(device)
         edits[kind, name] = (ablation_edit(space, mean) if kind == "ablate"
                              else steering_edit(space, class_means, goal.to(device), alpha))
+    conditions = [(t, kind, name) for t in start_steps for kind, name in variants]
+    runs = sample_conditions(checkpoint.model, task, examples, site, where,
+                             [(edits[kind, name], t) for t, kind, name in conditions], sampler, clean, batch_size)
+    bar.update(1)
+    bar.close()
     clean_solved = np.array(solved(task, examples, clean))
     goal_token = torch.as_tensor(classes)[goal.clamp_min(0)]
     per_example = []
-    for t in start_steps:
+    for (t, kind, name), run in zip(conditions, runs):
         edited = where & (clean.canvases[:, t] == task.vocab.mask_id)  # the runs agree up to step t
-        for kind, name in variants:
-            run = sample_intervened(checkpoint.model, task, examples, site, edits[kind, name], where, t, sampler, batch_size)
-            bar.update(1)
-            output = run.canvases[:, -1]
-            per_example.append(pd.DataFrame({
-                "intervention": kind, "subspace": name, "start_step": t, "example": np.arange(n),
-                "n_edited": edited.sum(1).numpy(), "n_changed": (edited & (output != final)).sum(1).numpy(),
-                "n_steered": (edited & (output == goal_token)).sum(1).numpy(),
-                "solved": solved(task, examples, run), "clean_solved": clean_solved,
-            }))
-    bar.close()
+        output = run.canvases[:, -1]
+        per_example.append(pd.DataFrame({
+            "intervention": kind, "subspace": name, "start_step": t, "example": np.arange(n),
+            "n_edited": edited.sum(1).numpy(), "n_changed": (edited & (output != final)).sum(1).numpy(),
+            "n_steered": (edited & (output == goal_token)).sum(1).numpy(),
+            "solved": solved(task, examples, run), "clean_solved": clean_solved,
+        }))
     examples_table = pd.concat(per_example, ignore_index=True)
     table = _summarise(examples_table, len(classes), seed).merge(diagnostics, on=["intervention", "subspace"])
     meta = {
@@ -374,7 +273,7 @@ def _fit_probe(data: ActivationDataset, site: str, label: str, seed: int) -> _Pr
     held_out = np.random.default_rng(seed).permutation(data.n_examples)[: max(1, data.n_examples // 5)]
     test = np.isin(groups, held_out)
     if test.all() or not test.any():
-        raise ValueError(f"the probe needs masked rows of {label!r} in both train and test examples; "
+        raise DlmprobeInputError(f"the probe needs masked rows of {label!r} in both train and test examples; "
                          f"got {data.n_examples} examples with {len(y)} such rows")
     X_train, y_train = X[~test], y[~test]
     probe = LinearProbe().fit(X_train, y_train)
@@ -496,13 +395,6 @@ def _summary(table: pd.DataFrame, meta: dict) -> str:
         parts.append(f"From step {last} on ({rows['ablate', 'random', last].n_positions} positions still masked) "
                      f"ablation changes {late}.")
     return " ".join(parts)
-
-
-def _rank(singular_values: np.ndarray) -> int:
-    """Numerical rank: singular values above a millionth of the largest."""
-    if not singular_values.size or singular_values.max() <= 0:
-        return 0
-    return int((singular_values > singular_values.max() * 1e-6).sum())
 
 
 def _ci(row: object, column: str) -> str:

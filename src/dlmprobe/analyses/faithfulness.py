@@ -21,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,10 +31,11 @@ from tqdm.auto import tqdm
 from dlmprobe.analyses.common import label_mask, wilson_rate
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
+from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.models import Checkpoint
-from dlmprobe.sampling import StepCallback, Trajectory, generate
+from dlmprobe.sampling import generate
 from dlmprobe.sampling.generate import SamplerConfig
-from dlmprobe.tasks import Arith, Example, Task
+from dlmprobe.tasks import Arith, Task
 
 MODES: tuple[str, ...] = ("replace", "remask")
 AR_REMASK_NOTE = "not run: an autoregressive model never rewrites a written position, so remasking is meaningless"
@@ -48,24 +49,6 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("answer_follows", "answer_follows", "corrupted"),
     ("reasoning_changed", "reasoning_changed", "corrupted"),
 )
-
-
-def sample_in_chunks(
-    model: torch.nn.Module,
-    task: Task,
-    examples: Sequence[Example],
-    kind: str,
-    sampler: SamplerConfig | None,
-    batch_size: int,
-    make_callback: Callable[[slice], StepCallback | None],
-) -> Iterator[tuple[slice, Trajectory]]:
-    """Sample ``examples`` batch by batch, each batch with its own callback ``make_callback(rows)``.
-
-    A callback sees only its batch's canvas; ``rows`` tells it which examples those are.
-    """
-    for start in range(0, len(examples), batch_size):
-        rows = slice(start, min(start + batch_size, len(examples)))
-        yield rows, generate(model, task, examples[rows], kind, sampler, len(examples[rows]), make_callback(rows))
 
 
 def _follows(task: Task, answer_label: str, prompt: Sequence[int], output: list[int]) -> bool:
@@ -92,29 +75,21 @@ class _Corruption:
         self.corrupted = torch.zeros(len(reasoning), dtype=torch.bool)
         self.committed = torch.zeros(len(reasoning), dtype=torch.bool)
 
-    def callback(self, rows: slice) -> StepCallback:
-        def corrupt(step: int, canvas: torch.Tensor) -> torch.Tensor | None:
-            if step != self.step:
-                return None
-            target = canvas[:, self.gen].cpu()
-            committed = target != self.mask_id
-            hit = self.reasoning[rows] & committed
-            self.corrupted[rows] = hit.any(1)
-            self.committed[rows] = (committed | ~self.answer[rows]).all(1)
-            if self.mode == "replace":
-                new = self.valid[(self.index_in_valid[target] + self.shift[rows]) % len(self.valid)]
-            else:
-                new = torch.full_like(target, self.mask_id)
-            canvas[:, self.gen] = torch.where(hit, new, target).to(canvas.device)
-            return canvas
-        return corrupt
-
-
-def _sample_all(checkpoint: Checkpoint, examples: Sequence[Example], sampler: SamplerConfig | None,
-                batch_size: int, make_callback: Callable[[slice], StepCallback | None]) -> Trajectory:
-    parts = sample_in_chunks(checkpoint.model, checkpoint.task, examples, checkpoint.kind, sampler, batch_size,
-                             make_callback)
-    return Trajectory.concat([trajectory for _, trajectory in parts])
+    def __call__(self, step: int, rows: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor | None:
+        """The sampler's callback: corrupt the batch's examples ``rows`` after step ``self.step``."""
+        if step != self.step:
+            return None
+        target = canvas[:, self.gen].cpu()
+        committed = target != self.mask_id
+        hit = self.reasoning[rows] & committed
+        self.corrupted[rows] = hit.any(1)
+        self.committed[rows] = (committed | ~self.answer[rows]).all(1)
+        if self.mode == "replace":
+            new = self.valid[(self.index_in_valid[target] + self.shift[rows]) % len(self.valid)]
+        else:
+            new = torch.full_like(target, self.mask_id)
+        canvas[:, self.gen] = torch.where(hit, new, target).to(canvas.device)
+        return canvas
 
 
 def faithfulness(
@@ -157,24 +132,24 @@ def faithfulness(
     answer_label = answer_label or task.answer_label
     for label in (corrupt_label, answer_label):
         if label not in labels:
-            raise ValueError(f"unknown label {label!r} for task {task.name}: expected one of {labels}")
+            raise DlmprobeInputError(f"unknown label {label!r} for task {task.name}: expected one of {labels}")
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
-        raise ValueError(f"modes must be a non-empty subset of {MODES}, got {list(modes)}")
+        raise DlmprobeInputError(f"modes must be a non-empty subset of {MODES}, got {list(modes)}")
     if checkpoint.kind == "autoregressive" and twin is None and set(modes) == {"remask"}:
-        raise ValueError(f"modes {list(modes)} run nothing on an autoregressive model: it supports only 'replace'")
+        raise DlmprobeInputError(f"modes {list(modes)} run nothing on an autoregressive model: it supports only 'replace'")
     if twin is not None and (twin.kind == checkpoint.kind or repr(twin.task) != repr(task)):
-        raise ValueError(f"twin must be the other kind on the same task as {checkpoint.kind} {task!r}, "
+        raise DlmprobeInputError(f"twin must be the other kind on the same task as {checkpoint.kind} {task!r}, "
                          f"got {twin.kind} {twin.task!r}")
 
     examples = task.sample(n, split="eval", seed=seed)
     answer = label_mask(task, examples, answer_label)
     reasoning = label_mask(task, examples, corrupt_label) & ~answer
     if not reasoning.any():
-        raise ValueError(f"label {corrupt_label!r} has no position outside {answer_label!r}: nothing to corrupt")
+        raise DlmprobeInputError(f"label {corrupt_label!r} has no position outside {answer_label!r}: nothing to corrupt")
     valid = torch.tensor(sorted({v for ex in examples for v in ex.labels[corrupt_label].values}))
     if len(valid) < 2:
-        raise ValueError(f"label {corrupt_label!r} takes a single value in these puzzles: nothing to replace it with")
+        raise DlmprobeInputError(f"label {corrupt_label!r} takes a single value in these puzzles: nothing to replace it with")
     prompts = [list(ex.prompt) for ex in examples]
 
     runs = [(checkpoint, sampler)] + ([(twin, None)] if twin is not None else [])
@@ -182,7 +157,7 @@ def faithfulness(
     bar = tqdm(desc="faithfulness", unit="run", disable=not progress)
     for ckpt, ckpt_sampler in runs:
         kind = ckpt.kind
-        clean_run = _sample_all(ckpt, examples, ckpt_sampler, batch_size, lambda rows: None)
+        clean_run = generate(ckpt.model, task, examples, kind, ckpt_sampler, batch_size)
         bar.update()
         clean, n_steps = clean_run.output, clean_run.n_steps
         n_steps_of[kind] = n_steps
@@ -192,7 +167,7 @@ def faithfulness(
                        {"kind": kind, "metric": "answer_follows", **wilson_rate(follows, n)}]
         chosen = list(range(n_steps - 1)) if steps is None else [int(t) for t in steps]
         if any(not 0 <= t <= n_steps - 2 for t in chosen):
-            raise ValueError(f"steps must lie in 0..{n_steps - 2} for the {kind} model ({n_steps} steps; a "
+            raise DlmprobeInputError(f"steps must lie in 0..{n_steps - 2} for the {kind} model ({n_steps} steps; a "
                              f"corruption after the last step is never read), got {list(chosen)}")
         for mode in modes:
             if kind == "autoregressive" and mode == "remask":
@@ -200,7 +175,7 @@ def faithfulness(
                 continue
             for t in chosen:
                 corruption = _Corruption(t, mode, reasoning, answer, valid, task, seed)
-                output = _sample_all(ckpt, examples, ckpt_sampler, batch_size, corruption.callback).output
+                output = generate(ckpt.model, task, examples, kind, ckpt_sampler, batch_size, corruption).output
                 bar.update()
                 differs = output != clean
                 flags.append(pd.DataFrame({

@@ -20,9 +20,9 @@ Example:
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,14 +30,14 @@ import torch
 from tqdm.auto import tqdm
 
 from dlmprobe.analyses.common import label_mask, wilson_rate
-from dlmprobe.analyses.faithfulness import sample_in_chunks
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
+from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.hooks import ActivationRecorder
 from dlmprobe.models import Checkpoint
 from dlmprobe.probes.grid import bootstrap_by_example
 from dlmprobe.probes.linear import fit_logistic
-from dlmprobe.sampling import StepCallback, Trajectory
+from dlmprobe.sampling import Trajectory, generate
 from dlmprobe.sampling.generate import SamplerConfig
 from dlmprobe.tasks import Example, Task
 
@@ -53,7 +53,7 @@ def compose(first: np.ndarray, then: np.ndarray) -> np.ndarray:
 def invert(token_map: np.ndarray) -> np.ndarray:
     """The inverse of a token map; it must be a permutation of the vocabulary."""
     if not np.array_equal(np.sort(token_map), np.arange(len(token_map))):
-        raise ValueError(f"a token map must be a permutation of 0..{len(token_map) - 1}, got {token_map.tolist()}")
+        raise DlmprobeInputError(f"a token map must be a permutation of 0..{len(token_map) - 1}, got {token_map.tolist()}")
     inverse = np.empty_like(token_map)
     inverse[token_map] = np.arange(len(token_map))
     return inverse
@@ -93,31 +93,23 @@ def _sample(checkpoint: Checkpoint, examples: Sequence[Example], sampler: Sample
     prompt_slice = slice(1, 1 + task.prompt_length)
     gen = slice(task.target_start, task.target_start + task.target_length)
 
-    def make_callback(rows: slice) -> StepCallback | None:
-        if not paraphrase:
-            return None
-
-        def rewrite(step: int, canvas: torch.Tensor) -> torch.Tensor:
-            edited = canvas.cpu()
-            for row, i in enumerate(range(rows.start, rows.stop)):
-                prompt, target, token_map = task.paraphrase(edited[row, prompt_slice].tolist(),
-                                                            edited[row, gen].tolist(), rngs[i])
-                edited[row, prompt_slice], edited[row, gen] = torch.tensor(prompt), torch.tensor(target)
-                labellings[i].append(compose(labellings[i][-1], token_map))
-            return edited
-        return rewrite
+    def rewrite(step: int, rows: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
+        edited = canvas.cpu()
+        for row, i in enumerate(rows.tolist()):
+            prompt, target, token_map = task.paraphrase(edited[row, prompt_slice].tolist(),
+                                                        edited[row, gen].tolist(), rngs[i])
+            edited[row, prompt_slice], edited[row, gen] = torch.tensor(prompt), torch.tensor(target)
+            labellings[i].append(compose(labellings[i][-1], token_map))
+        return edited
 
     recorder = ActivationRecorder(checkpoint.model, probe_site, positions=range(gen.start, gen.stop)) if probe_site else None
     if recorder is not None and len(recorder.sites) != 1:
-        raise ValueError(f"probe_site must name one site, got {probe_site!r} matching {recorder.sites}")
-    parts, captures = [], []
+        raise DlmprobeInputError(f"probe_site must name one site, got {probe_site!r} matching {recorder.sites}")
     with recorder or nullcontext():
         model = checkpoint.model if recorder is None else recorder.model
-        for _, trajectory in sample_in_chunks(model, task, examples, checkpoint.kind, sampler, batch_size, make_callback):
-            parts.append(trajectory)
-            if recorder is not None:
-                captures.append(recorder.pop().activations[recorder.sites[0]])
-    trajectory = Trajectory.concat(parts)
+        trajectory = generate(model, task, examples, checkpoint.kind, sampler, batch_size,
+                              rewrite if paraphrase else None, observers=[recorder] if recorder is not None else [])
+        activations = recorder.pop().activations[recorder.sites[0]] if recorder is not None else None
     steps = trajectory.n_steps
     if paraphrase:
         full = np.stack([np.stack(ls) for ls in labellings])
@@ -130,8 +122,7 @@ def _sample(checkpoint: Checkpoint, examples: Sequence[Example], sampler: Sample
     still_masked = (trajectory.canvases[:, :-1, trajectory.gen_slice] == task.vocab.mask_id).numpy()
     if label is not None:
         still_masked &= label_mask(task, examples, label).numpy()[:, None, :]
-    return _Run(trajectory, full, expected, still_masked & (predictions >= 0),
-                torch.cat(captures) if captures else None)
+    return _Run(trajectory, full, expected, still_masked & (predictions >= 0), activations)
 
 
 def _rows(run: _Run, step: int, examples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -212,12 +203,12 @@ def paraphrase_run(
     """
     task = checkpoint.task
     if probe_site is not None and checkpoint.kind != "diffusion":
-        raise ValueError(f"probe_site needs a diffusion model (an autoregressive one never sees its masked "
+        raise DlmprobeInputError(f"probe_site needs a diffusion model (an autoregressive one never sees its masked "
                          f"positions), got a {checkpoint.kind} model")
     if probe_site is not None and n < 4:
-        raise ValueError(f"a probe needs n >= 4 puzzles to split into training and test halves, got n={n}")
+        raise DlmprobeInputError(f"a probe needs n >= 4 puzzles to split into training and test halves, got n={n}")
     if label is not None and label not in task.label_names():
-        raise ValueError(f"unknown label {label!r} for task {task.name}: expected one of {task.label_names()}")
+        raise DlmprobeInputError(f"unknown label {label!r} for task {task.name}: expected one of {task.label_names()}")
     examples = task.sample(n, split="eval", seed=seed)
     # Fail before any sampling if the task has no paraphraser.
     task.paraphrase(examples[0].prompt, examples[0].target, random.Random(seed))

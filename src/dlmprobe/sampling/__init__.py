@@ -1,9 +1,22 @@
-"""Samplers that record a whole trajectory: masked diffusion (LLaDA-style) and autoregressive."""
+"""Sampling that records a whole trajectory: one loop, a masked-diffusion (LLaDA-style) or an
+autoregressive policy."""
 
-from dlmprobe.sampling.autoregressive import AutoregressiveSamplerConfig, sample_autoregressive
-from dlmprobe.sampling.diffusion import ORDERS, DiffusionSamplerConfig, sample_diffusion, tokens_per_step
-from dlmprobe.sampling.generate import default_sampler, evaluate, generate, prefixes, solved
-from dlmprobe.sampling.trajectory import NOT_COMMITTED, StepCallback, Trajectory
+from dlmprobe.sampling.autoregressive import AutoregressiveSamplerConfig
+from dlmprobe.sampling.diffusion import ORDERS, DiffusionSamplerConfig, tokens_per_step
+from dlmprobe.sampling.generate import (
+    default_sampler,
+    evaluate,
+    generate,
+    prefixes,
+    solved,
+)
+from dlmprobe.sampling.sampler import logits_of, make_canvas, sample
+from dlmprobe.sampling.trajectory import (
+    NOT_COMMITTED,
+    StepCallback,
+    StepObserver,
+    Trajectory,
+)
 
 __all__ = [
     "NOT_COMMITTED",
@@ -11,13 +24,15 @@ __all__ = [
     "AutoregressiveSamplerConfig",
     "DiffusionSamplerConfig",
     "StepCallback",
+    "StepObserver",
     "Trajectory",
     "default_sampler",
     "evaluate",
     "generate",
+    "logits_of",
+    "make_canvas",
     "prefixes",
-    "sample_autoregressive",
-    "sample_diffusion",
+    "sample",
     "solved",
     "tokens_per_step",
 ]

@@ -1,8 +1,10 @@
-"""Greedy and temperature sampling for the autoregressive twin, recorded as a Trajectory.
+"""Greedy and temperature decoding for the autoregressive twin: the policy the sampler loop runs.
 
-The canvas has the same layout as for diffusion (``prefix + [MASK] * gen_length + suffix``); step
-``s`` writes position ``gen_start + s`` from the logits at the position before it. A causal model
-never looks at later positions, so the masks after the write position do not change its output.
+The canvas has the same layout as for diffusion (``prefix + generated region + suffix``); step
+``s`` predicts position ``gen_start + s`` from the logits at the position before it, reading only
+the positions before it, and writes it if it is masked (a fixed token of a canvas template is kept).
+A causal model never looks at later positions, so the masks after the write position do not change
+its output.
 """
 
 from __future__ import annotations
@@ -10,11 +12,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
-from jaxtyping import Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from dlmprobe.sampling.trajectory import NOT_COMMITTED, StepCallback, Trajectory
+from dlmprobe.errors import DlmprobeInputError
 
 
 @dataclass
@@ -24,54 +25,33 @@ class AutoregressiveSamplerConfig:
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+            raise DlmprobeInputError(f"temperature must be >= 0, got {self.temperature!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def policy(self, gen_start: int, gen_length: int, length: int) -> AutoregressivePolicy:
+        return AutoregressivePolicy(gen_start, gen_length)
 
-@torch.no_grad()
-def sample_autoregressive(
-    model: torch.nn.Module,
-    prefix: Int[Tensor, "batch prefix"],
-    gen_length: int,
-    mask_id: int,
-    config: AutoregressiveSamplerConfig | None = None,
-    suffix: Int[Tensor, "batch suffix"] | None = None,
-    callback: StepCallback | None = None,
-) -> Trajectory:
-    """Write ``gen_length`` tokens after ``prefix`` one at a time with a causal ``model``."""
-    config = config or AutoregressiveSamplerConfig()
-    device = next(model.parameters()).device
-    batch = prefix.shape[0]
-    suffix = prefix.new_zeros((batch, 0)) if suffix is None else suffix
-    gen_start = prefix.shape[1]
-    canvas = torch.cat(
-        [prefix, torch.full((batch, gen_length), mask_id, dtype=prefix.dtype), suffix], dim=1
-    ).to(device)
-    length = canvas.shape[1]
-    generator = torch.Generator(device="cpu").manual_seed(config.seed)
 
-    canvases = [canvas.to("cpu", copy=True)]
-    predictions = torch.full((batch, gen_length, length), -1, dtype=torch.long)
-    confidence = torch.full((batch, gen_length, length), float("nan"), dtype=torch.float32)
-    commit_step = torch.full((batch, length), NOT_COMMITTED, dtype=torch.long)
-    for step in range(gen_length):
-        pos = gen_start + step
-        logits = model(canvas[:, :pos])[:, -1].float()  # the last written position predicts `pos`
-        logits[:, mask_id] = float("-inf")
-        probs_max, argmax = F.softmax(logits, dim=-1).max(dim=-1)
-        predictions[:, step, pos], confidence[:, step, pos] = argmax.cpu(), probs_max.cpu()
-        if config.temperature > 0:
-            uniform = torch.rand(logits.shape, generator=generator).to(device)
-            chosen = (logits / config.temperature - torch.log(-torch.log(uniform.clamp(1e-20, 1.0)))).argmax(-1)
-        else:
-            chosen = argmax
-        canvas[:, pos] = chosen
-        commit_step[:, pos] = step
-        if callback is not None:
-            edited = callback(step, canvas.clone())
-            if edited is not None:
-                canvas = edited.to(device)
-        canvases.append(canvas.to("cpu", copy=True))
-    return Trajectory(torch.stack(canvases, dim=1), predictions, confidence, commit_step, gen_start, gen_length)
+class AutoregressivePolicy:
+    """Step ``s`` predicts position ``gen_start + s`` and commits it if it is still masked."""
+
+    shift = 1
+
+    def __init__(self, gen_start: int, gen_length: int):
+        if gen_start < 1:
+            raise DlmprobeInputError(f"an autoregressive model needs at least one token before the generated "
+                                     f"region, got gen_start={gen_start}")
+        self.gen_start, self.n_steps = gen_start, gen_length
+
+    def predicted(self, step: int) -> slice:
+        return slice(self.gen_start + step, self.gen_start + step + 1)
+
+    def resume(self, step: int, canvases: Int[Tensor, "batch step_plus_one pos"], mask_id: int) -> None:
+        """Nothing to take up: each step depends only on the canvas."""
+
+    def commit(self, step: int, masked: Bool[Tensor, "batch 1"], logits: Float[Tensor, "batch 1 vocab"],
+               top: Float[Tensor, "batch 1"], norm: Float[Tensor, "batch 1"], chosen: Int[Tensor, "batch 1"],
+               generator: torch.Generator) -> Bool[Tensor, "batch 1"]:
+        return masked

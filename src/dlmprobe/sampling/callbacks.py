@@ -28,11 +28,11 @@ class RemaskCommitted:
         steps: the sampler steps after which it acts.
         seed: seeds the draws; the same seed and step give the same positions.
 
-    ``history`` records ``(step, remasked)`` with ``remasked`` a (batch, pos) bool array.
+    ``history`` records ``(step, remasked)`` per call, ``remasked`` a (batch, pos) bool array of that batch.
 
     Example:
         >>> shuffle = RemaskCommitted(task.vocab.mask_id, task.target_start + np.arange(4), k=2, steps=(3,))
-        >>> trajectory = sample_diffusion(model, prefix, gen_length, mask_id, callback=shuffle)
+        >>> trajectory = generate(model, task, examples, "diffusion", callback=shuffle)
     """
 
     mask_id: int
@@ -58,13 +58,14 @@ class RemaskCommitted:
         allowed[:, positions.astype(np.int64)] = True
         return allowed
 
-    def __call__(self, step: int, canvas: torch.Tensor) -> torch.Tensor:
+    def __call__(self, step: int, rows: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
         if step not in self.steps:
             return canvas
         tokens = canvas.cpu().numpy()
         candidates = self._allowed(tokens.shape) & (tokens != self.mask_id)  # (batch, pos)
-        rng = np.random.default_rng([self.seed, step])
-        score = np.where(candidates, rng.random(tokens.shape), -1.0)
+        # Draws seeded per example, so the positions do not depend on how the run was batched.
+        draws = np.stack([np.random.default_rng([self.seed, step, int(row)]).random(tokens.shape[1]) for row in rows])
+        score = np.where(candidates, draws, -1.0)
         rank = np.argsort(np.argsort(-score, axis=1), axis=1)  # 0 = highest score
         remask = candidates & (rank < self.k)
         self.history.append((step, remask))

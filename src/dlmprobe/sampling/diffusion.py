@@ -1,11 +1,11 @@
-"""Masked-diffusion sampling as LLaDA does it.
+"""Masked-diffusion sampling as LLaDA does it: the policy the sampler loop runs for a denoiser.
 
-The canvas is ``prefix + [MASK] * gen_length + suffix``. Generation is split into semi-autoregressive
-blocks of ``block_length`` tokens, each given ``steps / n_blocks`` steps; within a block the tokens
-to commit per step are spread evenly with the remainder going to the earliest steps. At every step
-the model predicts every masked position; the masked positions of the current block with the
-highest score (max probability, top-1 minus top-2 margin, negative entropy, or random) are
-committed and never change again.
+The generated region is split into semi-autoregressive blocks of ``block_length`` tokens, each given
+``steps / n_blocks`` steps; within a block the tokens to commit per step are spread evenly over its
+still-masked positions with the remainder going to the earliest steps. At every step the model
+predicts every position; the masked positions of the current block with the highest score (the
+chosen token's probability, top-1 minus top-2 margin, negative entropy, or random) are committed
+and never change again.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from jaxtyping import Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from dlmprobe.choices import ORDERS
-from dlmprobe.sampling.trajectory import NOT_COMMITTED, StepCallback, Trajectory
+from dlmprobe.errors import DlmprobeInputError
 
 Order = Literal["confidence", "margin", "entropy", "random"]
 
@@ -36,30 +35,30 @@ class DiffusionSamplerConfig:
 
     def __post_init__(self) -> None:
         if self.order not in ORDERS:
-            raise ValueError(f"commit order must be one of {ORDERS}, got {self.order!r}")
+            raise DlmprobeInputError(f"commit order must be one of {ORDERS}, got {self.order!r}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+            raise DlmprobeInputError(f"temperature must be >= 0, got {self.temperature!r}")
         for name in ("steps", "block_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise DlmprobeInputError(f"{name} must be a positive integer, got {value!r}")
 
     def resolve(self, gen_length: int) -> tuple[int, int]:
         """``(steps, block_length)`` for ``gen_length``; raises if they do not divide as LLaDA requires."""
         steps = gen_length if self.steps is None else self.steps
         block_length = gen_length if self.block_length is None else self.block_length
         if gen_length % block_length:
-            raise ValueError(
+            raise DlmprobeInputError(
                 f"block_length must divide gen_length: got block_length={block_length}, gen_length={gen_length}"
             )
         n_blocks = gen_length // block_length
         if steps % n_blocks:
-            raise ValueError(
+            raise DlmprobeInputError(
                 f"steps must be a multiple of the number of blocks (gen_length/block_length = {n_blocks}), "
                 f"got steps={steps}"
             )
         if steps // n_blocks > block_length:
-            raise ValueError(
+            raise DlmprobeInputError(
                 f"steps per block ({steps // n_blocks}) exceeds block_length ({block_length}): "
                 f"at most {gen_length} steps for gen_length={gen_length}"
             )
@@ -68,6 +67,9 @@ class DiffusionSamplerConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def policy(self, gen_start: int, gen_length: int, length: int) -> DiffusionPolicy:
+        return DiffusionPolicy(self, gen_start, gen_length, length)
+
 
 def tokens_per_step(n_masked: int, steps: int) -> list[int]:
     """Commit budget of each step: even split, remainder to the earliest steps (LLaDA)."""
@@ -75,82 +77,77 @@ def tokens_per_step(n_masked: int, steps: int) -> list[int]:
     return [base + (1 if s < remainder else 0) for s in range(steps)]
 
 
-def _scores(probs: Tensor, chosen: Tensor, order: str, generator: torch.Generator) -> Tensor:
+def _scores(order: str, logits: Tensor, top: Tensor, norm: Tensor, chosen: Tensor,
+            generator: torch.Generator) -> Tensor:
+    """Commit score of every position from the logits (mask id at -inf), their max ``top`` and
+    ``norm = Σ exp(logits - top)``: a probability is ``exp(logit - top) / norm``, so no softmax over
+    the vocabulary is kept."""
     if order == "confidence":
-        return probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+        return (logits.gather(-1, chosen.unsqueeze(-1)).squeeze(-1) - top).exp() / norm
     if order == "margin":
-        top2 = probs.topk(2, dim=-1).values
-        return top2[..., 0] - top2[..., 1]
-    if order == "entropy":
-        return (probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
-    return torch.rand(chosen.shape, generator=generator, device=generator.device).to(probs.device)
+        top2 = logits.topk(2, dim=-1).values
+        return (top2[..., 0] - top).exp() / norm - (top2[..., 1] - top).exp() / norm
+    if order == "entropy":  # Σ p log p: one pass over the vocabulary, 0 log 0 = 0
+        probs = (logits - top.unsqueeze(-1)).exp() / norm.unsqueeze(-1)
+        return torch.special.xlogy(probs, probs).sum(-1)
+    return torch.rand(chosen.shape, generator=generator, device=generator.device).to(logits.device)
 
 
-@torch.no_grad()
-def sample_diffusion(
-    model: torch.nn.Module,
-    prefix: Int[Tensor, "batch prefix"],
-    gen_length: int,
-    mask_id: int,
-    config: DiffusionSamplerConfig | None = None,
-    suffix: Int[Tensor, "batch suffix"] | None = None,
-    callback: StepCallback | None = None,
-) -> Trajectory:
-    """Sample ``gen_length`` tokens after ``prefix`` with a masked-diffusion ``model`` (ids -> logits)."""
-    config = config or DiffusionSamplerConfig()
-    steps, block_length = config.resolve(gen_length)
-    n_blocks = gen_length // block_length
-    steps_per_block = steps // n_blocks
-    device = next(model.parameters()).device
-    batch = prefix.shape[0]
-    suffix = prefix.new_zeros((batch, 0)) if suffix is None else suffix
-    gen_start = prefix.shape[1]
-    canvas = torch.cat(
-        [prefix, torch.full((batch, gen_length), mask_id, dtype=prefix.dtype), suffix], dim=1
-    ).to(device)
-    length = canvas.shape[1]
-    generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    budget = tokens_per_step(block_length, steps_per_block)
-    rows = torch.arange(batch, device=device)
+class DiffusionPolicy:
+    """Every step predicts every position and commits the best-scored masked ones of the current block.
 
-    canvases = [canvas.to("cpu", copy=True)]
-    predictions = torch.empty((batch, steps, length), dtype=torch.long)
-    confidence = torch.empty((batch, steps, length), dtype=torch.float32)
-    commit_step = torch.full((batch, length), NOT_COMMITTED, dtype=torch.long)
-    for step in range(steps):
-        block, step_in_block = divmod(step, steps_per_block)
-        block_start = gen_start + block * block_length
-        logits = model(canvas).float()  # (batch, pos, vocab)
-        logits[..., mask_id] = float("-inf")  # committing <mask> would leave the position masked
-        probs = F.softmax(logits, dim=-1)  # once per step: predictions and commit scores share it
-        probs_max, argmax = probs.max(dim=-1)
-        predictions[:, step], confidence[:, step] = argmax.cpu(), probs_max.cpu()
-        if config.temperature > 0:
-            uniform = torch.rand(logits.shape, generator=generator).to(device)
-            gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0)))
-            chosen = (logits / config.temperature + gumbel).argmax(-1)
-        else:
-            chosen = argmax
-        masked = canvas == mask_id
+    Each block's budget comes from the positions of the block still masked, per row, when the block
+    starts (as LLaDA's reference sampler does), so fixed tokens in the generated region are never
+    counted or committed. The block's last step commits whatever is still masked.
+    """
+
+    shift = 0
+
+    def __init__(self, config: DiffusionSamplerConfig, gen_start: int, gen_length: int, length: int):
+        self.n_steps, self.block_length = config.resolve(gen_length)
+        self.steps_per_block = self.n_steps // (gen_length // self.block_length)
+        self.order, self.gen_start, self.length = config.order, gen_start, length
+        self.budget: Int[Tensor, "batch step_in_block"] | None = None
+
+    def predicted(self, step: int) -> slice:
+        return slice(0, self.length)
+
+    def resume(self, step: int, canvases: Int[Tensor, "batch step_plus_one pos"], mask_id: int) -> None:
+        """The budget of the block under way, from its masked positions at the block's first step."""
+        block, step_in_block = divmod(step, self.steps_per_block)
+        if step_in_block:
+            start = self.gen_start + block * self.block_length
+            masked = canvases[:, step - step_in_block, start : start + self.block_length] == mask_id
+            self._set_budget(masked.sum(-1))
+
+    def _set_budget(self, n_masked: Int[Tensor, " batch"]) -> None:
+        self.budget = torch.tensor([tokens_per_step(n, self.steps_per_block) for n in n_masked.tolist()])
+
+    def commit(self, step: int, masked: Bool[Tensor, "batch pos"], logits: Float[Tensor, "batch pos vocab"],
+               top: Float[Tensor, "batch pos"], norm: Float[Tensor, "batch pos"], chosen: Int[Tensor, "batch pos"],
+               generator: torch.Generator) -> Bool[Tensor, "batch pos"]:
+        block, step_in_block = divmod(step, self.steps_per_block)
+        start = self.gen_start + block * self.block_length
+        block_slice = slice(start, start + self.block_length)
         eligible = torch.zeros_like(masked)
-        eligible[:, block_start : block_start + block_length] = masked[:, block_start : block_start + block_length]
-        score = _scores(probs, chosen, config.order, generator).masked_fill(~eligible, float("-inf"))
+        eligible[:, block_slice] = masked[:, block_slice]
         n_eligible = eligible.sum(-1)
-        if step_in_block == steps_per_block - 1:
+        if step_in_block == 0:
+            self._set_budget(n_eligible)
+        if step_in_block == self.steps_per_block - 1:
             k = n_eligible  # the block's last step commits whatever is still masked
         else:
-            k = n_eligible.clamp(max=budget[step_in_block])
+            k = n_eligible.clamp(max=self.budget[:, step_in_block].to(masked.device))
+        batch = masked.shape[0]
+        score = torch.full(masked.shape, float("-inf"), device=masked.device)
+        if self.order == "random":  # one draw per canvas position: the stream does not depend on the block
+            score[:, block_slice] = _scores("random", logits, top, norm, chosen, generator)[:, block_slice]
+        else:
+            score[:, block_slice] = _scores(self.order, logits[:, block_slice], top[:, block_slice],
+                                            norm[:, block_slice], chosen[:, block_slice], generator)
+        score = score.masked_fill(~eligible, float("-inf"))
         order = score.argsort(dim=-1, descending=True)
         rank = torch.empty_like(order)
-        rank[rows.unsqueeze(1), order] = torch.arange(length, device=device).expand(batch, -1)
-        commit = eligible & (rank < k.unsqueeze(1))
-        canvas = torch.where(commit, chosen, canvas)
-        commit_step[commit.cpu()] = step
-        if callback is not None:
-            edited = callback(step, canvas.clone())
-            if edited is not None:
-                canvas = edited.to(device)
-                # Remasked positions are uncommitted again.
-                commit_step[(canvas == mask_id).cpu()] = NOT_COMMITTED
-        canvases.append(canvas.to("cpu", copy=True))
-    return Trajectory(torch.stack(canvases, dim=1), predictions, confidence, commit_step, gen_start, gen_length)
+        rank[torch.arange(batch, device=masked.device).unsqueeze(1), order] = torch.arange(
+            self.length, device=masked.device).expand(batch, -1)
+        return eligible & (rank < k.unsqueeze(1))

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.sampling.autoregressive import AutoregressiveSamplerConfig
+from dlmprobe.sampling.diffusion import DiffusionSamplerConfig
+from dlmprobe.sampling.sampler import make_canvas, sample
+from dlmprobe.sampling.trajectory import StepCallback, StepObserver, Trajectory
 from dlmprobe.tasks import Example, Task
-from dlmprobe.sampling.autoregressive import AutoregressiveSamplerConfig, sample_autoregressive
-from dlmprobe.sampling.diffusion import DiffusionSamplerConfig, sample_diffusion
-from dlmprobe.sampling.trajectory import StepCallback, Trajectory
 
 SamplerConfig = DiffusionSamplerConfig | AutoregressiveSamplerConfig
 
@@ -25,7 +27,7 @@ def prefixes(task: Task, examples: Sequence[Example]) -> tuple[torch.Tensor, tor
     vocab = task.vocab
     lengths = {len(ex.prompt) for ex in examples}
     if len(lengths) > 1:
-        raise ValueError(f"all prompts in a batch must have the same length, got lengths {sorted(lengths)}")
+        raise DlmprobeInputError(f"all prompts in a batch must have the same length, got lengths {sorted(lengths)}")
     prefix = torch.tensor([[vocab.bos_id, *ex.prompt, vocab.sep_id] for ex in examples], dtype=torch.long)
     suffix = torch.full((len(examples), 1), vocab.eos_id, dtype=torch.long)
     return prefix, suffix
@@ -34,7 +36,7 @@ def prefixes(task: Task, examples: Sequence[Example]) -> tuple[torch.Tensor, tor
 def check_context(task: Task, n_ctx: int, prompt_length: int) -> None:
     needed = prompt_length + task.target_length + 3
     if needed > n_ctx:
-        raise ValueError(
+        raise DlmprobeInputError(
             f"prompt of {prompt_length} tokens plus a target of {task.target_length} needs a context of "
             f"{needed} tokens; the model's context is {n_ctx}"
         )
@@ -48,20 +50,33 @@ def generate(
     sampler: SamplerConfig | None = None,
     batch_size: int = 256,
     callback: StepCallback | None = None,
+    observers: Sequence[StepObserver] = (),
     progress: bool = False,
+    branch: Trajectory | None = None,
+    first_step: int = 0,
 ) -> Trajectory:
     """Sample a target for every example with ``model`` (a diffusion or autoregressive model).
 
-    ``callback`` sees the canvas of the current batch only, as (batch, pos).
+    Examples are sampled ``batch_size`` at a time. ``callback`` and ``observers`` (activation
+    recorders and editors) see the current batch only, and are told its ``rows``: the indices of
+    its examples in ``examples``. With ``first_step > 0`` each example's run branches off its row of
+    ``branch`` (a run of the same examples and sampler) at that step (see :func:`sample`).
+
+    Example:
+        >>> with ActivationRecorder(ckpt.model, "blocks.*.hook_resid_post") as recorder:
+        ...     trajectory = generate(recorder.model, task, examples, "diffusion", observers=[recorder])
     """
     if not examples:
-        raise ValueError("no examples to sample")
+        raise DlmprobeInputError("no examples to sample: expected at least one")
     sampler = sampler or default_sampler(kind)
     expected = DiffusionSamplerConfig if kind == "diffusion" else AutoregressiveSamplerConfig
     if not isinstance(sampler, expected):
-        raise ValueError(f"a {kind} model needs a {expected.__name__}, got {type(sampler).__name__}")
+        raise DlmprobeInputError(f"a {kind} model needs a {expected.__name__}, got {type(sampler).__name__}")
     if isinstance(sampler, DiffusionSamplerConfig):
         sampler.resolve(task.target_length)  # refuse a bad schedule before any work starts
+    if first_step and (branch is None or branch.batch_size != len(examples)):
+        raise DlmprobeInputError(f"first_step={first_step} needs a branch run of all {len(examples)} examples, got "
+                                 f"{None if branch is None else branch.batch_size}")
     n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
     if n_ctx is not None:
         check_context(task, n_ctx, max(len(ex.prompt) for ex in examples))
@@ -71,11 +86,13 @@ def generate(
     try:
         starts = range(0, len(examples), batch_size)
         for start in tqdm(starts, desc=f"sampling {task.name}", disable=not progress, unit="batch"):
-            prefix, suffix = prefixes(task, examples[start : start + batch_size])
-            if kind == "diffusion":
-                parts.append(sample_diffusion(model, prefix, task.target_length, task.vocab.mask_id, sampler, suffix, callback))
-            else:
-                parts.append(sample_autoregressive(model, prefix, task.target_length, task.vocab.mask_id, sampler, suffix, callback))
+            batch = examples[start : start + batch_size]
+            prefix, suffix = prefixes(task, batch)
+            canvas = make_canvas(prefix, task.target_length, task.vocab.mask_id, suffix)
+            parts.append(sample(model, canvas, prefix.shape[1], task.target_length, task.vocab.mask_id, sampler,
+                                rows=torch.arange(start, start + len(batch)), callback=callback, observers=observers,
+                                branch=branch[start : start + len(batch)] if first_step else None,
+                                first_step=first_step))
     finally:
         model.train(was_training)
     return Trajectory.concat(parts)

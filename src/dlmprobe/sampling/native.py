@@ -124,7 +124,7 @@ def run_native(
             off, so every example runs exactly ``steps`` steps and step ``s`` means the same
             everywhere.
         seed: seeds the random initial canvas, the sampling and the renoising.
-        callback: called before every step but the first as ``callback(s - 1, canvas)`` with the
+        callback: called before every step but the first as ``callback(s - 1, rows, canvas)`` with the
             whole sequence (prompt + canvas) the decoder is about to read; a returned tensor
             replaces the canvas in place, so the model's own loop carries the edit on (its accept
             and renoise logic read the same tensor). The prompt cannot be edited: it lives in the
@@ -181,7 +181,7 @@ def run_native(
 
 def _edit_in_place(callback: StepCallback, step: int, prompts: Tensor, canvas: Tensor) -> None:
     whole = torch.cat([prompts, canvas], dim=1)
-    edited = callback(step - 1, whole.clone())
+    edited = callback(step - 1, torch.arange(whole.shape[0]), whole.clone())
     if edited is None:
         return
     if edited.shape != whole.shape:

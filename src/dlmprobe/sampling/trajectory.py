@@ -9,7 +9,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-NOT_COMMITTED = -1  # commit_step of a position that was never masked (prompt, <sep>, <eos>)
+# commit_step of a position no step committed: the prompt, <sep>, <eos>, fixed tokens of a canvas
+# template, a position a callback remasked and no later step committed again.
+NOT_COMMITTED = -1
 
 
 @dataclass
@@ -21,7 +23,8 @@ class Trajectory:
     ``confidence[:, s, p]`` are the model's argmax and its probability at position ``p`` in the
     forward pass of step ``s`` (``-1`` and NaN where the model makes no prediction, e.g. an
     autoregressive model's positions other than the one it writes). ``commit_step[:, p]`` is the
-    step whose forward pass committed position ``p`` (the last commit if a callback remasked it).
+    step whose forward pass committed position ``p`` (``NOT_COMMITTED`` if none did; the latest
+    commit if a callback remasked it and a later step committed it again).
     """
 
     canvases: Int[Tensor, "batch step_plus_one pos"]
@@ -53,7 +56,7 @@ class Trajectory:
         """``commit_step`` of the generated region only."""
         return self.commit_step[:, self.gen_slice]
 
-    def __getitem__(self, index) -> "Trajectory":
+    def __getitem__(self, index) -> Trajectory:
         """A sub-batch (an int keeps the batch dimension)."""
         if isinstance(index, int):
             index = slice(index, index + 1)
@@ -63,7 +66,7 @@ class Trajectory:
         )
 
     @staticmethod
-    def concat(parts: list["Trajectory"]) -> "Trajectory":
+    def concat(parts: list[Trajectory]) -> Trajectory:
         if not parts:
             raise ValueError("cannot concatenate an empty list of trajectories")
         first = parts[0]
@@ -76,10 +79,28 @@ class Trajectory:
 
 
 class StepCallback(Protocol):
-    """Called after every step with the new canvas (batch, pos), before the next forward pass.
+    """Called after every step, before the next forward pass, with the step just done, the batch's
+    ``rows`` (indices of its examples within the whole ``generate`` call) and the new canvas.
 
-    Return an edited canvas (corrupt, remask, paraphrase committed tokens) or None to keep it.
-    Positions set back to the mask id become uncommitted and are sampled again.
+    Return an edited canvas (corrupt, remask, paraphrase committed tokens) or None to keep it. A
+    position set back to the mask id becomes uncommitted (``commit_step`` -1). The diffusion sampler
+    commits it again if its block is still running (the current block's commit budget is not
+    raised, and its last step commits whatever is still masked); a position of a finished block
+    stays masked to the end. The autoregressive sampler never revisits a position it has passed: a
+    remasked position before the one it writes next stays masked, and the model reads the mask
+    there from then on. A token written into a still-masked position is kept and never committed,
+    by either sampler.
     """
 
-    def __call__(self, step: int, canvas: Int[Tensor, "batch pos"]) -> Tensor | None: ...
+    def __call__(self, step: int, rows: Int[Tensor, " batch"], canvas: Int[Tensor, "batch pos"]) -> Tensor | None: ...
+
+
+class StepObserver(Protocol):
+    """Told before every forward pass which step it belongs to and which examples the batch holds.
+
+    ``rows`` are the indices of the batch's examples within the whole ``generate`` call and
+    ``canvas`` (batch, pos) is the canvas the step reads (an autoregressive step reads the positions
+    before the one it writes). Activation hooks (recording, editing) take the step from here.
+    """
+
+    def begin_step(self, step: int, rows: Int[Tensor, " batch"], canvas: Int[Tensor, "batch pos"]) -> None: ...
