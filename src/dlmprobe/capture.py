@@ -26,6 +26,14 @@ import torch
 from tqdm.auto import tqdm
 
 from dlmprobe import __version__
+from dlmprobe.capture_text import (
+    TEMPLATES,
+    TEXT_POSITION_RULES,
+    TextCachePlan,
+    capture_text_batch,
+    is_builtin_model,
+    plan_text_cache,
+)
 from dlmprobe.choices import POSITION_RULES
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.hooks import ActivationRecorder, firing_hook_names, resolve_sites
@@ -40,7 +48,7 @@ from dlmprobe.sampling import (
 from dlmprobe.store import ActivationWriter, StoreLayout
 from dlmprobe.tasks import Example, Task, get_task
 
-PositionRule = Literal["all", "target", "masked", "answer", "last_prompt", "sep+target"]
+PositionRule = Literal["all", "target", "masked", "answer", "last_prompt", "sep+target", "answer-slot"]
 
 
 @dataclass
@@ -60,8 +68,16 @@ class CacheConfig:
             wrote); which rows are still masked at a step is chosen when reading
             (``ActivationDataset.get(..., only_masked=True)``).
         sampler: sampler options (``steps``, ``block_length``, ``temperature``, ``order``, ``seed``).
-        task_params: overrides of the model's task options (evaluate a variant).
+        task_params: overrides of the model's task options (evaluate a variant); for a Hugging
+            Face model, the options of ``task``.
         shard: ``(i, n)`` writes the i-th of n contiguous slices of the examples.
+
+    A Hugging Face model (an id or a folder with its ``config.json``, see
+    :mod:`dlmprobe.capture_text`) also takes: ``task`` (a built-in task rendered as text) or
+    ``task_file`` (JSONL), ``template`` (``plain`` or ``forced-answer``), ``reasoning_length``
+    and ``answer_length`` (tokens; None: the longest reference), ``trust_remote_code``,
+    ``model_dtype`` (its weights: float32, bfloat16, float16), ``device`` and ``device_map``
+    (``"auto"``: spread over the GPUs by accelerate). ``positions`` may then be ``answer-slot``.
     """
 
     model: str
@@ -76,14 +92,25 @@ class CacheConfig:
     dtype: str = "float16"
     batch_size: int = 64
     shard: tuple[int, int] | None = None
+    task: str | None = None
+    task_file: str | None = None
+    template: str = "plain"
+    reasoning_length: int | None = None
+    answer_length: int | None = None
+    trust_remote_code: bool = False
+    model_dtype: str = "float32"
+    device: str = "cpu"
+    device_map: str | None = None
 
     def __post_init__(self) -> None:
         if self.n < 1:
             raise DlmprobeInputError(f"n must be >= 1, got {self.n}")
         if self.batch_size < 1:
             raise DlmprobeInputError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.positions not in POSITION_RULES:
-            raise DlmprobeInputError(f"positions must be one of {POSITION_RULES}, got {self.positions!r}")
+        if self.positions not in (*POSITION_RULES, *TEXT_POSITION_RULES):
+            raise DlmprobeInputError(f"positions must be one of {(*POSITION_RULES, 'answer-slot')}, got {self.positions!r}")
+        if self.template not in TEMPLATES:
+            raise DlmprobeInputError(f"template must be one of {TEMPLATES}, got {self.template!r}")
         if self.dtype not in ("float16", "float32"):
             raise DlmprobeInputError(f"dtype must be float16 or float32, got {self.dtype!r}")
         if self.shard is not None:
@@ -163,9 +190,17 @@ class CachePlan:
         }
 
 
-def plan_cache(config: CacheConfig, checkpoint: Checkpoint | None = None) -> CachePlan:
-    """Resolve a config against its model: checks every argument before anything is computed."""
+def plan_cache(config: CacheConfig, checkpoint: Checkpoint | None = None) -> CachePlan | TextCachePlan:
+    """Resolve a config against its model: checks every argument before anything is computed.
+
+    A Hugging Face model (anything but a shipped name or a kit checkpoint folder) gets a
+    :class:`~dlmprobe.capture_text.TextCachePlan`.
+    """
+    if checkpoint is None and not is_builtin_model(config.model):
+        return plan_text_cache(config)
     ckpt = checkpoint or load_model(config.model)
+    if config.positions == "answer-slot":
+        raise DlmprobeInputError("--positions answer-slot is for text tasks (a Hugging Face model); a built-in model has 'answer'")
     task = get_task(ckpt.config.task, **{**ckpt.task.params(), **config.task_params}) if config.task_params else ckpt.task
     needed = task.sequence_length
     if needed > ckpt.config.n_ctx:
@@ -181,7 +216,7 @@ def plan_cache(config: CacheConfig, checkpoint: Checkpoint | None = None) -> Cac
         n_steps = task.target_length
     sites = resolve_sites(config.sites, firing_hook_names(ckpt.model))
     widths = _site_widths(ckpt, sites)
-    steps = _resolve_steps(config.steps, n_steps)
+    steps = resolve_steps(config.steps, n_steps)
     positions = _resolve_positions(config.positions, task)
     examples = task.sample(config.n, split=config.split, seed=config.seed)
     offset = 0
@@ -207,7 +242,7 @@ def _site_widths(ckpt: Checkpoint, sites: Sequence[str]) -> dict[str, int]:
     return widths
 
 
-def _resolve_steps(steps: str | int | Sequence[int], n_steps: int) -> list[int]:
+def resolve_steps(steps: str | int | Sequence[int], n_steps: int) -> list[int]:
     if steps == "all":
         return list(range(n_steps))
     if isinstance(steps, int):
@@ -254,13 +289,13 @@ def _batch_record(plan: CachePlan, examples: Sequence[Example], trajectory: Traj
     }
 
 
-def _autoregressive_steps(plan: CachePlan, final_pass: dict[str, torch.Tensor], gen_start: int) -> dict[str, torch.Tensor]:
+def autoregressive_steps(steps: Sequence[int], positions: Sequence[int], final_pass: dict[str, torch.Tensor],
+                         gen_start: int) -> dict[str, torch.Tensor]:
     """Spread one forward pass over the final sequence onto the step axis (NaN = not yet computed)."""
-    positions = torch.tensor(plan.positions)
-    computed = positions.unsqueeze(0) < gen_start + torch.tensor(plan.steps).unsqueeze(1)  # (steps, pos)
+    computed = torch.tensor(positions).unsqueeze(0) < gen_start + torch.tensor(steps).unsqueeze(1)  # (steps, pos)
     out = {}
     for site, value in final_pass.items():  # (batch, 1, pos, d)
-        expanded = value.expand(-1, len(plan.steps), -1, -1).clone()
+        expanded = value.expand(-1, len(steps), -1, -1).clone()
         expanded[:, ~computed] = float("nan")
         out[site] = expanded
     return out
@@ -289,12 +324,12 @@ def capture_batch(plan: CachePlan, recorder: ActivationRecorder, examples: Seque
             recorder.begin_step(0, torch.arange(len(examples)), final)
             recorder.model(final)
             final_pass = recorder.pop().activations
-        activations = _autoregressive_steps(plan, final_pass, trajectory.gen_start)
+        activations = autoregressive_steps(plan.steps, plan.positions, final_pass, trajectory.gen_start)
     return _batch_record(plan, examples, trajectory, activations)
 
 
 def run_cache(config: CacheConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False,
-              progress: bool = True, plan: CachePlan | None = None) -> Path:
+              progress: bool = True, plan: CachePlan | TextCachePlan | None = None) -> Path:
     """Sample ``config.n`` examples with capture and write them to the HDF5 file ``out``.
 
     Refuses to start if ``out`` exists and neither ``overwrite`` nor ``resume`` is given, if
@@ -307,10 +342,20 @@ def run_cache(config: CacheConfig, out: str | Path, *, overwrite: bool = False, 
     plan = plan or plan_cache(config)
     if out.exists() and not (overwrite or resume):
         raise FileExistsError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it")
-    recorder_steps = plan.steps if plan.checkpoint.kind == "diffusion" else None
-    recorder = ActivationRecorder(plan.checkpoint.model, list(plan.sites), steps=recorder_steps,
-                                  positions=plan.positions, dtype=torch.float32)
-    writer = ActivationWriter(out, plan.layout, config=plan.store_config(), mask_id=plan.task.vocab.mask_id,
+    if isinstance(plan, TextCachePlan):
+        mask_id = plan.mask_id
+
+        def batch_of(begin: int, stop: int) -> dict[str, Any]:
+            return capture_text_batch(plan, begin, stop)
+    else:
+        recorder_steps = plan.steps if plan.checkpoint.kind == "diffusion" else None
+        recorder = ActivationRecorder(plan.checkpoint.model, list(plan.sites), steps=recorder_steps,
+                                      positions=plan.positions, dtype=torch.float32)
+        mask_id = plan.task.vocab.mask_id
+
+        def batch_of(begin: int, stop: int) -> dict[str, Any]:
+            return capture_batch(plan, recorder, plan.examples[begin:stop], plan.offset + begin)
+    writer = ActivationWriter(out, plan.layout, config=plan.store_config(), mask_id=mask_id,
                               overwrite=overwrite, resume=resume)
     size = config.batch_size
     with writer:
@@ -321,7 +366,7 @@ def run_cache(config: CacheConfig, out: str | Path, *, overwrite: bool = False, 
         with tqdm(total=len(plan.examples), initial=start, disable=not progress, unit="ex",
                   desc=f"cache {plan.config.model}") as bar:
             for begin in range(start, len(plan.examples), size):
-                batch = plan.examples[begin : begin + size]
-                writer.write_batch(capture_batch(plan, recorder, batch, plan.offset + begin))
-                bar.update(len(batch))
+                stop = min(begin + size, len(plan.examples))
+                writer.write_batch(batch_of(begin, stop))
+                bar.update(stop - begin)
     return out

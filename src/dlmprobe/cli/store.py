@@ -11,22 +11,38 @@ from dlmprobe.choices import ACTIVATION_DTYPES, POSITION_RULES, SPLITS, TASK_NAM
 from dlmprobe.cli import common
 from dlmprobe.errors import DlmprobeInputError
 
+TEMPLATES = ("plain", "forced-answer")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from dlmprobe.capture import CacheConfig, plan_cache, run_cache
+    from dlmprobe.capture_text import is_builtin_model
 
     out = Path(args.out)
     common.check_output(out, args)
-    common.chosen_device(args)
     common.set_threads(args.threads)
-    checkpoint = common.load_checkpoint(args.model, args)
+    builtin = is_builtin_model(args.model)
+    text_only = [flag for flag, value in (("--task-file", args.task_file), ("--template", args.template),
+                                          ("--reasoning-length", args.reasoning_length),
+                                          ("--answer-length", args.answer_length), ("--device-map", args.device_map),
+                                          ("--model-dtype", args.model_dtype)) if value is not None]
+    if builtin and text_only:
+        raise DlmprobeInputError(f"{text_only[0]} is for Hugging Face models; {args.model!r} is a built-in checkpoint")
+    if args.device_map is not None and args.device != "cpu":
+        raise DlmprobeInputError(f"expected either --device or --device-map, got --device {args.device} and --device-map {args.device_map}")
+    common.chosen_device(args)
     config = CacheConfig(
         model=args.model, n=args.n, split=args.split, seed=args.seed, sites=args.sites, steps=args.record_steps,
         positions=args.positions, sampler={**common.sampler_options(args), "seed": args.seed},
         task_params=dict(args.task_param), dtype=args.dtype, batch_size=args.batch_size, shard=args.shard,
+        task=None if builtin else args.task, task_file=args.task_file, template=args.template or "plain",
+        reasoning_length=args.reasoning_length, answer_length=args.answer_length,
+        trust_remote_code=args.trust_remote_code, model_dtype=args.model_dtype or "float32", device=args.device,
+        device_map=args.device_map,
     )
-    plan = plan_cache(config, checkpoint)
-    if args.task and args.task != plan.task.name:
+    plan = plan_cache(config, common.load_checkpoint(args.model, args) if builtin else None)
+    if builtin and args.task and args.task != plan.task.name:
         raise DlmprobeInputError(f"--task {args.task} does not match the model, which was trained on {plan.task.name}")
     print(plan.describe())
     start = time.perf_counter()
@@ -86,16 +102,27 @@ def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("cache", help="sample with hooks attached and stream every step's activations to HDF5",
                             parents=[common.sampler(), common.seed(), common.threads(), common.device(),
                                      common.no_verify(), common.quiet(), common.resume_or_overwrite()])
-    p.add_argument("--model", required=True, help="shipped model name or checkpoint folder")
-    p.add_argument("--task", choices=TASK_NAMES, help="check that the model was trained on this task")
+    p.add_argument("--model", required=True, help="shipped model name, checkpoint folder, Hugging Face id or a folder "
+                   "with a Hugging Face config.json")
+    p.add_argument("--task", choices=TASK_NAMES, help="built-in model: check that it was trained on this task; "
+                   "Hugging Face model: the task, rendered as text through its tokenizer")
+    p.add_argument("--task-file", help="Hugging Face model: a JSONL file of {prompt, answer[, reasoning]} as the task")
+    p.add_argument("--template", choices=TEMPLATES, help="Hugging Face model: canvas layout; forced-answer = prompt, "
+                   "[MASK]*r, 'The answer is', [MASK]*a (default plain: prompt, [MASK]*a)")
+    p.add_argument("--reasoning-length", type=common.positive_int, help="masked reasoning tokens before the answer slot")
+    p.add_argument("--answer-length", type=common.positive_int, help="answer slot tokens (default: longest reference)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a Hugging Face model's own modeling code")
+    p.add_argument("--model-dtype", choices=MODEL_DTYPES, help="Hugging Face model weights (default float32)")
+    p.add_argument("--device-map", choices=("auto",), help="spread a Hugging Face model over the GPUs (accelerate)")
     p.add_argument("--n", type=common.positive_int, default=256, help="number of puzzles")
     p.add_argument("--split", choices=SPLITS, default="eval")
     p.add_argument("--sites", nargs="+", default=["blocks.*.hook_resid_post"],
                    help="TransformerLens hook names or globs (default: every layer's residual stream)")
     p.add_argument("--record-steps", type=common.steps_spec, default="all",
                    help="'all', 'every:K' or a list such as 0,4,8")
-    p.add_argument("--positions", choices=POSITION_RULES, default="target")
-    p.add_argument("--dtype", choices=ACTIVATION_DTYPES, default="float16")
+    p.add_argument("--positions", choices=(*POSITION_RULES, "answer-slot"), default="target",
+                   help="answer-slot (text tasks): the forced answer slot and the column before it")
+    p.add_argument("--dtype", choices=ACTIVATION_DTYPES, default="float16", help="stored activations")
     p.add_argument("--batch-size", type=common.positive_int, default=64)
     p.add_argument("--shard", type=common.shard,
                    help="i/n: write the i-th of n slices of the examples (merge them with dlmprobe merge)")
