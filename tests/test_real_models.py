@@ -136,3 +136,15 @@ def test_bad_model_values_give_one_line(folders, tmp_path, capsys):
     _one_line_exit_2(capsys, ["cache", "--model", str(folders["llama"]), "--n", "2", "--out", out], "--task")
     _one_line_exit_2(capsys, [*base, "--model", "arith-diffusion", "--template", "forced-answer"], "Hugging Face")
     assert not (tmp_path / "run.h5").exists()
+
+
+def test_probe_grid_runs_on_a_text_store(folders, tmp_path, capsys):
+    out = tmp_path / "run.h5"
+    code = main(["cache", "--model", str(folders["llada"]), "--trust-remote-code", "--task", "arith", "--task-param", "n_ops=2",
+                 "--n", "24", "--quiet", "--template", "forced-answer", "--reasoning-length", "2", "--positions", "answer-slot",
+                 "--out", str(out)])
+    assert code == 0
+    assert main(["probe", str(out), "--folds", "2", "--target", "truth", "--no-random-baseline", "--out", str(tmp_path / "p")]) == 0
+    assert list((tmp_path / "p").glob("grid-answer-truth-*.csv"))
+    assert main(["info", str(out)]) == 0
+    assert "text task arith" in capsys.readouterr().out

@@ -140,7 +140,8 @@ class TextCachePlan:
             "cache": {k: v for k, v in self.config.to_dict().items() if k != "shard"},
             "model": {**handle.describe(), "name": self.config.model, "kind": handle.kind,
                       "tokenizer": getattr(handle.tokenizer, "name_or_path", "")},
-            "task": {"name": self.task.name, "text": self.task.describe(), "answer_label": self.task.answer_label,
+            # "text_task", not "name": readers rebuild a built-in task (its vocabulary) from "name".
+            "task": {"text_task": self.task.name, "text": self.task.describe(), "answer_label": self.task.answer_label,
                      "answer_set": list(self.task.answer_set), "classes": encoded.classes,
                      "template": encoded.template.to_dict()},
             "canvas": {"gen_start": encoded.gen_start, "answer_start": encoded.answer_start,

@@ -23,6 +23,9 @@ def task_of(data: ActivationDataset) -> Task:
     spec = data.config.get("task")
     if not spec:
         raise DlmprobeInputError(f"{data.path} has no task description; was it written by dlmprobe cache?")
+    if "text_task" in spec:
+        raise DlmprobeInputError(f"{data.path} holds text task {spec['text_task']!r} (a Hugging Face model's run): expected a "
+                                 "run of a built-in model, whose task this analysis rebuilds")
     return get_task(spec["name"], **spec.get("params", {}))
 
 

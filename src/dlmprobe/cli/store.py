@@ -81,6 +81,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         described = [
             ("model", _entry(config, "model", "name"), _entry(config, "model", "kind")),
             ("task", _entry(config, "task", "name"), _entry(config, "task", "params")),
+            ("text task", _entry(config, "task", "text_task"), _entry(config, "task", "template")),
             ("sampler", _entry(config, "sampler"), None),
         ]
         print(", ".join(f"{what} {value}" + (f" ({detail})" if detail is not None else "")
