@@ -19,6 +19,7 @@ positions computes the last ``n`` of them (all of them without a cache).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -35,11 +36,17 @@ def logits_of(output: Any) -> Tensor:
 
 def has_kv_cache(module: torch.nn.Module) -> bool:
     """Whether ``module`` (or the module a recorder wraps, its ``wrapped``) is a Hugging Face model
-    that can generate, i.e. takes ``past_key_values`` and returns its updated cache."""
+    that can generate, i.e. takes a KV cache and returns it updated."""
     from transformers import PreTrainedModel
 
     inner = getattr(module, "wrapped", module)
     return isinstance(inner, PreTrainedModel) and inner.can_generate()
+
+
+def _cache_argument(module: torch.nn.Module) -> str:
+    # transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache`.
+    parameters = inspect.signature(getattr(module, "wrapped", module).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 class StepForward:
@@ -51,6 +58,7 @@ class StepForward:
         self.adapter: InputAdapter = self.handle.input_adapter if self.handle is not None else padding_mask_kwargs
         self.device = next(self.module.parameters()).device
         self.cached = causal and use_cache and has_kv_cache(self.module)
+        self._cache_argument = _cache_argument(self.module) if self.cached else ""
         self._cache: Any = None
         self._fed: Tensor | None = None  # the tokens the cache holds
 
@@ -77,6 +85,6 @@ class StepForward:
         if fed and (fed > start or not torch.equal(canvas[:, :fed], self._fed)):
             self._cache, fed = None, 0  # a callback edited what the cache holds: recompute the prefix
         ids = canvas[:, fed:stop]
-        output = self.module(ids, **self.adapter(ids, mask), past_key_values=self._cache, use_cache=True)
-        self._cache, self._fed = output.past_key_values, canvas[:, :stop].clone()
+        output = self.module(ids, **self.adapter(ids, mask), **{self._cache_argument: self._cache}, use_cache=True)
+        self._cache, self._fed = getattr(output, self._cache_argument), canvas[:, :stop].clone()
         return logits_of(output)[:, start - fed : stop - fed]
