@@ -92,3 +92,26 @@ def test_recording_the_builtin_twin_while_it_samples(tiny_config):
         read = task.target_start + step
         assert (got[:, step, :read] - cache["blocks.1.hook_resid_post"][:, :read]).abs().max() <= 1e-5
         assert got[:, step, read:].isnan().all()
+
+
+def test_editor_by_site_name_on_a_handle_edits_kv_cached_steps(handle):
+    from dlmprobe.hooks import ActivationEditor
+
+    canvas, attention, placeholder = _batch(handle)
+    config = AutoregressiveSamplerConfig()
+    clean = sample(handle, canvas, 5, GEN, placeholder, config, attention_mask=attention)
+    where = torch.zeros(canvas.shape, dtype=torch.bool)
+    where[:, 5:] = True  # only generated positions: each is computed by one KV-cached pass
+    seen = []
+
+    def record(h, rows, positions):
+        seen.extend(positions.tolist())
+        return h
+
+    with ActivationEditor(handle, "blocks.0.hook_resid_post", record, where) as editor:
+        same = sample(handle, canvas, 5, GEN, placeholder, config, attention_mask=attention, observers=[editor])
+    assert torch.equal(same.canvases, clean.canvases)
+    assert sorted(set(seen)) == list(range(5, 5 + GEN - 1))  # the last written token is never read
+    with ActivationEditor(handle, "blocks.0.hook_resid_post", lambda h, rows, positions: h * 0 + 3.0, where) as editor:
+        edited = sample(handle, canvas, 5, GEN, placeholder, config, attention_mask=attention, observers=[editor])
+    assert not torch.equal(edited.canvases, clean.canvases)
