@@ -5,7 +5,9 @@ Each builder writes a folder that loads the way its full-size counterpart does:
 * :func:`save_llada`: a LLaDA-shaped remote-code model (``tests/remote_code/tiny_llada.py`` saved as
   its modeling file, ``auto_map`` in ``config.json``): needs ``trust_remote_code=True``;
 * :func:`save_dream`: a Dream-shaped remote-code model (Qwen2 module tree, shifted logits);
-* :func:`save_modernbert`: a ``ModernBertForMaskedLM`` built from its transformers config.
+* :func:`save_modernbert`: a ``ModernBertForMaskedLM`` built from its transformers config;
+* :func:`save_llama`, :func:`save_qwen2`: causal LMs (``LlamaForCausalLM``, ``Qwen2ForCausalLM``)
+  built from their transformers configs, tokenizer without a mask token.
 
 All have 2 layers, width 32 and a WordLevel tokenizer over the words of the built-in tasks' text
 renderings, saved beside the model; its mask token is the last id (never the task vocabulary's 4).
@@ -22,9 +24,13 @@ from types import ModuleType
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
     ModernBertConfig,
     ModernBertForMaskedLM,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 from dlmprobe.tasks import get_task
@@ -114,3 +120,25 @@ def save_modernbert(folder: str | Path, seed: int = 0, mask: bool = True) -> Pat
     ModernBertForMaskedLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def _save_causal(folder: str | Path, config_cls: type, model_cls: type, seed: int) -> Path:
+    folder, tokenizer = Path(folder), build_tokenizer(mask=False)
+    config = config_cls(vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=MLP, num_hidden_layers=LAYERS,
+                        num_attention_heads=HEADS, num_key_value_heads=1, max_position_embeddings=256,
+                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    model_cls(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_llama(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny ``LlamaForCausalLM`` from its transformers config, with a tokenizer."""
+    return _save_causal(folder, LlamaConfig, LlamaForCausalLM, seed)
+
+
+def save_qwen2(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny ``Qwen2ForCausalLM`` from its transformers config, with a tokenizer."""
+    return _save_causal(folder, Qwen2Config, Qwen2ForCausalLM, seed)

@@ -12,6 +12,7 @@ from dlmprobe.sampling import (
     make_canvas,
     prefixes,
     sample,
+    summarise,
     tokens_per_step,
 )
 from dlmprobe.sampling.diffusion import _scores
@@ -238,19 +239,24 @@ def test_observers_and_callbacks_are_told_the_step_and_the_rows(diffusion):
 
 
 @pytest.mark.parametrize("order", ["confidence", "margin", "entropy"])
-def test_commit_scores_equal_their_softmax_definitions(order):
+def test_commit_scores_equal_their_softmax_definitions(order, monkeypatch):
+    """Over the full vocabulary softmax, mask included (as LLaDA and Dream compute them), chunked."""
+    monkeypatch.setattr("dlmprobe.sampling.scores.CHUNK_VALUES", 22)  # 2 positions a chunk: chunks are exercised
     logits = torch.randn(3, 5, 11) * 4
-    logits[..., 2] = float("-inf")
-    top = logits.max(-1).values
-    norm = (logits - top.unsqueeze(-1)).exp().sum(-1)
-    chosen = torch.randint(0, 11, (3, 5)).clamp_min(3)
+    mask_id = 2
+    logits[0, 0, mask_id] = 50.0  # the mask is the argmax here: never chosen, still in the softmax
     probs = torch.softmax(logits, -1)
+    allowed = probs.clone()
+    allowed[..., mask_id] = 0
+    top2 = allowed.topk(2, -1).values
     expected = {
-        "confidence": probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1),
-        "margin": probs.topk(2, -1).values[..., 0] - probs.topk(2, -1).values[..., 1],
-        "entropy": (probs * torch.log(probs.clamp_min(1e-12))).sum(-1),
+        "confidence": top2[..., 0],
+        "margin": top2[..., 0] - top2[..., 1],
+        "entropy": (probs * torch.log(probs + 1e-10)).sum(-1),
     }[order]
-    assert torch.allclose(_scores(order, logits, top, norm, chosen, torch.Generator()), expected, atol=1e-6)
+    exact = summarise(logits, mask_id, 0.0, torch.Generator(), entropy=True)
+    assert (exact.chosen != mask_id).all() and torch.equal(exact.chosen, allowed.argmax(-1))
+    assert torch.allclose(_scores(order, exact, torch.Generator()), expected, atol=1e-6)
 
 
 def test_autoregressive_remasked_positions_stay_masked(autoregressive):

@@ -17,6 +17,12 @@ Two backends:
 * ``"transformer_lens"``: a hook on a TransformerLens model's hook point, by hook name;
 * ``"module"``: a torch forward hook on any module, by module path (``layers.3``); a module that
   returns a tuple (older Hugging Face decoder layers) has its first element edited.
+
+Given a :class:`ModelHandle` the editor attaches to ``handle.module``: by hook name for a
+TransformerLens handle, by the module path ``handle.site_paths[site]`` otherwise, so ``site`` is
+the stored site name (``blocks.3.hook_resid_post``) for every model. A forward pass over ``n``
+positions (a KV-cached autoregressive step) edits the last ``n`` positions of the canvas the step
+reads.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from torch import Tensor
 
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.hooks.sites import is_transformer_lens, main_output
+from dlmprobe.models.handle import ModelHandle
 
 # The activations at the selected pairs, each pair's row (its example's index in the generate call)
 # and canvas position -> their new values.
@@ -47,8 +54,9 @@ class ActivationEditor:
     laid out (batch, pos, ...), as TransformerLens' residual, MLP and per-head (``hook_z``) sites are.
 
     Args:
-        model: a TransformerLens model (``site`` a hook name) or any torch module (``site`` a module path).
-        site: the hook name or module path to edit.
+        model: a :class:`ModelHandle` (``site`` a site name), a TransformerLens model (``site`` a
+            hook name) or any torch module (``site`` a module path).
+        site: the site name, hook name or module path to edit.
         edit: ``edit(h, rows, positions)``: the new values of the pairs' activations ``h`` (pair, ...).
         where: (example, pos) the pairs that may be edited, for every example of the ``generate`` call.
         start_step: the first step edited: one for all rows, or one per example (example,).
@@ -58,7 +66,7 @@ class ActivationEditor:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: ModelHandle | torch.nn.Module,
         site: str,
         edit: Edit,
         where: Bool[Tensor, "example pos"],
@@ -67,6 +75,13 @@ class ActivationEditor:
         mask_id: int | None = None,
         backend: EditorBackend = "auto",
     ):
+        if isinstance(model, ModelHandle):
+            if model.backend != "transformer_lens":
+                if site not in model.site_paths:
+                    raise DlmprobeInputError(f"unknown site {site!r}: expected a site of this model such as "
+                                             f"{list(model.site_paths)[-1]}")
+                site, backend = model.site_paths[site], "module"
+            model = model.module
         if backend == "auto":
             backend = "transformer_lens" if is_transformer_lens(model) else "module"
         if backend == "transformer_lens":
@@ -109,16 +124,19 @@ class ActivationEditor:
             raise RuntimeError("the editor saw a forward pass with no step announced: sample with "
                                "generate(..., observers=[editor])")
         step, rows, canvas = self._step
-        n_pos = activation.shape[1]  # an autoregressive step reads only the positions before the one it writes
-        selected = self.where[rows, :n_pos] & (self.start_step[rows] <= step).unsqueeze(1)
+        # The pass computes the last n_pos positions of the canvas the step reads (all of them
+        # unless a KV cache holds the ones before).
+        stop = canvas.shape[1]
+        first = stop - activation.shape[1]
+        selected = self.where[rows, first:stop] & (self.start_step[rows] <= step).unsqueeze(1)
         if self.mask_id is not None:
-            selected &= (canvas[:, :n_pos] == self.mask_id).cpu()
+            selected &= (canvas[:, first:stop] == self.mask_id).cpu()
         batch, position = selected.nonzero(as_tuple=True)
         if batch.numel() == 0:
             return activation
         batch, position = batch.to(activation.device), position.to(activation.device)
         edited = activation.clone()
-        edited[batch, position] = self.edit(activation[batch, position], rows.to(activation.device)[batch], position)
+        edited[batch, position] = self.edit(activation[batch, position], rows.to(activation.device)[batch], position + first)
         return edited
 
     def _module_hook(self, module: torch.nn.Module, inputs: Any, output: Any) -> Any:

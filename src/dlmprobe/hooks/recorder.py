@@ -5,7 +5,8 @@ nothing else. So they must be recorded while sampling, one capture per forward p
 is a step observer: the sampler tells it the step and the batch's rows before every forward pass.
 
 Example:
-    >>> with ActivationRecorder(ckpt.model, "blocks.*.hook_resid_post") as rec:
+    >>> handle = from_checkpoint(ckpt)  # or load_hf_model(...)
+    >>> with ActivationRecorder(handle, "blocks.*.hook_resid_post") as rec:
     ...     trajectory = generate(rec.model, task, examples, "diffusion", observers=[rec])
     ...     capture = rec.pop()     # capture.activations[site]: (batch, step, pos, d_model)
 
@@ -13,8 +14,21 @@ Two backends give the same numbers for the same model and input:
 
 * ``"transformer_lens"``: hooks on a TransformerLens model's hook points, by hook name;
 * ``"nnsight"``: any torch or Hugging Face module, addressed by module path (``layers.3``) through an
-  nnsight trace; a site name may map to a path (``{"blocks.3.hook_resid_post": "layers.3"}``) so
-  the stored names are TransformerLens names whatever the model.
+  nnsight trace that receives every argument of the forward call (attention mask, KV cache); a
+  site name may map to a path (``{"blocks.3.hook_resid_post": "layers.3"}``) so the stored names
+  are TransformerLens names whatever the model.
+
+Given a :class:`ModelHandle` the recorder picks the backend from it and, for nnsight, takes the
+paths from ``handle.site_paths`` (sites named ``blocks.{i}.hook_resid_post``, globs allowed).
+
+**Incremental capture.** A step's forward pass over ``n`` positions computes the last ``n``
+positions of the canvas the step reads (the sampler tells observers that canvas). A denoiser, or a
+causal model without a KV cache, computes them all; a causal model with a KV cache only the new
+one. The recorder keeps, per batch, the latest activation of every position computed so far and
+records that at each kept step, so with or without a cache step ``s`` of an autoregressive run holds
+the positions read before writing ``gen_start + s``, and NaN at the positions not yet computed
+(the store's convention). For a causal model that equals one forward pass over the final sequence
+(tested). Steps of different lengths are NaN-padded to the longest.
 
 No hook survives the ``with`` block, also when it raises.
 """
@@ -23,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Self
 
 import torch
@@ -38,19 +52,22 @@ from dlmprobe.hooks.sites import (
     main_output,
     resolve_sites,
 )
+from dlmprobe.models.handle import ModelHandle
 
 Backend = Literal["auto", "transformer_lens", "nnsight"]
 StepSelection = int | Sequence[int] | None
 
 
 class _NNsightModel(torch.nn.Module):
-    """Calls ``module`` inside an nnsight trace and saves the outputs of the requested paths."""
+    """Calls ``module`` inside an nnsight trace and saves the outputs of the requested paths.
+
+    ``wrapped`` is the module itself (the sampler asks it whether it has a KV cache)."""
 
     def __init__(self, module: torch.nn.Module, paths: Mapping[str, str], recorder: ActivationRecorder):
         super().__init__()
         from nnsight import NNsight
 
-        self.inner = module
+        self.wrapped = module
         self._envoy = NNsight(module)
         order = {name: i for i, (name, _) in enumerate(module.named_modules())}
         unknown = [p for p in paths.values() if p not in order]
@@ -62,9 +79,9 @@ class _NNsightModel(torch.nn.Module):
         self._paths = sorted(paths.items(), key=lambda item: order[item[1]])
         self._recorder = recorder
 
-    def forward(self, tokens: Tensor) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         saved: dict[str, Any] = {}
-        with self._envoy.trace(tokens):
+        with self._envoy.trace(*args, **kwargs):
             for site, path in self._paths:
                 saved[site] = main_output(self._envoy.get(path).output).save()
             output = self._envoy.output.save()
@@ -75,11 +92,13 @@ class _NNsightModel(torch.nn.Module):
 
 @dataclass
 class _Part:
-    """The captures of one batch: its rows, the steps kept and, per site, one tensor per kept step."""
+    """The captures of one batch: its rows, the steps kept, per site one tensor per kept step, and
+    per site the latest activation of every position computed so far (incremental capture)."""
 
     rows: Tensor
     steps: list[int]
     buffers: dict[str, list[Tensor]]
+    latest: dict[str, Tensor] = field(default_factory=dict)
 
 
 class ActivationRecorder:
@@ -90,9 +109,11 @@ class ActivationRecorder:
     recorder which step a forward pass belongs to. A site firing with no step announced is an error.
 
     Args:
-        model: a TransformerLens model (hook names) or any torch module (nnsight backend).
-        sites: hook names / globs / predicate (TransformerLens), or module paths (a list, or a
-            mapping from the name to store to the module path) for the nnsight backend.
+        model: a :class:`ModelHandle`, a TransformerLens model (hook names) or any torch module
+            (nnsight backend). Sample with :attr:`model` while attached.
+        sites: hook names / globs / predicate (TransformerLens, or a handle's site names), or module
+            paths (a list, or a mapping from the name to store to the module path) for the nnsight
+            backend.
         steps: steps to keep: None = all, an int k = every k-th (0, k, 2k, ...), or a list.
         positions: canvas positions to keep (None = all). Slicing here keeps memory small.
         dtype, device: how captures are stored (detached, float32 on CPU by default).
@@ -100,7 +121,7 @@ class ActivationRecorder:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: ModelHandle | torch.nn.Module,
         sites: NamesFilter | Mapping[str, str],
         *,
         backend: Backend = "auto",
@@ -109,6 +130,9 @@ class ActivationRecorder:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
     ):
+        self.handle = model if isinstance(model, ModelHandle) else None
+        if self.handle is not None:
+            model, backend, sites = _from_handle(self.handle, sites)
         if backend == "auto":
             backend = "transformer_lens" if is_transformer_lens(model) else "nnsight"
         if backend not in ("transformer_lens", "nnsight"):
@@ -142,13 +166,14 @@ class ActivationRecorder:
         self._positions = None if positions is None else torch.as_tensor(list(positions), dtype=torch.long)
         self.dtype, self.device = dtype, torch.device(device)
         self._stack: ExitStack | None = None
-        self.model: torch.nn.Module = model
+        self.model: ModelHandle | torch.nn.Module = self.handle or model
         self._reset()
 
     # -- steps and capture ---------------------------------------------------------------------
     def _reset(self) -> None:
         self._parts: list[_Part] = []
         self._step: int | None = None
+        self._read_length = 0
 
     def _keep(self, step: int) -> bool:
         if self._steps is None:
@@ -158,13 +183,14 @@ class ActivationRecorder:
         return step in self._steps
 
     def begin_step(self, step: int, rows: Int[Tensor, " batch"], canvas: Tensor) -> None:
-        """Called by the sampler before each forward pass: the step and the batch's example indices."""
+        """Called by the sampler before each forward pass: the step, the batch's example indices and
+        the canvas the step reads."""
         part = self._parts[-1] if self._parts else None
         # A new batch, or the same rows sampled again: a new part.
         if part is None or not torch.equal(part.rows, rows) or (self._step is not None and step <= self._step):
             part = _Part(rows.clone(), [], {site: [] for site in self.sites})
             self._parts.append(part)
-        self._step = step
+        self._step, self._read_length = step, canvas.shape[1]
         if self._keep(step):
             part.steps.append(step)
 
@@ -172,12 +198,27 @@ class ActivationRecorder:
         if self._step is None:
             raise RuntimeError("the recorder saw a forward pass with no step announced: sample with "
                                "generate(..., observers=[recorder]) or call recorder.begin_step first")
-        if not self._keep(self._step):
-            return
-        value = value.detach()
-        if self._positions is not None:
-            value = value[:, self._positions.to(value.device)]
-        self._parts[-1].buffers[site].append(value.to(self.device, self.dtype))
+        part = self._parts[-1]
+        value = value.detach().to(self.device, self.dtype)
+        computed = value.shape[1]
+        if computed < self._read_length:  # a KV-cached pass: the last `computed` positions are new
+            kept = part.latest.get(site)
+            if kept is None or kept.shape[1] < self._read_length - computed:
+                raise RuntimeError(f"site {site!r} computed positions [{self._read_length - computed}, "
+                                   f"{self._read_length}) with the positions before them never recorded")
+            value = torch.cat([kept[:, : self._read_length - computed], value], dim=1)
+        part.latest[site] = value
+        if self._keep(self._step):
+            part.buffers[site].append(self._select(value))
+
+    def _select(self, value: Tensor) -> Tensor:
+        """The recorded positions; NaN at those not computed yet."""
+        if self._positions is None:
+            return value
+        out = value.new_full((value.shape[0], len(self._positions), *value.shape[2:]), float("nan"))
+        known = self._positions < value.shape[1]
+        out[:, known] = value[:, self._positions[known]]
+        return out
 
     def _hook_fns(self) -> list[tuple[str, Any]]:
         def make(site: str):
@@ -198,7 +239,8 @@ class ActivationRecorder:
                 stack.enter_context(self._target.hooks(fwd_hooks=self._hook_fns()))
                 self.model = self._target
             else:
-                self.model = _NNsightModel(self._target, self._paths, self)
+                wrapper = _NNsightModel(self._target, self._paths, self)
+                self.model = wrapper if self.handle is None else replace(self.handle, module=wrapper)
         except BaseException:
             stack.close()
             raise
@@ -207,7 +249,7 @@ class ActivationRecorder:
 
     def __exit__(self, *exc: object) -> None:
         stack, self._stack = self._stack, None
-        self.model = self._target
+        self.model = self.handle or self._target
         if stack is not None:
             stack.close()
 
@@ -223,11 +265,40 @@ class ActivationRecorder:
         if any(part.steps != steps for part in self._parts):
             raise RuntimeError(f"the batches recorded different steps: {[part.steps for part in self._parts]}")
         capture = Capture(
-            {site: torch.cat([torch.stack(part.buffers[site], dim=1) for part in self._parts]) for site in self.sites},
+            {site: _pad_cat([_pad_stack(part.buffers[site]) for part in self._parts]) for site in self.sites},
             list(steps), torch.cat([part.rows for part in self._parts]),
         )
         self._reset()
         return capture
+
+
+def _pad_stack(values: list[Tensor]) -> Tensor:
+    """(batch, pos_i, ...) tensors -> (batch, step, max pos, ...), NaN where a step is shorter."""
+    length = max(v.shape[1] for v in values)
+    out = values[0].new_full((values[0].shape[0], len(values), length, *values[0].shape[2:]), float("nan"))
+    for i, value in enumerate(values):
+        out[:, i, : value.shape[1]] = value
+    return out
+
+
+def _pad_cat(parts: list[Tensor]) -> Tensor:
+    """Batches (batch, step, pos_i, ...) -> one, NaN-padded along pos to the longest."""
+    length = max(p.shape[2] for p in parts)
+    padded = [p if p.shape[2] == length else torch.cat(
+        [p, p.new_full((*p.shape[:2], length - p.shape[2], *p.shape[3:]), float("nan"))], dim=2) for p in parts]
+    return torch.cat(padded)
+
+
+def _from_handle(handle: ModelHandle, sites: NamesFilter | Mapping[str, str]) -> tuple[torch.nn.Module, Backend, Any]:
+    """The module, backend and sites to record for a handle's site names."""
+    if handle.backend == "transformer_lens":
+        return handle.module, "transformer_lens", sites
+    if isinstance(sites, Mapping):
+        return handle.module, "nnsight", sites
+    if callable(sites):
+        raise DlmprobeInputError("a handle's nnsight sites are names or globs such as blocks.*.hook_resid_post, got a predicate")
+    chosen = resolve_sites(sites, handle.site_paths)
+    return handle.module, "nnsight", {site: handle.site_paths[site] for site in chosen}
 
 
 @dataclass

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.models.handle import ModelHandle
 from dlmprobe.sampling.autoregressive import AutoregressiveSamplerConfig
 from dlmprobe.sampling.diffusion import DiffusionSamplerConfig
 from dlmprobe.sampling.sampler import make_canvas, sample
@@ -43,7 +44,7 @@ def check_context(task: Task, n_ctx: int, prompt_length: int) -> None:
 
 
 def generate(
-    model: torch.nn.Module,
+    model: ModelHandle | torch.nn.Module,
     task: Task,
     examples: Sequence[Example],
     kind: str,
@@ -57,13 +58,17 @@ def generate(
 ) -> Trajectory:
     """Sample a target for every example with ``model`` (a diffusion or autoregressive model).
 
+    ``model`` is a :class:`ModelHandle` (``from_checkpoint(ckpt)``, a recorder's ``model``) or, as
+    before handles, a built-in checkpoint's ``ckpt.model``.
+
     Examples are sampled ``batch_size`` at a time. ``callback`` and ``observers`` (activation
     recorders and editors) see the current batch only, and are told its ``rows``: the indices of
     its examples in ``examples``. With ``first_step > 0`` each example's run branches off its row of
     ``branch`` (a run of the same examples and sampler) at that step (see :func:`sample`).
 
     Example:
-        >>> with ActivationRecorder(ckpt.model, "blocks.*.hook_resid_post") as recorder:
+        >>> handle = from_checkpoint(ckpt)
+        >>> with ActivationRecorder(handle, "blocks.*.hook_resid_post") as recorder:
         ...     trajectory = generate(recorder.model, task, examples, "diffusion", observers=[recorder])
     """
     if not examples:
@@ -77,11 +82,12 @@ def generate(
     if first_step and (branch is None or branch.batch_size != len(examples)):
         raise DlmprobeInputError(f"first_step={first_step} needs a branch run of all {len(examples)} examples, got "
                                  f"{None if branch is None else branch.batch_size}")
-    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    module = model.module if isinstance(model, ModelHandle) else model
+    n_ctx = getattr(getattr(module, "cfg", None), "n_ctx", None)
     if n_ctx is not None:
         check_context(task, n_ctx, max(len(ex.prompt) for ex in examples))
-    was_training = model.training
-    model.eval()
+    was_training = module.training
+    module.eval()
     parts = []
     try:
         starts = range(0, len(examples), batch_size)
@@ -94,7 +100,7 @@ def generate(
                                 branch=branch[start : start + len(batch)] if first_step else None,
                                 first_step=first_step))
     finally:
-        model.train(was_training)
+        module.train(was_training)
     return Trajectory.concat(parts)
 
 
@@ -104,7 +110,7 @@ def solved(task: Task, examples: Sequence[Example], trajectory: Trajectory) -> l
 
 
 def evaluate(
-    model: torch.nn.Module,
+    model: ModelHandle | torch.nn.Module,
     task: Task,
     kind: str,
     n: int = 500,

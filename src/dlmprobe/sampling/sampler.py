@@ -1,9 +1,11 @@
 """The one sampling loop that both the masked-diffusion and the autoregressive policy run.
 
-Every step: tell the observers (step, rows, canvas), run the model on the positions the policy
-reads, forbid the mask token, record argmax and confidence, choose a token per predicted position
-(argmax, or Gumbel noise at temperature > 0), let the policy pick the positions to commit, write
-them, let a callback edit the canvas, and record the canvas. What differs between the two kinds is
+Every step: tell the observers (step, rows, the canvas the step reads), run the model on the
+positions the policy reads (:class:`~dlmprobe.sampling.forward.StepForward`), summarise the logits
+per position without a full-vocabulary softmax (:func:`~dlmprobe.sampling.scores.summarise`),
+record argmax and confidence, choose a token per predicted position (argmax, or Gumbel noise at
+temperature > 0; never the mask token), let the policy pick the positions to commit, write them,
+let a callback edit the canvas, and record the canvas. What differs between the two kinds is
 the policy: which positions a step predicts and which of them it commits.
 
 The canvas is ``prefix + generated region + suffix``; the generated region may hold fixed tokens
@@ -14,13 +16,16 @@ are ever committed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.models.handle import ModelHandle
+from dlmprobe.sampling.forward import StepForward
+from dlmprobe.sampling.scores import LogitSummary, summarise
 from dlmprobe.sampling.trajectory import (
     NOT_COMMITTED,
     StepCallback,
@@ -39,17 +44,16 @@ class Policy(Protocol):
 
     n_steps: int
     shift: int
+    needs_entropy: bool
 
     def predicted(self, step: int) -> slice: ...
 
     def resume(self, step: int, canvases: Int[Tensor, "batch step_plus_one pos"], mask_id: int) -> None:
         """Take up a run at ``step`` whose canvases up to ``step`` are given."""
 
-    def commit(self, step: int, masked: Bool[Tensor, "batch window"], logits: Float[Tensor, "batch window vocab"],
-               top: Float[Tensor, "batch window"], norm: Float[Tensor, "batch window"],
-               chosen: Int[Tensor, "batch window"], generator: torch.Generator) -> Bool[Tensor, "batch window"]:
-        """The positions to commit, given the logits (mask id at -inf), their max ``top``,
-        ``norm = Σ exp(logits - top)`` and the chosen tokens."""
+    def commit(self, step: int, masked: Bool[Tensor, "batch window"], summary: LogitSummary,
+               generator: torch.Generator) -> Bool[Tensor, "batch window"]:
+        """The positions to commit, given the summary of the window's logits."""
 
 
 class SamplerConfig(Protocol):
@@ -66,20 +70,16 @@ def make_canvas(prefix: Int[Tensor, "batch prefix"], gen_length: int, mask_id: i
     return torch.cat([prefix, masks] + ([] if suffix is None else [suffix.to(prefix.device)]), dim=1)
 
 
-def logits_of(output: Any) -> Tensor:
-    """The logits in a model's output: a tensor, or an object with ``.logits`` (Hugging Face)."""
-    return output.logits if hasattr(output, "logits") else output
-
-
 @torch.no_grad()
 def sample(
-    model: torch.nn.Module,
+    model: ModelHandle | torch.nn.Module,
     canvas: Int[Tensor, "batch pos"],
     gen_start: int,
     gen_length: int,
     mask_id: int,
     config: SamplerConfig,
     *,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
     rows: Int[Tensor, " batch"] | None = None,
     callback: StepCallback | None = None,
     observers: Sequence[StepObserver] = (),
@@ -88,7 +88,9 @@ def sample(
 ) -> Trajectory:
     """Fill the masked positions of ``canvas[:, gen_start : gen_start + gen_length]`` with ``model``.
 
-    ``config`` (a ``DiffusionSamplerConfig`` or ``AutoregressiveSamplerConfig``) chooses the
+    ``model`` is a :class:`ModelHandle` (or a bare module, see :mod:`dlmprobe.sampling.forward`);
+    ``attention_mask`` (0 on left padding, as :func:`dlmprobe.tasks.text.encode` gives) is passed to
+    every forward pass. ``config`` (a ``DiffusionSamplerConfig`` or ``AutoregressiveSamplerConfig``) chooses the
     policy. ``rows`` are the examples' indices that observers and the callback are told (default
     ``0 .. batch-1``). With ``first_step > 0`` the run branches off ``branch`` (a run of the same
     rows and sampler): its record up to ``first_step`` is copied and sampling starts there, which
@@ -107,8 +109,14 @@ def sample(
     if rows.shape != (batch,):
         raise DlmprobeInputError(f"rows must hold one index per canvas row ({batch}), got shape {tuple(rows.shape)}")
     policy = config.policy(gen_start, gen_length, length)
-    device = next(model.parameters()).device
+    forward = StepForward(model, causal=policy.shift == 1, use_cache=getattr(config, "use_cache", False))
+    device = forward.device
     canvas = canvas.to(device, copy=True)
+    if attention_mask is not None:
+        if attention_mask.shape != canvas.shape:
+            raise DlmprobeInputError(f"attention_mask must have the canvas shape {tuple(canvas.shape)}, "
+                                     f"got {tuple(attention_mask.shape)}")
+        attention_mask = attention_mask.to(device)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
 
     canvases = [canvas.to("cpu", copy=True)]
@@ -124,28 +132,17 @@ def sample(
         commit_step = torch.where(branch.commit_step < first_step, branch.commit_step, NOT_COMMITTED)
         policy.resume(first_step, branch.canvases, mask_id)
     for step in range(first_step, policy.n_steps):
-        for observer in observers:
-            observer.begin_step(step, rows, canvas)
         window = policy.predicted(step)
-        start, stop = window.start - policy.shift, window.stop - policy.shift
-        logits = logits_of(model(canvas[:, : stop]))[:, start:stop].float()  # (batch, window, vocab)
-        logits[..., mask_id] = float("-inf")  # committing <mask> would leave the position masked
-        top, argmax = logits.max(dim=-1)
-        # Σ exp(logit - max): a probability is exp(logit - max) / norm, the argmax's 1 / norm, with no
-        # softmax kept. Not exp(max - logsumexp): logsumexp's absolute rounding (~1e-6 near 10) would
-        # merge near-1 confidences a few ulps apart, whose order decides what a trained model commits.
-        norm = (logits - top.unsqueeze(-1)).exp().sum(-1)
-        predictions[:, step, window] = argmax.cpu()
-        confidence[:, step, window] = norm.reciprocal().cpu()
-        if config.temperature > 0:
-            uniform = torch.rand(logits.shape, generator=generator).to(device)
-            gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0)))
-            chosen = (logits / config.temperature + gumbel).argmax(-1)
-        else:
-            chosen = argmax
+        for observer in observers:
+            observer.begin_step(step, rows, canvas[:, : forward.read_stop(window, policy.shift)])
+        logits = forward(canvas, attention_mask, window, policy.shift)  # (batch, window, vocab)
+        summary = summarise(logits, mask_id, config.temperature, generator, entropy=policy.needs_entropy)
+        del logits
+        predictions[:, step, window] = summary.argmax.cpu()
+        confidence[:, step, window] = summary.confidence.cpu()
         current = canvas[:, window]
-        commit = policy.commit(step, current == mask_id, logits, top, norm, chosen, generator)
-        canvas[:, window] = torch.where(commit, chosen, current)
+        commit = policy.commit(step, current == mask_id, summary, generator)
+        canvas[:, window] = torch.where(commit, summary.chosen.to(device), current)
         commit_step[:, window][commit.cpu()] = step
         if callback is not None:
             edited = callback(step, rows, canvas.clone())
