@@ -138,15 +138,7 @@ class Sudoku(Task):
         else:
             raise DlmprobeInputError(f"sudoku blanks={self.blanks}: no {self.size}x{self.size} puzzle with a unique "
                                      f"solution found in {MAX_PASSES} tries; use fewer blanks")
-        blank_id = self.vocab.id("_")
-        prompt = [blank_id if v == 0 else self._digit_ids[v - 1] for v in puzzle]
-        target = [self._digit_ids[v - 1] for v in solution]
-        blanks = tuple(i for i, v in enumerate(puzzle) if v == 0)
-        labels = {
-            "cell": LabelSpan(tuple(range(len(target))), tuple(target)),
-            "blank": LabelSpan(blanks, tuple(target[i] for i in blanks)),
-        }
-        return prompt, target, labels
+        return self._tokens_and_labels(puzzle, solution)
 
     def _digits(self, ids: Sequence[int]) -> list[int]:
         lookup = {tid: d + 1 for d, tid in enumerate(self._digit_ids)}
