@@ -177,3 +177,18 @@ def test_refuses_bad_inputs_in_one_line(sudoku):
             causal_check(*args, n=4, progress=False, **kwargs)
         assert "\n" not in str(caught.value)
     assert _no_hooks(ckpt.model)
+
+
+def test_before_commit_is_still_masked_on_a_masked_store(sudoku):
+    """The settle rule (step <= commit_step) and the unmask rule (canvas == mask) agree without remasking."""
+    _, data = sudoku
+    assert data.commit_rule == "unmask"
+    n, length = data.canvas.shape[0], data.canvas.shape[2]
+    examples, positions = np.meshgrid(np.arange(n), np.arange(length), indexing="ij")
+    for step in range(data.n_steps + 1):
+        masked = data.canvas[:, step] == data.mask_id
+        assert np.array_equal(data.before_commit(step, examples, positions), masked)
+        assert np.array_equal(step <= data.commit_step, masked), step
+    X, _, groups = data.get(SITE, int(data.steps[1]), "label", label="blank", only_masked=True)
+    slots, _ = data.label("blank")
+    assert len(X) == (data.canvas[np.arange(n)[:, None], data.steps[1], data.target_start + slots] == data.mask_id).sum()
