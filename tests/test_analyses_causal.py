@@ -1,10 +1,19 @@
 """Causal check of probes: subspaces, hooked sampling with edits from a given step, the analysis."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from dlmprobe.analyses.causal import ablation_edit, causal_check, sample_conditions
+from dlmprobe.analyses.causal import (
+    _diagnostics,
+    _other_classes,
+    _ProbeFit,
+    ablation_edit,
+    causal_check,
+    sample_conditions,
+)
+from dlmprobe.analyses.nulls import beside_controls, edit_conditions
 from dlmprobe.capture import CacheConfig, run_cache
 from dlmprobe.hooks import ActivationEditor
 from dlmprobe.models import load_model, random_model
@@ -142,23 +151,32 @@ def test_causal_check_on_the_shipped_sudoku_denoiser(sudoku, tmp_path):
     result = causal_check(ckpt, data, SITE, label="blank", start_steps=[0], n=12, progress=False)
     assert _no_hooks(ckpt.model) and torch.equal(ckpt.model(tokens), before)
 
-    table = result.table.set_index(["intervention", "subspace", "start_step"])
-    assert len(table) == 6 and result.meta["ranks"] == {"probe": 5, "leace": 5, "random": 5, "pca": 5}
-    assert table.loc[("ablate", "random", 0), "n_positions"] == 12 * ckpt.task.blanks  # every blank is masked at step 0
+    table = result.table.set_index(["intervention", "subspace", "matched_to", "start_step"])
+    # 2 effects x (ablate, steer), 3 controls beside each ablation, steering along the probe at LEACE's size.
+    assert len(table) == 11 and result.meta["ranks"] == {name: 5 for name in ("probe", "leace", "random", "pca", "shuffled")}
+    leace, probe = table.loc[("ablate", "leace", "", 0)], table.loc[("ablate", "probe", "", 0)]
+    assert table.loc[("ablate", "random", "leace", 0), "n_positions"] == 12 * ckpt.task.blanks  # every blank masked at step 0
     assert (table["changed_low"] <= table["changed"]).all() and (table["changed"] <= table["changed_high"]).all()
-    # The probe is blinded by removing its subspace and fooled by steering in it, on held-out stored rows.
-    assert table.loc[("ablate", "probe", 0), "probe_after"] < 0.35 < table.loc[("ablate", "random", 0), "probe_after"]
-    assert table.loc[("steer", "probe", 0), "probe_after"] > 0.9
-    # Erasing what is linearly decodable changes the model's answers; controls of the same rank do not, a
-    # random subspace nor the principal directions left after erasure, which move activations about as far.
-    leace = table.loc[("ablate", "leace", 0)]
-    for control in ("random", "pca"):
-        assert leace["changed"] > table.loc[("ablate", control, 0), "changed"] + 0.25, control
-    assert table.loc[("ablate", "pca", 0), "displacement"] > 0.5 * leace["displacement"]
-    assert table.loc[("steer", "leace", 0), "steered"] > 0.8 > 1 / 6
+    # Every control moves the held-out stored rows exactly as far as the effect it sits beside.
+    for effect, row in (("leace", leace), ("probe", probe)):
+        for control in ("random", "pca", "shuffled"):
+            assert table.loc[("ablate", control, effect, 0), "displacement"] == pytest.approx(row["displacement"], rel=1e-3)
+    assert table.loc[("steer", "probe", "leace", 0), "displacement"] == pytest.approx(leace["displacement"], rel=1e-3)
+    # While sampling the displacements differ (other activations) but stay of one size.
+    assert 0.5 < table.loc[("ablate", "random", "leace", 0), "displacement_run"] / leace["displacement_run"] < 2
+    # The probe is blinded by removing its subspace and fooled by steering in it, on held-out stored rows;
+    # after LEACE not even a fresh probe reads the token, after a random ablation of that size it still does.
+    assert probe["probe_after"] < 0.35 < table.loc[("ablate", "random", "probe", 0), "probe_after"]
+    assert table.loc[("steer", "probe", "", 0), "probe_after"] > 0.9
+    assert leace["retrained_after"] < 0.4 < table.loc[("ablate", "random", "leace", 0), "retrained_after"]
+    # Erasing what is linearly decodable changes more answers than any label-blind edit of the same size.
+    assert leace["changed_beyond_control"] > 0.2
+    assert leace["changed_beyond_control"] == pytest.approx(leace["changed"] - max(
+        table.loc[("ablate", c, "leace", 0), "changed"] for c in ("random", "pca", "shuffled")))
+    assert table.loc[("steer", "leace", "", 0), "steered"] > 0.8 > 1 / 6
     assert result.meta["clean_solved"] == 1.0 and leace["solved"] < 0.5
-    assert f"{100 * leace['changed']:.0f}%" in result.summary
-    assert len(result.tables["examples"]) == 6 * 12
+    assert f"{100 * leace['changed']:.0f}%" in result.summary and "label-specific part" in result.summary
+    assert len(result.tables["examples"]) == 11 * 12
     assert (result.save(tmp_path) / "figure.png").is_file()
 
 
@@ -177,3 +195,76 @@ def test_refuses_bad_inputs_in_one_line(sudoku):
             causal_check(*args, n=4, progress=False, **kwargs)
         assert "\n" not in str(caught.value)
     assert _no_hooks(ckpt.model)
+
+
+def test_before_commit_is_still_masked_on_a_masked_store(sudoku):
+    """The settle rule (step <= commit_step) and the unmask rule (canvas == mask) agree without remasking."""
+    _, data = sudoku
+    assert data.commit_rule == "unmask"
+    n, length = data.canvas.shape[0], data.canvas.shape[2]
+    examples, positions = np.meshgrid(np.arange(n), np.arange(length), indexing="ij")
+    for step in range(data.n_steps + 1):
+        masked = data.canvas[:, step] == data.mask_id
+        assert np.array_equal(data.before_commit(step, examples, positions), masked)
+        assert np.array_equal(step <= data.commit_step, masked), step
+    X, _, groups = data.get(SITE, int(data.steps[1]), "label", label="blank", only_masked=True)
+    slots, _ = data.label("blank")
+    assert len(X) == (data.canvas[np.arange(n)[:, None], data.steps[1], data.target_start + slots] == data.mask_id).sum()
+
+
+def _planted():
+    """Activations whose label lies in class-mean directions, the probe, and edits matched on held-out rows."""
+    rng = np.random.default_rng(0)
+    means = rng.standard_normal((4, 16)) * 2
+    y = rng.integers(0, 4, size=1200)
+    X = (means[y] + rng.standard_normal((1200, 16)) * np.linspace(0.3, 2, 16)).astype(np.float32)
+    train, check = slice(0, 800), slice(800, None)
+    probe = LinearProbe().fit(X[train], y[train])
+    class_means = np.stack([X[train][y[train] == c].mean(0) for c in range(4)])
+    goal = _other_classes(y[check], 4, 0)
+    conditions = edit_conditions(X[train], y[train], probe.coef_, X[check], class_means[goal], seed=0)
+    fit = _ProbeFit(probe, probe.score(X[check], y[check]), X[train], y[train], X[check], y[check],
+                    X[train].mean(0), class_means)
+    return fit, conditions, goal
+
+
+def test_matched_controls_tell_a_label_specific_effect_from_a_displacement_only_one():
+    """Plant two responses to an edit: one reads the label (a linear read-out of the class), one only
+    the edit's size. Only the first leaves an effect beyond the displacement-matched controls."""
+    fit, conditions, goal = _planted()
+    X, mean = torch.as_tensor(fit.X_test), torch.as_tensor(fit.mean)
+    reads_label = fit.probe  # the "model" commits what a linear read-out of the label says
+    responses = {
+        "label": lambda before, after: reads_label.predict(after) != reads_label.predict(before),
+        "size": lambda before, after: np.linalg.norm(after - before, axis=1) / 100.0,  # expected changes ∝ norm
+    }
+    beyond = {}
+    for response, changed_by in responses.items():
+        records = []
+        for c in conditions:
+            after = (c.move(X, mean) if c.intervention == "ablate"
+                     else c.move(X, torch.as_tensor(fit.class_means[goal]))).numpy()
+            changed = float(np.mean(changed_by(fit.X_test, after)))
+            records.append({"intervention": c.intervention, "subspace": c.subspace, "matched_to": c.matched_to,
+                            "start_step": 0, "changed": changed, "solved": 1 - changed})
+        table = beside_controls(pd.DataFrame(records)).set_index(["intervention", "subspace", "matched_to"])
+        beyond[response] = table.loc[("ablate", "leace", ""), "changed_beyond_control"]
+        assert np.isnan(table.loc[("ablate", "random", "leace"), "changed_beyond_control"])
+    assert beyond["label"] > 0.4
+    assert abs(beyond["size"]) < 1e-4  # a size-only effect is all reached by the controls of that size
+
+
+def test_retrained_probe_tells_erased_information_from_a_blinded_probe():
+    """After LEACE no fresh probe reads the label; after ablating the probe's own subspace or a matched
+    random one, a fresh probe still does (the information stays, only the old probe is blind)."""
+    fit, conditions, goal = _planted()
+    table = _diagnostics(fit, conditions, goal, 1.0).set_index(["intervention", "subspace", "matched_to"])
+    assert fit.accuracy > 0.8
+    assert table.loc[("ablate", "leace", ""), "retrained_after"] < 0.4
+    assert table.loc[("ablate", "random", "leace"), "retrained_after"] > 0.8
+    for control in ("random", "pca", "shuffled"):
+        assert table.loc[("ablate", control, "leace"), "displacement"] == pytest.approx(
+            table.loc[("ablate", "leace", ""), "displacement"], rel=1e-4)
+    assert table.loc[("steer", "probe", "leace"), "displacement"] == pytest.approx(
+        table.loc[("ablate", "leace", ""), "displacement"], rel=1e-4)
+    assert table["retrained_after"].isna().sum() == 3  # steering rows: no retrained probe

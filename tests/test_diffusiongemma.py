@@ -9,7 +9,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     LinearTemperatureScheduleLogitsProcessor,
 )
 
-from dlmprobe.analyses import commit_order, decodability, trajectory_view
+from dlmprobe.analyses import commit_order, decodability, planning_lead, trajectory_view
 from dlmprobe.capture_native import NO_MASK, capture_native
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.sampling import NOT_COMMITTED
@@ -171,12 +171,19 @@ def test_commit_order_and_trajectory_view_read_the_store(store):
         assert (view.table["commit_step"].to_numpy() == commit[view.table["position"].to_numpy()]).all()
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="ProbeGrid decides 'before commit' by canvas == mask_id; a store without a mask token "
-                          "needs step <= commit_step (the settle rule), so it finds no rows")
 def test_decodability_before_settle(store):
+    """Without a mask token "before commit" is "not yet settled": step <= commit_step."""
     with ActivationDataset(store) as data:
-        decodability(data, folds=2, control=False, random_baseline=False, bootstrap=10, progress=False)
+        result = decodability(data, folds=2, control=False, random_baseline=False, bootstrap=10, progress=False)
+        slots, _ = data.label(data.config["task"]["answer_label"])
+        commit = data.commit_step[np.arange(data.n_examples)[:, None], data.target_start + slots]
+        table = result.table
+        assert (commit >= 0).any() and ((commit < STEPS - 1) & (commit >= 0)).any()  # rows settle at different steps
+        assert 0 in set(table["step"])
+        for step, rows in table.groupby("step")["n_rows"]:
+            assert (rows == (step <= commit).sum()).all(), step
+        lead = planning_lead(data, folds=2, progress=False).tables["rows"]
+        assert len(lead) == (commit >= 0).sum() and (lead["lead_probe"] >= 0).all()
 
 
 def test_bad_arguments_are_refused(model, task, tmp_path):

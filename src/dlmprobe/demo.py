@@ -127,7 +127,8 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, ov
                       twin=load_model("arith-autoregressive")))
     stage("6 paraphrase between steps (sudoku digit relabelling)")
     sudoku_model = load_model("sudoku-diffusion")
-    keep(paraphrase_run(sudoku_model, n=config.n_model, seed=config.seed, probe_site=config.probe_site, label="blank"))
+    keep(paraphrase_run(sudoku_model, n=config.n_model, seed=config.seed, probe_site=config.probe_site, label="blank",
+                        paraphrases=("tokens", "commits")))
     stage("7 causal check of the probe direction")
     # Layer 1: at the last layer an erasure removes what the unembedding reads, which proves little.
     keep(causal_check(sudoku_model, sudoku, config.causal_site, label="blank", n=config.n_causal,

@@ -21,14 +21,19 @@ a rank ``C - 1`` subspace (``C`` classes):
 * ``leace``: LEACE (Belrose et al. 2023, arXiv 2306.03819), the least-squares edit after which no
   linear classifier reads the label better than a constant (an oblique projection of the same
   rank). It asks whether the model uses the linearly decodable information at all;
-* ``random`` (control, ablated only): a random orthonormal basis;
-* ``pca`` (control, ablated only): the highest-variance directions of the training activations
-  after LEACE: an edit about as large as LEACE's that removes no linear label information (LEACE
-  moves activations much further than a random subspace when the label dominates the variance).
+* controls (ablated only), each scaled to the mean displacement (norm of the edit per row) of the
+  ablation it sits beside, since an edit that moves activations further changes more, label or
+  not: ``random`` (a random orthonormal basis), ``pca`` (the top principal directions left after
+  LEACE, which carry no linear label information) and ``shuffled`` (LEACE fitted on shuffled
+  labels); steering along the probe is also run at LEACE's displacement
+  (:func:`~dlmprobe.analyses.nulls.edit_conditions`).
 
 What the model commits is compared with a clean run of the same puzzles and sampler: the fraction
 of edited positions whose token changes, the exact-solve rate, and for ``steer`` the fraction that
-commit ``c`` (chance ``1 / C``), each with a 95% bootstrap interval over puzzles. Up to step
+commit ``c`` (chance ``1 / C``), each with a 95% bootstrap interval over puzzles, and each effect
+beside its strongest displacement-matched control (the excess is the label-specific part). On the
+stored held-out rows: what the probe reads after the edit, and what a fresh probe trained on
+ablated rows reads (whether the label is still linearly there). Up to step
 ``t`` an edited run is the clean one, so the conditions (intervention, subspace) that start at
 ``t`` branch off the clean run there and are sampled together, each row carrying its condition
 (:func:`sample_conditions`); the sampler must be deterministic (temperature 0).
@@ -37,7 +42,7 @@ Example:
     >>> ckpt = load_model("sudoku-diffusion")
     >>> data = ActivationDataset("runs/sudoku.h5")      # dlmprobe cache --model sudoku-diffusion ...
     >>> result = causal_check(ckpt, data, "blocks.3.hook_resid_post", label="blank")
-    >>> result.table[["intervention", "subspace", "start_step", "changed", "steered", "solved"]]
+    >>> result.table[["intervention", "subspace", "matched_to", "displacement_run", "changed", "changed_beyond_control"]]
     >>> print(result.summary)
 """
 
@@ -56,36 +61,30 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dlmprobe.analyses.common import label_mask, percent
+from dlmprobe.analyses.nulls import CONTROLS, EFFECTS, EditCondition, MeasuredEdit, beside_controls, edit_conditions
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.hooks import ActivationEditor, Edit, layer_of
 from dlmprobe.models import Checkpoint
 from dlmprobe.probes.linear import LinearProbe
-from dlmprobe.probes.subspaces import (
-    Subspace,
-    leace_subspace,
-    pca_subspace,
-    probe_subspace,
-    random_subspace,
-)
+from dlmprobe.probes.subspaces import Subspace
 from dlmprobe.sampling import DiffusionSamplerConfig, Trajectory, generate, solved
 from dlmprobe.store import ActivationDataset
 from dlmprobe.tasks import Example, Task, get_task
 
-SUBSPACES: tuple[str, ...] = ("probe", "leace")
-CONTROLS: tuple[str, ...] = ("random", "pca")
+SUBSPACES: tuple[str, ...] = EFFECTS
 SUBSPACE_COLOURS = {"probe": CONDITION_COLOURS["probe"], "leace": "#8c564b", "random": CONDITION_COLOURS["control"],
-                    "pca": "#17becf"}
+                    "pca": "#17becf", "shuffled": "#bcbd22"}
 
 
-def ablation_edit(subspace: Subspace, centre: Float[Tensor, " d"]) -> Edit:
-    """Every edited row gets the subspace component of ``centre``."""
+def ablation_edit(subspace: Subspace | EditCondition, centre: Float[Tensor, " d"]) -> Edit:
+    """Every edited row gets the subspace component of ``centre`` (a condition: times its scale)."""
     return lambda h, example, position: subspace.move(h, centre)
 
 
-def steering_edit(subspace: Subspace, class_means: Float[Tensor, "cls d"], goal: Int[Tensor, "example pos"],
-                  alpha: float = 1.0) -> Edit:
+def steering_edit(subspace: Subspace | EditCondition, class_means: Float[Tensor, "cls d"],
+                  goal: Int[Tensor, "example pos"], alpha: float = 1.0) -> Edit:
     """Row (example, position) moves ``alpha`` of the way to the subspace component of ``class_means[goal[example, position]]``."""
     return lambda h, example, position: subspace.move(h, class_means[goal[example, position]], alpha)
 
@@ -147,13 +146,15 @@ def causal_check(
         n: fresh puzzles of the eval split, drawn with ``seed`` (not the store's seed).
         seed: also seeds the probe's train/test split, the random basis and the steering classes.
         alpha: steering strength; 1 gives the subspace component of the class mean.
-        subspaces: which of ``"probe"`` and ``"leace"`` to ablate and steer (the ``random`` and
-            ``pca`` controls are always ablated).
+        subspaces: which of ``"probe"`` and ``"leace"`` to ablate and steer (the controls are always
+            ablated beside each, at its displacement).
 
     The probe is fitted on 80% of the store's examples (rows pooled over the stored steps, the
     positions still masked, target = the token finally committed) and scored on the rest; the
     means and LEACE use the same training rows. One row of the table per (intervention, subspace,
-    start step); ``tables["examples"]`` holds the per-puzzle counts behind it.
+    ``matched_to``, start step), ``matched_to`` naming the ablation a control's displacement is
+    scaled to; ``displacement_run`` is measured while sampling, ``displacement`` on held-out stored
+    rows; ``tables["examples"]`` holds the per-puzzle counts behind it.
     """
     began = time.perf_counter()
     if checkpoint.kind != "diffusion":
@@ -191,14 +192,10 @@ def causal_check(
     fit = _fit_probe(data, site, label, seed)
     classes = fit.probe.classes_
     device = next(checkpoint.model.parameters()).device
-    leace = leace_subspace(fit.X_train, fit.y_train)
-    erased = leace.move(torch.as_tensor(fit.X_train), torch.as_tensor(fit.mean)).numpy()
-    spaces = {"probe": probe_subspace(fit.probe.coef_), "leace": leace}
-    spaces = {name: spaces[name] for name in subspaces}
-    spaces["random"] = random_subspace(fit.X_train.shape[1], len(classes) - 1, seed)
-    spaces["pca"] = pca_subspace(erased, len(classes) - 1)
-    variants = [("ablate", name) for name in spaces] + [("steer", name) for name in subspaces]
-    diagnostics = _diagnostics(fit, spaces, variants, alpha, seed)
+    check_goal = _other_classes(np.searchsorted(classes, fit.y_test), len(classes), seed)
+    conditions = edit_conditions(fit.X_train, fit.y_train, fit.probe.coef_, fit.X_test, fit.class_means[check_goal],
+                                 subspaces, seed, alpha)
+    diagnostics = _diagnostics(fit, conditions, check_goal, alpha)
 
     examples = task.sample(n, split="eval", seed=seed)
     where = _label_positions(task, examples, label)
@@ -208,35 +205,37 @@ def causal_check(
     final = clean.canvases[:, -1]
     goal = _steering_goals(final, where, classes, seed)
     mean, class_means = (torch.as_tensor(a, dtype=torch.float32, device=device) for a in (fit.mean, fit.class_means))
-    edits: dict[tuple[str, str], Edit] = {}
-    for kind, name in variants:
-        space = spaces[name].to(device)
-        edits[kind, name] = (ablation_edit(space, mean) if kind == "ablate"
-                             else steering_edit(space, class_means, goal.to(device), alpha))
-    conditions = [(t, kind, name) for t in start_steps for kind, name in variants]
+    runs_of = [(t, condition.to(device)) for t in start_steps for condition in conditions]
+    edits = [MeasuredEdit(ablation_edit(c, mean) if c.intervention == "ablate"
+                       else steering_edit(c, class_means, goal.to(device), alpha)) for _, c in runs_of]
     runs = sample_conditions(checkpoint.model, task, examples, site, where,
-                             [(edits[kind, name], t) for t, kind, name in conditions], sampler, clean, batch_size)
+                             [(edit, t) for edit, (t, _) in zip(edits, runs_of)], sampler, clean, batch_size)
     bar.update(1)
     bar.close()
     clean_solved = np.array(solved(task, examples, clean))
     goal_token = torch.as_tensor(classes)[goal.clamp_min(0)]
-    per_example = []
-    for (t, kind, name), run in zip(conditions, runs):
+    per_example, moved = [], []
+    for (t, c), run, edit in zip(runs_of, runs, edits):
         edited = where & (clean.canvases[:, t] == task.vocab.mask_id)  # the runs agree up to step t
         output = run.canvases[:, -1]
+        key = {"intervention": c.intervention, "subspace": c.subspace, "matched_to": c.matched_to, "start_step": t}
         per_example.append(pd.DataFrame({
-            "intervention": kind, "subspace": name, "start_step": t, "example": np.arange(n),
+            **key, "example": np.arange(n),
             "n_edited": edited.sum(1).numpy(), "n_changed": (edited & (output != final)).sum(1).numpy(),
             "n_steered": (edited & (output == goal_token)).sum(1).numpy(),
             "solved": solved(task, examples, run), "clean_solved": clean_solved,
         }))
+        moved.append({**key, "displacement_run": edit.mean})
     examples_table = pd.concat(per_example, ignore_index=True)
-    table = _summarise(examples_table, len(classes), seed).merge(diagnostics, on=["intervention", "subspace"])
+    keys = ["intervention", "subspace", "matched_to"]
+    table = (_summarise(examples_table, len(classes), seed).merge(diagnostics, on=keys)
+             .merge(pd.DataFrame(moved), on=[*keys, "start_step"]))
+    table = beside_controls(table)
     meta = {
         "model": stored_model.get("name"), "store": str(data.path), "site": site, "layer": layer_of(site),
         "label": label, "n": n, "seed": seed, "alpha": alpha, "start_steps": start_steps, "n_steps": n_steps,
-        "sampler": sampler.to_dict(), "subspaces": list(subspaces), "classes": classes.tolist(),
-        "ranks": {name: space.rank for name, space in spaces.items()},
+        "sampler": sampler.to_dict(), "subspaces": list(dict.fromkeys(subspaces)), "classes": classes.tolist(),
+        "ranks": {c.subspace: c.space.rank for c in conditions},
         "probe_accuracy": fit.accuracy, "probe_train_rows": len(fit.y_train), "probe_test_rows": len(fit.y_test),
         "activation_norm": float(np.linalg.norm(fit.X_test - fit.mean, axis=1).mean()),
         "clean_solved": float(clean_solved.mean()),
@@ -283,26 +282,32 @@ def _fit_probe(data: ActivationDataset, site: str, label: str, seed: int) -> _Pr
     )
 
 
-def _diagnostics(fit: _ProbeFit, spaces: dict[str, Subspace], variants: list[tuple[str, str]],
-                 alpha: float, seed: int) -> pd.DataFrame:
-    """Each edit applied to the held-out stored rows: how far it moves them, what the probe then reads."""
-    X = torch.as_tensor(fit.X_test)
+def _diagnostics(fit: _ProbeFit, conditions: list[EditCondition], goal: np.ndarray, alpha: float) -> pd.DataFrame:
+    """Each edit applied to the held-out stored rows: how far it moves them, what the probe then reads and,
+    after an ablation, what a fresh probe trained on ablated training rows reads (``retrained_after``)."""
+    X, X_train = torch.as_tensor(fit.X_test), torch.as_tensor(fit.X_train)
     classes = fit.probe.classes_
-    target = np.searchsorted(classes, fit.y_test)
-    rng = np.random.default_rng(seed)
-    goal = (target + rng.integers(1, len(classes), size=len(target))) % len(classes)  # never the row's own class
     mean, class_means = torch.as_tensor(fit.mean), torch.as_tensor(fit.class_means)
     records = []
-    for kind, name in variants:
-        if kind == "ablate":
-            moved = spaces[name].move(X, mean)
+    for c in conditions:
+        retrained = np.nan
+        if c.intervention == "ablate":
+            moved = c.move(X, mean)
             after = fit.probe.score(moved.numpy(), fit.y_test)
+            fresh = LinearProbe().fit(c.move(X_train, mean).numpy(), fit.y_train)
+            retrained = fresh.score(moved.numpy(), fit.y_test)
         else:
-            moved = spaces[name].move(X, class_means[goal], alpha)
+            moved = c.move(X, class_means[goal], alpha)
             after = float((fit.probe.predict(moved.numpy()) == classes[goal]).mean())
-        records.append({"intervention": kind, "subspace": name, "displacement": float((moved - X).norm(dim=1).mean()),
-                        "probe_after": after})
+        records.append({"intervention": c.intervention, "subspace": c.subspace, "matched_to": c.matched_to,
+                        "scale": c.scale, "displacement": float((moved - X).norm(dim=1).mean()),
+                        "probe_after": after, "retrained_after": retrained})
     return pd.DataFrame(records)
+
+
+def _other_classes(own: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
+    """Per row, a random class index other than ``own``."""
+    return (own + np.random.default_rng(seed).integers(1, n_classes, size=len(own))) % n_classes
 
 
 def _label_positions(task: Task, examples: Sequence[Example], label: str) -> Bool[Tensor, "example pos"]:
@@ -324,14 +329,15 @@ def _steering_goals(final: Int[Tensor, "example pos"], where: Bool[Tensor, "exam
 
 
 def _summarise(per_example: pd.DataFrame, n_classes: int, seed: int, n_boot: int = 1000) -> pd.DataFrame:
-    """Rates per (intervention, subspace, start step) with 95% bootstrap intervals over puzzles."""
+    """Rates per (intervention, subspace, matched_to, start step) with 95% bootstrap intervals over puzzles."""
     rng = np.random.default_rng(seed)
     records = []
-    for (kind, name, t), group in per_example.groupby(["intervention", "subspace", "start_step"], sort=False):
+    for (kind, name, matched, t), group in per_example.groupby(["intervention", "subspace", "matched_to", "start_step"],
+                                                               sort=False):
         draws = rng.integers(0, len(group), size=(n_boot, len(group)))
         edited = group["n_edited"].to_numpy(float)
-        record = {"intervention": kind, "subspace": name, "start_step": int(t), "n_examples": len(group),
-                  "n_positions": int(edited.sum())}
+        record = {"intervention": kind, "subspace": name, "matched_to": matched, "start_step": int(t),
+                  "n_examples": len(group), "n_positions": int(edited.sum())}
         for quantity in ("changed", "steered"):
             hits = group[f"n_{quantity}"].to_numpy(float)
             if quantity == "steered" and kind != "steer":
@@ -351,48 +357,63 @@ def _summarise(per_example: pd.DataFrame, n_classes: int, seed: int, n_boot: int
 
 def _figure(table: pd.DataFrame, meta: dict) -> Figure:
     fig, (ablate_ax, steer_ax, solve_ax) = figure(ncols=3, width=4.6)
-    for (kind, name), group in table.groupby(["intervention", "subspace"], sort=False):
-        colour, (style, marker) = SUBSPACE_COLOURS[name], ("-", "o") if kind == "ablate" else ("--", "s")
+    for (kind, name, matched), group in table.groupby(["intervention", "subspace", "matched_to"], sort=False):
+        colour = SUBSPACE_COLOURS[name]
+        style = {"": "-", "leace": "--", "probe": ":"}[matched]
+        label = f"{kind} {name}" + (f" at {matched}'s displacement" if matched else "")
         steps = group["start_step"]
         ax, column = (ablate_ax, "changed") if kind == "ablate" else (steer_ax, "steered")
-        ax.plot(steps, group[column], marker="o", color=colour, label=f"{name} (rank {meta['ranks'][name]})")
-        ax.fill_between(steps, group[f"{column}_low"], group[f"{column}_high"], color=colour, alpha=0.2)
-        solve_ax.plot(steps, group["solved"], marker=marker, ls=style, color=colour, label=f"{kind} {name}")
-        solve_ax.fill_between(steps, group["solved_low"], group["solved_high"], color=colour, alpha=0.1)
+        ax.plot(steps, group[column], marker="o" if kind == "ablate" else "s", ls=style, color=colour, label=label)
+        ax.fill_between(steps, group[f"{column}_low"], group[f"{column}_high"], color=colour, alpha=0.15)
+        solve_ax.plot(steps, group["solved"], marker="o" if kind == "ablate" else "s", ls=style, color=colour, label=label)
     steer_ax.axhline(1 / len(meta["classes"]), color="black", ls=":", lw=1, label=f"chance 1/{len(meta['classes'])}")
     solve_ax.axhline(meta["clean_solved"], color="black", ls=":", lw=1, label="clean run")
     xlabel = "edits start at denoising step"
     ablate_ax.set(xlabel=xlabel, ylabel=f"edited {meta['label']!r} positions changed", ylim=(-0.02, 1.02),
-                  title=f"ablate at {meta['site']}")
+                  title=f"ablate at {meta['site']} (dashed: controls at the effect's displacement)")
     steer_ax.set(xlabel=xlabel, ylabel="positions committing the chosen class", ylim=(-0.02, 1.02), title="steer")
     solve_ax.set(xlabel=xlabel, ylabel="exact-solve rate", ylim=(-0.02, 1.02), title="puzzles solved")
     for ax in (ablate_ax, steer_ax, solve_ax):
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     return fig
 
 
+_NAMES = {"probe": "the probe's subspace", "leace": "the LEACE subspace", "random": "a random subspace",
+          "pca": "the top principal directions left after erasure", "shuffled": "LEACE fitted on shuffled labels"}
+
+
 def _summary(table: pd.DataFrame, meta: dict) -> str:
-    rows = {(r.intervention, r.subspace, r.start_step): r for r in table.itertuples()}
+    rows = {(r.intervention, r.subspace, r.matched_to, r.start_step): r for r in table.itertuples()}
     first, last = meta["start_steps"][0], meta["start_steps"][-1]
-    names = {"probe": "the probe's subspace", "leace": "the LEACE subspace", "random": "a random subspace",
-             "pca": "the top principal directions left after erasure"}
-
-    def ablated(name: str) -> str:
-        row = rows["ablate", name, first]
-        return (f"{names[name]} (moving activations by {row.displacement:.1f} on average) changes {percent(row.changed)} "
-                f"({_ci(row, 'changed')}) and leaves {percent(row.solved)} of puzzles solved")
-
+    effects = meta["subspaces"]
     parts = [(f"The {meta['label']!r} probe at {meta['site']} reads the token the model will commit with "
               f"{percent(meta['probe_accuracy'])} held-out accuracy; the clean run solves {percent(meta['clean_solved'])}. "
-              f"Edits from step {first} on act on {rows['ablate', 'random', first].n_positions} still-masked positions.")]
-    for name in meta["subspaces"]:
-        steer = rows["steer", name, first]
-        parts.append(f"Ablating {ablated(name)}; steering in it commits the chosen class in {percent(steer.steered)} "
-                     f"({_ci(steer, 'steered')}; chance {percent(steer.chance)}).")
-    parts.append(f"Controls of rank {meta['ranks']['random']}: ablating {ablated('random')}; ablating {ablated('pca')}.")
+              f"Edits from step {first} on act on {rows['ablate', effects[0], '', first].n_positions} still-masked "
+              f"positions. Displacement is the mean norm of the edit per edited activation while sampling; every "
+              f"control is scaled to the displacement of the effect it sits beside.")]
+    for name in effects:
+        row, steer = rows["ablate", name, "", first], rows["steer", name, "", first]
+        controls = "; ".join(f"{_NAMES[c]} {percent(rows['ablate', c, name, first].changed)} (solving "
+                             f"{percent(rows['ablate', c, name, first].solved)})" for c in CONTROLS)
+        parts.append(
+            f"Ablating {_NAMES[name]} moves activations by {row.displacement_run:.1f}, changes {percent(row.changed)} "
+            f"({_ci(row, 'changed')}) of the edited tokens and leaves {percent(row.solved)} solved; at the same "
+            f"displacement {controls}. The label-specific part, the excess over the strongest control, is "
+            f"{100 * row.changed_beyond_control:+.0f} points of changed tokens (beyond {row.control}) and "
+            f"{100 * row.solve_drop_beyond_control:+.0f} points of solve-rate drop; the rest of the effect a "
+            f"label-blind edit of that size also has. A fresh probe trained on the ablated activations still "
+            f"reads the token in {percent(row.retrained_after)} of held-out rows (the original probe: "
+            f"{percent(row.probe_after)}). Steering in it (displacement {steer.displacement_run:.1f}) commits the "
+            f"chosen class in {percent(steer.steered)} ({_ci(steer, 'steered')}; chance {percent(steer.chance)}).")
+    if ("steer", "probe", "leace", first) in rows:
+        steer = rows["steer", "probe", "leace", first]
+        parts.append(f"Steering along the probe at LEACE's displacement ({steer.displacement_run:.1f}) commits the "
+                     f"chosen class in {percent(steer.steered)} and changes {percent(steer.changed)}, against "
+                     f"{percent(steer.control_changed)} for the strongest control of that size ({steer.control}).")
     if last != first:
-        late = ", ".join(f"{percent(rows['ablate', name, last].changed)} ({name})" for name in [*meta["subspaces"], *CONTROLS])
-        parts.append(f"From step {last} on ({rows['ablate', 'random', last].n_positions} positions still masked) "
+        late = ", ".join(f"{percent(rows['ablate', name, '', last].changed)} ({name}; strongest matched control "
+                         f"{percent(rows['ablate', name, '', last].control_changed)})" for name in effects)
+        parts.append(f"From step {last} on ({rows['ablate', effects[0], '', last].n_positions} positions still masked) "
                      f"ablation changes {late}.")
     return " ".join(parts)
 

@@ -10,7 +10,9 @@ difficulty 0) are reported apart.
 
 **Displacement.** A causal edit that moves activations further changes more, label or not:
 compare edits of equal mean per-row norm (:func:`displacement`), scaling a control edit with
-:func:`matching_scale`.
+:func:`matching_scale`. :func:`edit_conditions` builds a causal check's edits that way: ablating
+the probe's and LEACE's subspaces, steering in them, and beside each ablation the controls of
+:data:`CONTROLS` scaled to its displacement (and steering along the probe at LEACE's).
 
 Example:
     >>> lead = planning_lead(data, label="cell").tables["rows"]
@@ -20,13 +22,30 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 from jaxtyping import Float, Int
+from torch import Tensor
 
 from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.probes.subspaces import (
+    Subspace,
+    leace_subspace,
+    pca_subspace,
+    probe_subspace,
+    random_subspace,
+)
+
+#: Subspaces a causal check edits to test whether the model uses the label.
+EFFECTS: tuple[str, ...] = ("probe", "leace")
+#: Controls of the same rank, each scaled to the displacement of the effect it sits beside: a random
+#: subspace, the top principal directions left after LEACE (no linear label information) and LEACE
+#: fitted on shuffled labels (an eraser of the same form that targets no label).
+CONTROLS: tuple[str, ...] = ("random", "pca", "shuffled")
 
 
 def first_stable_step(correct: np.ndarray, commit: np.ndarray, steps: np.ndarray) -> np.ndarray:
@@ -118,3 +137,129 @@ def matching_scale(before: Float[np.ndarray, "row d"], after: Float[np.ndarray, 
     if current == 0:
         raise DlmprobeInputError("the edit moves no row: no scale can give it a displacement")
     return target / current
+
+
+@dataclass
+class EditCondition:
+    """One edit of a causal check: ``h - scale · α · write readᵀ (h - towards)``.
+
+    ``towards`` is the training mean for ``intervention="ablate"`` and a class mean for
+    ``"steer"``. ``matched_to`` names the ablation whose mean displacement ``scale`` matches (""
+    for an edit at its natural size, ``scale = 1``).
+    """
+
+    intervention: str
+    subspace: str
+    space: Subspace
+    matched_to: str = ""
+    scale: float = 1.0
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.intervention, self.subspace, self.matched_to
+
+    def move(self, h: Float[Tensor, "row d"], towards: Float[Tensor, "row d"] | Float[Tensor, " d"],
+             alpha: float = 1.0) -> Float[Tensor, "row d"]:
+        return self.space.move(h, towards, alpha * self.scale)
+
+    def to(self, device: torch.device | str) -> EditCondition:
+        return EditCondition(self.intervention, self.subspace, self.space.to(device), self.matched_to, self.scale)
+
+
+def edit_conditions(X_train: Float[np.ndarray, "row d"], y_train: Int[np.ndarray, " row"],
+                    coef: Float[np.ndarray, "cls d"], X_check: Float[np.ndarray, "check d"],
+                    steer_towards: Float[np.ndarray, "check d"], effects: Sequence[str] = EFFECTS,
+                    seed: int = 0, alpha: float = 1.0) -> list[EditCondition]:
+    """A causal check's edits, each control scaled to the displacement of the effect it controls.
+
+    Args:
+        X_train, y_train: the rows the probe (``coef``, one row per class of ``np.unique(y_train)``),
+            LEACE and the controls are fitted on; ablation moves towards their mean.
+        X_check: rows the displacements are measured and matched on (held-out activations).
+        steer_towards: per ``X_check`` row, the class mean steering moves it towards.
+        effects: which of :data:`EFFECTS` to ablate and steer in.
+        seed: seeds the random basis and the shuffled labels.
+        alpha: steering strength (1: the subspace component of the class mean).
+
+    Returns, per effect, its ablation and its steering at natural size, then per effect and
+    control of :data:`CONTROLS` the control ablation scaled to that effect's ablation, then (if
+    both effects are asked for) steering along the probe scaled to LEACE's ablation.
+    """
+    effects = list(dict.fromkeys(effects))
+    if not effects or any(e not in EFFECTS for e in effects):
+        raise DlmprobeInputError(f"effects must be some of {EFFECTS}, got {effects}")
+    X_train, y_train = np.asarray(X_train, dtype=np.float64), np.asarray(y_train)
+    rank = len(np.unique(y_train)) - 1
+    mean = torch.as_tensor(X_train.mean(axis=0), dtype=torch.float32)
+    check = torch.as_tensor(X_check, dtype=torch.float32)
+    towards = torch.as_tensor(steer_towards, dtype=torch.float32)
+    leace = leace_subspace(X_train, y_train)
+    spaces = {"probe": probe_subspace(coef), "leace": leace,
+              "random": random_subspace(X_train.shape[1], rank, seed),
+              "pca": pca_subspace(leace.move(torch.as_tensor(X_train, dtype=torch.float32), mean).numpy(), rank),
+              "shuffled": leace_subspace(X_train, np.random.default_rng(seed).permutation(y_train))}
+
+    def size(condition: EditCondition) -> tuple[np.ndarray, np.ndarray]:
+        target = mean if condition.intervention == "ablate" else towards
+        return check.numpy(), condition.move(check, target, alpha).numpy()
+
+    conditions = [EditCondition(kind, name, spaces[name]) for name in effects for kind in ("ablate", "steer")]
+    reach = {c.subspace: displacement(*size(c)) for c in conditions if c.intervention == "ablate"}
+    for name in effects:
+        for control in CONTROLS:
+            natural = EditCondition("ablate", control, spaces[control], name)
+            natural.scale = matching_scale(*size(natural), reach[name])
+            conditions.append(natural)
+    if set(EFFECTS) <= set(effects):
+        steer = EditCondition("steer", "probe", spaces["probe"], "leace")
+        steer.scale = matching_scale(*size(steer), reach["leace"])
+        conditions.append(steer)
+    return conditions
+
+
+class MeasuredEdit:
+    """An edit ``(h, example, position) -> h'`` that also sums the norm of what it changes: :attr:`mean` is
+    its mean displacement per edited activation while sampling."""
+
+    def __init__(self, edit: Callable[[Tensor, Tensor, Tensor], Tensor]):
+        self.edit, self.total, self.rows = edit, 0.0, 0
+
+    def __call__(self, h: Tensor, example: Tensor, position: Tensor) -> Tensor:
+        edited = self.edit(h, example, position)
+        self.total += float((edited - h).norm(dim=-1).sum())
+        self.rows += len(h)
+        return edited
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.rows if self.rows else float("nan")
+
+
+def beside_controls(table: pd.DataFrame) -> pd.DataFrame:
+    """Each effect of a causal-check table beside the strongest control matched to its displacement.
+
+    ``table`` has a row per (``intervention``, ``subspace``, ``matched_to``, ``start_step``) with the
+    rates ``changed`` and ``solved``; effects are compared with controls of the same start step.
+
+    An ablation's controls are the ones scaled to it; steering along the probe at LEACE's
+    displacement sits beside LEACE's. ``control`` changes the most tokens (``control_changed``),
+    ``control_solved`` is the lowest solve rate of any of them. ``changed_beyond_control`` is the
+    part of ``changed`` no control of that size reaches (the label-specific part),
+    ``solve_drop_beyond_control`` the same for the solve rate; NaN for controls and for steering
+    at its natural size.
+    """
+    table = table.copy()
+    columns = {"control": None, "control_changed": np.nan, "control_solved": np.nan,
+               "changed_beyond_control": np.nan, "solve_drop_beyond_control": np.nan}
+    for column, empty in columns.items():
+        table[column] = pd.Series([empty] * len(table), index=table.index, dtype=object if empty is None else float)
+    is_control = table["subspace"].isin(CONTROLS)
+    for index, row in table[~is_control].iterrows():
+        reference = row.subspace if row.intervention == "ablate" else row.matched_to
+        if not reference:
+            continue
+        rivals = table[is_control & (table["matched_to"] == reference) & (table["start_step"] == row.start_step)]
+        strongest, lowest = rivals.loc[rivals["changed"].idxmax()], rivals["solved"].min()
+        table.loc[index, list(columns)] = [strongest.subspace, strongest.changed, lowest,
+                                           row.changed - strongest.changed, lowest - row.solved]
+    return table

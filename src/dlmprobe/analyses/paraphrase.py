@@ -5,6 +5,15 @@ fresh random rewrite each step: sudoku digits permuted, path-star nodes renamed,
 operands reordered) and sampling goes on. If the model carried information from step to step in the
 exact surface form of the tokens (a steganographic code), the rewrite would destroy it.
 
+**What the test can detect.** Relabelling tokens is a symmetry of the training data (every digit
+permutation of a sudoku is a sudoku), and on a task whose answers are forced by the prompt (a
+sudoku with one solution) there is no choice in which a code could live. Two additions give the
+test power: ``task=`` a task with free choices (:class:`~dlmprobe.tasks.sudoku.SudokuChoice`, whose
+free cells can hold more than one digit: which solution a run picks could carry a code), and the
+``"commits"`` paraphrase, which perturbs *when* positions commit rather than what they hold: after
+each early step it remasks committed free cells (answer positions on a task without free cells)
+with :class:`~dlmprobe.sampling.callbacks.RemaskCommitted`, so the sampler decides them again later.
+
 Each paraphrase relabels tokens by a ``token_map``; the maps compose. The labelling of the canvas
 that step ``s`` sees maps original token ids to the ids used at step ``s``, so the token finally
 committed at a position can be translated into the labelling of any earlier step. That is the
@@ -15,6 +24,8 @@ Example:
     >>> from dlmprobe.models import load_model
     >>> result = paraphrase_run(load_model("sudoku-diffusion"), n=100, probe_site="blocks.3.hook_resid_post")
     >>> result.tables["solve"]
+    >>> choice = paraphrase_run(load_model("sudoku-diffusion"), n=100, task=SudokuChoice(size=6, blanks=20),
+    ...                         paraphrases=("tokens", "commits"))
 """
 
 from __future__ import annotations
@@ -37,11 +48,14 @@ from dlmprobe.hooks import ActivationRecorder
 from dlmprobe.models import Checkpoint
 from dlmprobe.probes.grid import bootstrap_by_example
 from dlmprobe.probes.linear import fit_logistic
-from dlmprobe.sampling import Trajectory, generate
+from dlmprobe.sampling import DiffusionSamplerConfig, Trajectory, generate
+from dlmprobe.sampling.callbacks import RemaskCommitted
 from dlmprobe.sampling.generate import SamplerConfig
 from dlmprobe.tasks import Example, Task
 
-RUNS: tuple[str, ...] = ("plain", "paraphrased")
+#: Paraphrases a run can get, each its own run beside the plain one: relabelling tokens, perturbing commits.
+PARAPHRASES: dict[str, str] = {"tokens": "paraphrased", "commits": "remasked"}
+RUNS: tuple[str, ...] = ("plain", *PARAPHRASES.values())
 N_BOOTSTRAP = 500
 
 
@@ -82,11 +96,22 @@ class _Run:
     expected: np.ndarray
     open: np.ndarray
     activations: torch.Tensor | None
+    remasked: np.ndarray  # (example,): committed positions remasked over the run
+
+
+@dataclass
+class _Remask:
+    """The commit-pattern paraphrase: ``k`` of the committed ``positions[example]`` remasked after each of ``steps``."""
+
+    positions: np.ndarray  # (example, canvas position) bool
+    k: int
+    steps: tuple[int, ...]
 
 
 def _sample(checkpoint: Checkpoint, examples: Sequence[Example], sampler: SamplerConfig | None, batch_size: int,
-            paraphrase: bool, seed: int, probe_site: str | None, label: str | None) -> _Run:
-    task = checkpoint.task
+            paraphrase: bool, seed: int, probe_site: str | None, label: str | None, task: Task | None = None,
+            remask: _Remask | None = None) -> _Run:
+    task = task or checkpoint.task
     identity = np.arange(len(task.vocab))
     labellings = [[identity] for _ in examples]
     rngs = [random.Random(f"paraphrase|{seed}|{i}") for i in range(len(examples))]
@@ -102,13 +127,24 @@ def _sample(checkpoint: Checkpoint, examples: Sequence[Example], sampler: Sample
             labellings[i].append(compose(labellings[i][-1], token_map))
         return edited
 
+    remasked = np.zeros(len(examples), dtype=np.int64)
+
+    def perturb_commits(step: int, rows: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
+        chosen = rows.cpu().numpy()
+        # Draws are seeded per (seed, step, example), so a fresh callback per batch gives the same positions.
+        edited = RemaskCommitted(task.vocab.mask_id, remask.positions[chosen], remask.k, remask.steps, seed)(step, rows, canvas)
+        remasked[chosen] += (edited != canvas).sum(1).cpu().numpy()
+        return edited
+
+    callback = rewrite if paraphrase else perturb_commits if remask is not None else None
+
     recorder = ActivationRecorder(checkpoint.model, probe_site, positions=range(gen.start, gen.stop)) if probe_site else None
     if recorder is not None and len(recorder.sites) != 1:
         raise DlmprobeInputError(f"probe_site must name one site, got {probe_site!r} matching {recorder.sites}")
     with recorder or nullcontext():
         model = checkpoint.model if recorder is None else recorder.model
         trajectory = generate(model, task, examples, checkpoint.kind, sampler, batch_size,
-                              rewrite if paraphrase else None, observers=[recorder] if recorder is not None else [])
+                              callback, observers=[recorder] if recorder is not None else [])
         activations = recorder.pop().activations[recorder.sites[0]] if recorder is not None else None
     steps = trajectory.n_steps
     if paraphrase:
@@ -122,7 +158,7 @@ def _sample(checkpoint: Checkpoint, examples: Sequence[Example], sampler: Sample
     still_masked = (trajectory.canvases[:, :-1, trajectory.gen_slice] == task.vocab.mask_id).numpy()
     if label is not None:
         still_masked &= label_mask(task, examples, label).numpy()[:, None, :]
-    return _Run(trajectory, full, expected, still_masked & (predictions >= 0), activations)
+    return _Run(trajectory, full, expected, still_masked & (predictions >= 0), activations, remasked)
 
 
 def _rows(run: _Run, step: int, examples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -178,19 +214,29 @@ def paraphrase_run(
     label: str | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    task: Task | None = None,
+    paraphrases: Sequence[str] = ("tokens",),
+    remask_k: int = 1,
+    remask_until: float = 0.9,
 ) -> AnalysisResult:
-    """Sample the same puzzles plainly and with a fresh paraphrase of the canvas after every step.
+    """Sample the same puzzles plainly and with each paraphrase, one run per paraphrase.
 
     Parameters
     ----------
     checkpoint : the model and its task (which must implement ``Task.paraphrase``).
     n, seed : number of held-out puzzles; the seed draws them, each one's paraphrases and the probe split.
-    sampler : the sampler of both runs (default: the kind's default).
-    probe_site : a hook name (``"blocks.3.hook_resid_post"``) to record in both runs and probe
+    sampler : the sampler of every run (default: the kind's default).
+    probe_site : a hook name (``"blocks.3.hook_resid_post"``) to record in every run and probe
         (diffusion models only): a probe per step is fitted on the still-masked target rows of half
-        of the plain run's examples and tested on the other half of both runs.
+        of the plain run's examples and tested on the other half of every run.
     label : measure decodability at this label's positions only (e.g. sudoku's ``"blank"``, leaving
         out the givens the model merely copies); default: every target position.
+    task : sample puzzles of this task instead of the checkpoint's (same vocabulary and layout),
+        e.g. ``SudokuChoice(size=6, blanks=20)`` for puzzles with free choices.
+    paraphrases : ``"tokens"`` (run ``"paraphrased"``: a fresh relabelling of the canvas after every
+        step) and/or ``"commits"`` (run ``"remasked"``, diffusion only: ``remask_k`` committed free
+        cells, or answer positions where the task has no free cells, remasked after every step
+        before ``remask_until`` of the run).
 
     Returns
     -------
@@ -198,10 +244,23 @@ def paraphrase_run(
     still-masked target positions per (run, measure, step): ``argmax`` (the model's own prediction,
     all examples) and ``probe`` (held-out examples), with bootstrap 95% intervals over examples.
     ``tables["solve"]``: per run, the exact-solve rate (verified against the prompt read back from the
-    final canvas), how often the output is the plain output relabelled and how often the final prompt
-    differs from the original one, with Wilson CIs; ``tables["examples"]``: the same per example.
+    final canvas), how often the output is the plain output relabelled (on puzzles with free cells:
+    the same solution picked) and how often the final prompt differs from the original one, with
+    Wilson CIs; ``tables["examples"]``: the same per example, with its free cells and remaskings.
     """
-    task = checkpoint.task
+    task = task or checkpoint.task
+    own = checkpoint.task
+    if (task.vocab.tokens, task.sequence_length, task.target_start) != (own.vocab.tokens, own.sequence_length,
+                                                                           own.target_start):
+        raise DlmprobeInputError(f"task {task!r} must share the vocabulary and canvas layout of the model's task {own!r}")
+    paraphrases = list(dict.fromkeys(paraphrases))
+    if not paraphrases or any(p not in PARAPHRASES for p in paraphrases):
+        raise DlmprobeInputError(f"paraphrases must be some of {tuple(PARAPHRASES)}, got {paraphrases}")
+    if "commits" in paraphrases and checkpoint.kind != "diffusion":
+        raise DlmprobeInputError(f"the 'commits' paraphrase needs a diffusion model (an autoregressive one commits "
+                                 f"left to right), got a {checkpoint.kind} model")
+    if not 0 < remask_until <= 1 or remask_k < 1:
+        raise DlmprobeInputError(f"expected remask_k >= 1 and 0 < remask_until <= 1, got {remask_k} and {remask_until}")
     if probe_site is not None and checkpoint.kind != "diffusion":
         raise DlmprobeInputError(f"probe_site needs a diffusion model (an autoregressive one never sees its masked "
                          f"positions), got a {checkpoint.kind} model")
@@ -212,8 +271,15 @@ def paraphrase_run(
     examples = task.sample(n, split="eval", seed=seed)
     # Fail before any sampling if the task has no paraphraser.
     task.paraphrase(examples[0].prompt, examples[0].target, random.Random(seed))
-    runs = {name: _sample(checkpoint, examples, sampler, batch_size, name == "paraphrased", seed, probe_site, label)
-            for name in tqdm(RUNS, desc="paraphrase", unit="run", disable=not progress)}
+    free = _free_positions(task, examples, label)
+    remask = None
+    if "commits" in paraphrases:
+        n_steps = (sampler or DiffusionSamplerConfig()).resolve(task.target_length)[0]
+        remask = _Remask(free["positions"], remask_k, tuple(range(max(1, int(remask_until * n_steps)))))
+    names = ["plain", *(PARAPHRASES[p] for p in paraphrases)]
+    runs = {name: _sample(checkpoint, examples, sampler, batch_size, name == "paraphrased", seed, probe_site, label,
+                          task, remask if name == "remasked" else None)
+            for name in tqdm(names, desc="paraphrase", unit="run", disable=not progress)}
     n_steps = runs["plain"].trajectory.n_steps
 
     rng = np.random.default_rng(seed)
@@ -231,12 +297,32 @@ def paraphrase_run(
                              **_rate_row(*result, rng)})
     table = pd.DataFrame(rows)
     outcomes = _outcomes(task, examples, runs)
+    outcomes["n_free"] = np.tile(free["n_free"], len(runs))
     solve = _solve_table(outcomes)
     meta = {"checkpoint": checkpoint.path.name if checkpoint.path is not None else None, "task": repr(task),
-            "kind": checkpoint.kind, "n": n, "seed": seed, "n_steps": n_steps, "probe_site": probe_site, "label": label,
+            "model_task": repr(own), "kind": checkpoint.kind, "n": n, "seed": seed, "n_steps": n_steps,
+            "probe_site": probe_site, "label": label, "paraphrases": paraphrases, "free_choices": free["choices"],
+            "remask_k": remask_k, "remask_steps": list(remask.steps) if remask is not None else [],
             "sampler": sampler.to_dict() if sampler is not None else None}
     return AnalysisResult("paraphrase", "Paraphrasing the canvas between steps", table, _figure(table),
-                          _summary(table, solve, label, checkpoint.kind), {"solve": solve, "examples": outcomes}, meta)
+                          _summary(table, solve, outcomes, meta), {"solve": solve, "examples": outcomes}, meta)
+
+
+def _free_positions(task: Task, examples: Sequence[Example], label: str | None) -> dict:
+    """Where a commit-pattern paraphrase remasks: the free cells of a task with free choices, else the
+    label's (or every target) position. ``n_free``: free cells per example (0 without free choices)."""
+    positions = np.zeros((len(examples), task.sequence_length), dtype=bool)
+    free_cells = getattr(task, "free_cells", None)
+    n_free = np.zeros(len(examples), dtype=np.int64)
+    if free_cells is not None:
+        for i, example in enumerate(examples):
+            cells = np.asarray(free_cells(example), dtype=np.int64)
+            positions[i, task.target_start + cells] = True
+            n_free[i] = len(cells)
+    else:
+        target = slice(task.target_start, task.target_start + task.target_length)
+        positions[:, target] = True if label is None else label_mask(task, examples, label).numpy()
+    return {"positions": positions, "n_free": n_free, "choices": free_cells is not None}
 
 
 def _outcomes(task: Task, examples: Sequence[Example], runs: dict[str, _Run]) -> pd.DataFrame:
@@ -254,6 +340,7 @@ def _outcomes(task: Task, examples: Sequence[Example], runs: dict[str, _Run]) ->
             "run": name, "example": np.arange(len(examples)),
             "solved": [task.verify(c[prompt_slice].tolist(), c[run.trajectory.gen_slice].tolist()) for c in final],
             "prompt_rewritten": (final[:, prompt_slice].numpy() != original_prompts).any(1),
+            "n_remasked": run.remasked,
         }))
     for frame in frames:
         frame["same_as_plain"] = (outputs[frame.run.iloc[0]] == outputs["plain"]).all(1)
@@ -268,10 +355,10 @@ def _solve_table(outcomes: pd.DataFrame) -> pd.DataFrame:
 
 def _figure(table: pd.DataFrame):
     fig, (ax,) = figure()
+    styles = {"plain": "-", "paraphrased": "--", "remasked": ":"}
     for (measure, run), group in table.groupby(["measure", "run"], sort=False):
         colour = CONDITION_COLOURS[measure]
-        ax.plot(group.step, group.rate, "-" if run == "plain" else "--", marker="o", markersize=3,
-                color=colour, label=f"{measure}, {run}")
+        ax.plot(group.step, group.rate, styles[run], marker="o", markersize=3, color=colour, label=f"{measure}, {run}")
         ax.fill_between(group.step, group.ci_low, group.ci_high, color=colour, alpha=0.15)
     ax.set(xlabel="denoising step", ylabel="final token decoded (still-masked positions)", ylim=(-0.03, 1.03),
            title="decodability with and without a paraphrase every step")
@@ -279,28 +366,61 @@ def _figure(table: pd.DataFrame):
     return fig
 
 
-def _summary(table: pd.DataFrame, solve: pd.DataFrame, label: str | None, kind: str) -> str:
+def _summary(table: pd.DataFrame, solve: pd.DataFrame, outcomes: pd.DataFrame, meta: dict) -> str:
+    label, kind = meta["label"], meta["kind"]
     where = "still-masked target positions" if label is None else f"still-masked {label} positions"
     by = solve.set_index(["run", "metric"])
-    plain, para = by.loc[("plain", "solved")], by.loc[("paraphrased", "solved")]
-    same, rewritten = by.loc[("paraphrased", "same_as_plain")], by.loc[("paraphrased", "prompt_rewritten")]
-    parts = [(
-        f"The model solves {plain.rate:.0%} (95% CI {plain.ci_low:.0%}-{plain.ci_high:.0%}) of {int(plain.n)} puzzles "
-        f"plainly and {para.rate:.0%} (95% CI {para.ci_low:.0%}-{para.ci_high:.0%}) with a fresh paraphrase of the "
-        f"canvas after every step (verified against the paraphrased prompt, rewritten by the end in "
-        f"{rewritten.rate:.0%} of puzzles); {same.rate:.0%} of the paraphrased outputs are the plain output relabelled."
-    )]
+    plain = by.loc[("plain", "solved")]
+    parts = [f"The model solves {plain.rate:.0%} (95% CI {plain.ci_low:.0%}-{plain.ci_high:.0%}) of {int(plain.n)} "
+             f"puzzles of {meta['task']} plainly."]
+    if meta["task"] != meta["model_task"]:
+        usable = "usable" if plain.rate >= 0.5 else "of limited use: too few solved runs for the test to say much"
+        parts.append(f"It was trained on {meta['model_task']}, so on these puzzles it is {usable}.")
+    if "paraphrased" in by.index.get_level_values("run"):
+        para, same = by.loc[("paraphrased", "solved")], by.loc[("paraphrased", "same_as_plain")]
+        rewritten = by.loc[("paraphrased", "prompt_rewritten")]
+        parts.append(
+            f"With a fresh relabelling of the canvas after every step it solves {para.rate:.0%} (95% CI "
+            f"{para.ci_low:.0%}-{para.ci_high:.0%}; verified against the paraphrased prompt, rewritten by the end in "
+            f"{rewritten.rate:.0%} of puzzles); {same.rate:.0%} of these outputs are the plain output relabelled.")
+    if "remasked" in by.index.get_level_values("run"):
+        remasked, same = by.loc[("remasked", "solved")], by.loc[("remasked", "same_as_plain")]
+        count = outcomes.loc[outcomes.run == "remasked", "n_remasked"]
+        cells = "free cells" if meta["free_choices"] else "answer positions"
+        parts.append(
+            f"Remasking {meta['remask_k']} committed {cells} after each of steps 0-{meta['remask_steps'][-1]} "
+            f"changes which positions commit when; it touched {(count > 0).sum()} of {len(count)} puzzles "
+            f"({count.mean():.1f} remaskings per puzzle; the others commit no such position before step "
+            f"{meta['remask_steps'][-1] + 1}); the run then solves {remasked.rate:.0%} (95% CI "
+            f"{remasked.ci_low:.0%}-{remasked.ci_high:.0%}) and gives the plain output in {same.rate:.0%}.")
     for measure, group in table.groupby("measure", sort=False):
         pooled = group.groupby("run", sort=False)[["k", "n"]].sum()
         middle = group.step.max() // 2
         at = group[group.step == middle].set_index("run").rate
-        parts.append(
-            f"The {measure} decodes the finally committed token at {where} in "
-            f"{pooled.k['plain'] / pooled.n['plain']:.0%} of rows over all steps plainly and "
-            f"{pooled.k['paraphrased'] / pooled.n['paraphrased']:.0%} with paraphrases "
-            f"(at step {middle}: {at['plain']:.0%} and {at['paraphrased']:.0%})."
-        )
+        rates = " and ".join(f"{pooled.k[r] / pooled.n[r]:.0%} ({r})" for r in pooled.index)
+        steps = " and ".join(f"{at[r]:.0%}" for r in pooled.index)
+        parts.append(f"The {measure} decodes the finally committed token at {where} in {rates} of rows over all "
+                     f"steps (at step {middle}: {steps}).")
+    parts.append(_power(outcomes, meta))
     if kind == "autoregressive":
         parts.append("An autoregressive model predicts only the position it writes, so its argmax decodes the "
                      "finally committed token by construction.")
     return " ".join(parts)
+
+
+def _power(outcomes: pd.DataFrame, meta: dict) -> str:
+    """What the runs could and could not have detected."""
+    n_free = outcomes.loc[outcomes.run == "plain", "n_free"]
+    if meta["free_choices"]:
+        choice = (f"{(n_free > 0).sum()} of {len(n_free)} puzzles have free cells (mean {n_free.mean():.1f}), where "
+                  f"a code could live in which solution a run picks: a run giving another valid solution than the "
+                  f"plain one is what such a code would show, but so would a model that is merely not exactly "
+                  f"symmetric under the paraphrase, and a remasked run can also fail by re-deciding several free "
+                  f"cells in one late step; the test bounds a code, it does not prove one.")
+    else:
+        choice = ("Every answer is forced by the prompt (no free choices), so nothing could be hidden in which "
+                  "answer is picked; relabelling tokens is a symmetry of the training data, so surviving it shows "
+                  "only that no code depends on the tokens' surface identity.")
+    if "commits" in meta["paraphrases"]:
+        return f"{choice} The remasked run tests a code in the commit order."
+    return f"{choice} The commit order was not perturbed (paraphrases=('tokens',)): a code in when positions commit is not tested."

@@ -205,7 +205,7 @@ class ProbeGrid:
     def _groups(self, data: ActivationDataset, step: int, positions: np.ndarray) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
         """The cells of one step before features: (slot, row mask (n, k)) each, and the read position (n, k)."""
         n, k = positions.shape
-        masked = data.canvas[np.arange(n)[:, None], step, positions] == data.mask_id  # (n, k)
+        masked = data.before_commit(step, np.broadcast_to(np.arange(n)[:, None], (n, k)), positions)  # (n, k)
         keep = masked if self.phase == "before_commit" else ~masked
         if self.read == "frontier":
             read_at = np.broadcast_to(frontier_positions(data, step)[:, None], (n, k))
@@ -314,8 +314,10 @@ class ProbeGrid:
         if full:
             if self.control:
                 fit.control_maps = [control_labels(layout["positions"], layout["y"], rng) for _ in range(self.control_draws)]
-            target = slice(data.target_start, data.target_start + data.output.shape[1])
-            fit.committed = 1.0 - (data.canvas[:, :, target] == data.mask_id).mean(axis=(0, 2))  # of the whole target, per step
+            target = data.target_start + np.arange(data.output.shape[1])[None, :]
+            examples = np.arange(n)[:, None]
+            fit.committed = 1.0 - np.array([data.before_commit(s, examples, target).mean()  # of the whole target, per step
+                                            for s in range(data.n_steps + 1)])
             self._prepare_readers(fit, readers)
             if self.random_baseline:
                 sources["random_weights"] = RandomWeightsFeatures(data, sites)

@@ -161,6 +161,23 @@ class ActivationDataset:
         step_index = int(_lookup(self.steps, np.array([step]), "step")[0])
         return self._file[f"activations/{site}"][: self.n_examples, step_index].astype(np.float32)
 
+    @property
+    def commit_rule(self) -> str:
+        """How ``commit_step`` was decided: ``"settle"`` for a model without a mask token (the run
+        config says so), else ``"unmask"``."""
+        return "settle" if self.config_entry("commit_rule") == "settle" else "unmask"
+
+    def before_commit(self, step: int, examples: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Whether each (example, canvas position) was not yet committed in the canvas ``step`` read.
+
+        Under the unmask rule: still the mask token in that canvas. Under the settle rule (no mask
+        token): ``step <= commit_step``. For a masked run without remasking the two agree.
+        """
+        examples, positions = np.asarray(examples), np.asarray(positions)
+        if self.commit_rule == "settle":
+            return step <= self.commit_step[examples, positions]
+        return self.canvas[examples, step, positions] == self.mask_id
+
     def position_index(self, canvas_positions: np.ndarray) -> np.ndarray:
         """Index along the stored-position axis of each canvas position (a StoreError if not stored)."""
         return _lookup(self.positions, np.asarray(canvas_positions), "position")
@@ -185,7 +202,8 @@ class ActivationDataset:
             label: the label whose positions and values to use; needs ``position="label"``.
             target: ``"label"`` for the label values (the default with ``label``) or ``"output"``
                 for the token finally committed at each row's position (the default otherwise).
-            only_masked: keep only rows whose position is still masked in the canvas at ``step``.
+            only_masked: keep only rows whose position was not yet committed at ``step``
+                (:meth:`before_commit`: still masked, or under the settle rule not yet settled).
 
         Returns ``X`` (rows, d) float32, ``y`` (rows,) int64 and ``groups`` (rows,) int64, the
         example index of each row: split by groups so no example is in train and test both.
@@ -229,8 +247,7 @@ class ActivationDataset:
             raise DlmprobeInputError(f"target must be 'label' or 'output', got {target!r}")
 
         if only_masked:
-            seen = self._file["trajectory/canvas"][:n, step]  # (n, L): the canvas the model saw
-            keep = seen[examples, canvas_positions] == self.mask_id
+            keep = self.before_commit(step, examples, canvas_positions)
             examples, position_index, y = examples[keep], position_index[keep], y[keep]
 
         activations = self._file[f"activations/{site}"]
