@@ -41,7 +41,11 @@ def clock_table(data: ActivationDataset, label: str, sites: Sequence[str] | None
     position_index = data.position_index(positions)
     rows = np.arange(n)[:, None]
     target = slice(data.target_start, data.target_start + data.output.shape[1])
-    masked_fraction = (data.canvas[:n, :, target] == data.mask_id).mean(axis=2)  # (n, canvas steps)
+    if data.commit_rule == "settle":  # no mask token: a position is open until the step it settles
+        canvas_steps = np.arange(data.canvas.shape[1])
+        masked_fraction = (canvas_steps[None, :, None] <= data.commit_step[:n, None, target]).mean(axis=2)
+    else:
+        masked_fraction = (data.canvas[:n, :, target] == data.mask_id).mean(axis=2)  # (n, canvas steps)
     fold_of = np.random.default_rng(seed).permutation(n) % folds
     records = []
     for site in sites:
