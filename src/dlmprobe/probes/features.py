@@ -95,6 +95,11 @@ class RandomWeightsFeatures:
         self._step: int | None = None
         self._activations: dict[str, np.ndarray] = {}
 
+    @property
+    def model(self) -> torch.nn.Module:
+        """The random-weights module (a TransformerLens bridge or a raw Hugging Face module)."""
+        return self.handle.module
+
     @torch.no_grad()
     def __call__(self, site: str, step: int) -> np.ndarray:
         if site not in self.sites:
