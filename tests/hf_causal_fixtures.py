@@ -2,6 +2,11 @@
 
 Both are built from their transformers configs (2 layers, width 32) with the WordLevel tokenizer of
 :mod:`hf_fixtures` minus its mask token: a causal LM has none.
+
+:func:`save_dream_from_qwen2` is the matched pair: a Dream-shaped diffusion LM whose weights start
+as a saved tiny Qwen2's, as Dream-7B's started as Qwen2.5-7B's. The two share every parameter name
+(Dream's module tree is Qwen2's); Dream's vocabulary is Qwen2's plus the mask token, whose
+embedding and unembedding rows are the only new weights.
 """
 
 from __future__ import annotations
@@ -9,10 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from hf_fixtures import HEADS, LAYERS, MLP, WIDTH, build_tokenizer
+from hf_fixtures import HEADS, LAYERS, MLP, WIDTH, build_tokenizer, save_dream
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 CAUSAL = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+WEIGHTS = "model.safetensors"
 
 
 def save_causal(folder: str | Path, arch: str, seed: int = 0) -> Path:
@@ -35,3 +42,22 @@ def save_llama(folder: str | Path, seed: int = 0) -> Path:
 
 def save_qwen2(folder: str | Path, seed: int = 0) -> Path:
     return save_causal(folder, "qwen2", seed)
+
+
+def save_dream_from_qwen2(folder: str | Path, qwen2_folder: str | Path, seed: int = 1) -> Path:
+    """A tiny Dream-shaped model in ``folder`` initialised from the tiny Qwen2 saved in ``qwen2_folder``.
+
+    Every Qwen2 weight is copied under its own name; the mask token's rows keep the fresh Dream's
+    (drawn from ``seed``). The Qwen2 must have the fixtures' shape (:func:`save_qwen2`).
+    """
+    folder = save_dream(folder, seed)
+    dream, qwen = load_file(folder / WEIGHTS), load_file(Path(qwen2_folder) / WEIGHTS)
+    if set(dream) != set(qwen):
+        raise ValueError(f"expected the Qwen2 and Dream trees to match, got {sorted(set(dream) ^ set(qwen))}")
+    for name, weight in qwen.items():
+        rows = weight.shape[0]
+        if dream[name].shape[1:] != weight.shape[1:] or dream[name].shape[0] not in (rows, rows + 1):
+            raise ValueError(f"{name}: Dream shape {tuple(dream[name].shape)} does not extend Qwen2's {tuple(weight.shape)}")
+        dream[name][:rows] = weight  # embeddings and unembedding: Dream's vocabulary is Qwen2's plus [MASK]
+    save_file(dream, folder / WEIGHTS, metadata={"format": "pt"})
+    return folder

@@ -75,7 +75,8 @@ def test_answer_slot_positions_keep_the_predicting_state(folders, tmp_path, name
     out = tmp_path / "run.h5"
     assert _cache(folders[name], out, "--template", "forced-answer", "--reasoning-length", "2", "--positions", "answer-slot") == 0
     with ActivationDataset(out) as data:
-        start = data.config["canvas"]["answer_start"] + data.config["read_offset"]
+        # the column before the slot for every model: a shifted model's predicting state, a causal LM's read-ahead point
+        start = data.config["canvas"]["answer_start"] - 1
         assert data.positions.tolist() == list(range(start, data.canvas.shape[2] - 1))
         X, y, _ = data.get(SITES[1], int(data.steps[-1]), "label", label="answer")
         assert X.shape[0] == y.shape[0] > 0

@@ -13,8 +13,10 @@ sit on the answer slot (:func:`~dlmprobe.tasks.text.encode`): their values are t
 probe classes (answer set) are stored under ``task.classes``.
 
 **Which hidden state.** A shifted model (Dream, a causal LM) predicts position ``p`` from its hidden
-state at ``p - 1`` (``read_offset`` -1, stored in the run config); ``--positions answer-slot`` then
-also keeps the column before the slot, so every answer token's predicting state is stored.
+state at ``p - 1`` (``read_offset`` -1, stored in the run config). ``--positions answer-slot`` keeps
+the column before the slot for every model: it holds every answer token's predicting state of a
+shifted model, and is the last written token from which a causal LM reads the answer ahead
+(``dlmprobe analyze compare`` reads every run there).
 
 **Causal LMs** have no mask token: unwritten positions hold the tokenizer's padding id (never
 generated, ``mask_id`` in the store), and, as for the built-in twins, one forward pass over the
@@ -206,7 +208,9 @@ def _resolve_positions(rule: str, encoded: TextCanvas, read_offset: int) -> list
     if rule in ("target", "masked"):
         return list(range(encoded.gen_start + read_offset, length - 1))
     if rule == "answer-slot":
-        return list(range(encoded.answer_start + read_offset, length - 1))
+        # The column before the slot too, whatever the model: where a causal LM reads ahead from
+        # (and a shifted model's predicting state), so runs of any two models compare there.
+        return list(range(encoded.answer_start + min(read_offset, -1), length - 1))
     raise DlmprobeInputError(f"expected --positions in {TEXT_POSITION_RULES} for a text task, got {rule!r}")
 
 

@@ -1,5 +1,12 @@
 """Small helpers every store-based analysis shares: the task, kind and run description of a store,
-intervals in words, and accuracy per difficulty stratum."""
+intervals in words, and accuracy per difficulty stratum.
+
+A store is either a built-in model's run, whose task (vocabulary, difficulty, givens) is rebuilt
+from its config (:func:`task_of`), or a Hugging Face model's run on a text task
+(:func:`is_text_run`), whose canvases hold tokenizer ids: an analysis reads its labels' positions
+and values from the store and names tokens through the stored tokenizer (:func:`token_namer`);
+what needs the built-in task (difficulty strata, sudoku's candidates) is left out for it.
+"""
 
 from __future__ import annotations
 
@@ -18,15 +25,55 @@ from dlmprobe.store import ActivationDataset
 from dlmprobe.tasks import Example, Task, get_task
 
 
+def is_text_run(data: ActivationDataset) -> bool:
+    """Whether a store is a Hugging Face model's run on a text task (tokenizer ids, not task ids)."""
+    return "text_task" in (data.config.get("task") or {})
+
+
 def task_of(data: ActivationDataset) -> Task:
-    """The task (with its options) a store was recorded on."""
+    """The built-in task (with its options) a store was recorded on; a text run has none (see :func:`builtin_task`)."""
     spec = data.config.get("task")
     if not spec:
         raise DlmprobeInputError(f"{data.path} has no task description; was it written by dlmprobe cache?")
-    if "text_task" in spec:
+    if is_text_run(data):
         raise DlmprobeInputError(f"{data.path} holds text task {spec['text_task']!r} (a Hugging Face model's run): expected a "
                                  "run of a built-in model, whose task this analysis rebuilds")
     return get_task(spec["name"], **spec.get("params", {}))
+
+
+def builtin_task(data: ActivationDataset) -> Task | None:
+    """:func:`task_of`, or None for a text run."""
+    return None if is_text_run(data) else task_of(data)
+
+
+def task_key(data: ActivationDataset) -> tuple[str, str]:
+    """What makes two runs "of one task": the task's name and options (a text task's source and options)."""
+    spec = data.config.get("task") or {}
+    if is_text_run(data):
+        return f"text:{spec['text_task']}", str(spec.get("text"))
+    return str(spec.get("name")), str(spec.get("params"))
+
+
+def task_name(data: ActivationDataset) -> str | None:
+    spec = data.config.get("task") or {}
+    return spec.get("text_task") if is_text_run(data) else spec.get("name")
+
+
+def token_namer(data: ActivationDataset) -> Callable[[int], str]:
+    """Token id -> its text: the built-in task's vocabulary, or the text run's stored tokenizer
+    (``#<id>`` for every id if that tokenizer cannot be loaded offline)."""
+    if not is_text_run(data):
+        tokens = task_of(data).vocab.tokens
+        return lambda i: tokens[i]
+    from transformers import AutoTokenizer  # slow to import; only a text run needs it
+
+    name = (data.config.get("model") or {}).get("tokenizer") or ""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True,
+                                                  trust_remote_code=bool(data.config["model"].get("trust_remote_code")))
+    except (OSError, ValueError):
+        return lambda i: f"#{i}"
+    return lambda i: tokenizer.convert_ids_to_tokens(int(i))
 
 
 def kind_of(data: ActivationDataset) -> str:
@@ -50,7 +97,8 @@ def describe_run(data: ActivationDataset) -> dict[str, Any]:
     """What a store holds, for an analysis's ``meta``."""
     return {
         "path": str(data.path), "model": data.config.get("model", {}).get("name"), "kind": kind_of(data),
-        "task": data.config.get("task", {}).get("name"), "task_params": data.config.get("task", {}).get("params"),
+        "task": task_name(data), "task_params": (data.config.get("task", {}).get("text") or {}).get("params")
+        if is_text_run(data) else data.config.get("task", {}).get("params"),
         "sampler": data.config.get("sampler"), "n_examples": data.n_examples, "n_steps": data.n_steps,
         "solve_rate": float(np.mean(data.solved)),
     }
@@ -119,9 +167,10 @@ def points(value: float, low: float, high: float) -> str:
 
 def difficulty_of(data: ActivationDataset) -> tuple[np.ndarray, Callable[[int], str]] | None:
     """Every target position's difficulty from the prompt alone, (examples, target_length), and
-    the task's namer of its values; None if the store names no task or the task defines none."""
+    the task's namer of its values; None if the store names no built-in task (a text run's prompts
+    are tokenizer ids) or the task defines none."""
     spec = data.config.get("task") or {}
-    if "name" not in spec:
+    if "name" not in spec or is_text_run(data):
         return None
     task = task_of(data)
     try:

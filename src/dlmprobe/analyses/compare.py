@@ -10,6 +10,16 @@ cell trained on as many rows as the smallest run has there (a random subset of t
 each run, on its rows: the model's own argmax at the probed position, the logit lens at the read
 position, and the input-only baselines.
 
+**Text runs** (Hugging Face models on one text task, ``--positions answer-slot``): every run is
+read at the token before its answer slot (the last token of the template's fixed text, e.g. "The
+answer is"), one probe per distance into the slot. A causal LM is read there at the step at which
+it writes the slot's first token: that token is then its last written one, as in Future Lens. A
+diffusion LM is read at the same position at every stored step (the slot still masked), and each
+(step, distance) cell is capped at the fewest rows any other run has at that distance. Beside each
+probe: the run's own argmax and its logit lens. The table ``runs`` gives every model's task
+accuracy and whether the models share an initialisation (``shared_init``: Dream-7B was initialised
+from Qwen2.5-7B, so a difference between them is what diffusion training changed).
+
 A diffusion model can also be read at the still-masked position itself (``read="own"``), reported
 apart: that reads a different position than the twin, so it compares models and read positions at
 once. The diffusion model decoded in forced left-to-right order (block length 1), or in random
@@ -33,8 +43,11 @@ from dlmprobe.analyses.common import (
     deepest_site,
     default_label,
     describe_run,
+    is_text_run,
     kind_of,
     percent,
+    task_key,
+    wilson_rate,
     with_interval,
 )
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
@@ -49,12 +62,72 @@ from dlmprobe.store import ActivationDataset
 ROW_COLUMNS = ("example", "slot", "position")
 
 
+def slot_read(data: ActivationDataset) -> int | None:
+    """A text run's like-for-like read position: the canvas column before its answer slot."""
+    return int(data.config["canvas"]["answer_start"]) - 1 if is_text_run(data) else None
+
+
 def reads_of(data: ActivationDataset) -> list[str]:
-    """The reads a run supports: ``own`` for a diffusion model, ``frontier`` where ``<sep>`` is stored."""
+    """The reads a run supports: ``own`` for a diffusion model; ``frontier`` where ``<sep>`` is stored
+    (a text run: the column before its answer slot, :func:`slot_read`)."""
     reads = ["own"] if kind_of(data) == "diffusion" else []
-    if data.target_start - 1 in set(data.positions.tolist()):
+    read = slot_read(data) if is_text_run(data) else data.target_start - 1
+    if read in set(data.positions.tolist()):
         reads.append("frontier")
     return reads
+
+
+def _single_class(data: ActivationDataset, label: str, target: str) -> bool:
+    slots, values = data.label(label)
+    y = values if target == "truth" else data.canvas[np.arange(len(slots))[:, None], -1, data.target_start + slots]
+    return len(np.unique(y)) < 2
+
+
+def _frontier_grids(runs: Mapping[str, ActivationDataset], target: str, steps: Sequence[int] | None,
+                    settings: dict) -> dict[str, ProbeGrid]:
+    """One per-distance grid per like-for-like run, every cell capped at the rows the others have."""
+    text = all(is_text_run(d) for d in runs.values())
+    if not text and any(is_text_run(d) for d in runs.values()):
+        raise DlmprobeInputError("compare expects runs of one kind: all of built-in models or all of Hugging Face models on a text task")
+    if not text:
+        # From the last written token one probe per distance ahead: one feature vector cannot
+        # name the tokens of several positions at once. Every cell capped at the smallest run's rows.
+        grids = {name: ProbeGrid(target=target, read="frontier", per_distance=True, steps=steps, **settings) for name in runs}
+        counts = {name: grid.row_counts(runs[name]) for name, grid in grids.items()}
+        keys = set().union(*counts.values())
+        for grid in grids.values():
+            grid.max_rows = {key: min(c.get(key, 0) for c in counts.values()) for key in keys}
+        return grids
+    grids = {}
+    for name, data in runs.items():
+        run_steps = steps
+        if kind_of(data) == "autoregressive":
+            # The step that writes the slot's first token: the column before it is the last written one.
+            run_steps = [slot_read(data) + 1 - int(data.config["canvas"]["gen_start"])]
+            if run_steps[0] not in data.steps:
+                raise DlmprobeInputError(f"run {name!r} does not store step {run_steps[0]}, at which it writes the answer slot")
+        grids[name] = ProbeGrid(target=target, read=slot_read(data), per_distance=True, steps=run_steps, **settings)
+    counts = {name: grid.row_counts(runs[name]) for name, grid in grids.items()}
+    most = {name: {} for name in counts}  # run -> distance -> its most rows at any step
+    for name, c in counts.items():
+        for (_, distance), n in c.items():
+            most[name][distance] = max(most[name].get(distance, 0), n)
+    for name, grid in grids.items():
+        grid.max_rows = {(step, distance): min([n] + [most[o].get(distance, 0) for o in counts if o != name])
+                         for (step, distance), n in counts[name].items()}
+    return grids
+
+
+def runs_table(runs: Mapping[str, ActivationDataset], shared_init: bool | None) -> pd.DataFrame:
+    """Every run's model, kind and task accuracy (examples whose answer label is right, Wilson 95%)."""
+    records = []
+    for name, data in runs.items():
+        solved = np.asarray(data.solved, dtype=bool)
+        rate = wilson_rate(int(solved.sum()), len(solved))
+        records.append({"run": name, "model": data.config.get("model", {}).get("name"), "kind": kind_of(data),
+                        "task_accuracy": rate["rate"], "task_accuracy_ci_low": rate["ci_low"],
+                        "task_accuracy_ci_high": rate["ci_high"], "n_examples": rate["n"], "shared_init": shared_init})
+    return pd.DataFrame(records)
 
 
 def compare_runs(
@@ -67,6 +140,7 @@ def compare_runs(
     progress: bool = True,
     targets: Sequence[str] = ("output", "truth"),
     readers: Mapping[str, ModelReaders] | None = None,
+    shared_init: bool | None = None,
 ) -> AnalysisResult:
     """Before-commit probe accuracy of every run, like for like at the last written token, then at own positions.
 
@@ -77,11 +151,13 @@ def compare_runs(
         sites: sites probed (default: those every run stores); steps: a subset of the stored steps
             (each run must store them).
         targets: the label definitions read like for like (``output``, ``truth``).
-        readers: per run name, the model's read-out and embeddings (default: each store's built-in model).
+        readers: per run name, the model's read-out and embeddings (default: each store's model).
+        shared_init: whether the models share an initialisation (a matched pair such as Dream-7B
+            and Qwen2.5-7B); None: not stated. Recorded in ``meta``, the ``runs`` table and the summary.
     """
     if not runs:
         raise DlmprobeInputError("compare_runs needs at least one run")
-    tasks = {name: (d.config.get("task", {}).get("name"), str(d.config.get("task", {}).get("params"))) for name, d in runs.items()}
+    tasks = {name: task_key(d) for name, d in runs.items()}
     if len(set(tasks.values())) > 1:
         raise DlmprobeInputError(f"runs must be of one task with the same options, got {tasks}")
     if not targets or set(targets) - {"output", "truth"}:
@@ -94,29 +170,31 @@ def compare_runs(
         raise DlmprobeInputError(f"the runs share no site: {[d.sites for d in runs.values()]}")
     for name, data in runs.items():
         if not reads_of(data):
-            raise DlmprobeInputError(f"run {name!r} ({data.path.name}) is autoregressive but does not store the <sep> "
-                                     f"position; record it with positions='sep+target'")
+            where = ("the column before its answer slot; record it with --positions answer-slot" if is_text_run(data)
+                     else "the <sep> position; record it with positions='sep+target'")
+            raise DlmprobeInputError(f"run {name!r} ({data.path.name}) is autoregressive but does not store {where}")
     readers = readers or {}
     # The prompt one-hot is left out: as wide as prompt x vocabulary, it is the costliest baseline
     # to fit per (step, distance) cell (4x the probes' time on sudoku); decodability fits it per step.
-    settings = {"label": label, "sites": sites, "steps": steps, "folds": folds, "bootstrap": bootstrap,
+    settings = {"label": label, "sites": sites, "folds": folds, "bootstrap": bootstrap,
                 "control": False, "random_baseline": False, "baselines": ("position", "embedding", "givens")}
     frontier = {name: data for name, data in runs.items() if "frontier" in reads_of(data)}
-    rows, cells, notes = [], [], {}
+    rows, cells, notes, skipped = [], [], {}, []
     for target in targets:
-        # From the last written token one probe per distance ahead: one feature vector cannot
-        # name the tokens of several positions at once. Every cell capped at the smallest run's rows.
-        grids = {name: ProbeGrid(target=target, read="frontier", per_distance=True, **settings) for name in frontier}
-        counts = {name: grid.row_counts(frontier[name]) for name, grid in grids.items()}
-        keys = set().union(*counts.values())
-        limits = {key: min(c.get(key, 0) for c in counts.values()) for key in keys}
-        for name, grid in grids.items():
-            grid.max_rows = limits
+        if any(_single_class(data, label, target) for data in frontier.values()):
+            skipped.append(f"`{label}` ({target}) read like for like: one run has a single class there")
+            continue
+        for name, grid in _frontier_grids(frontier, target, steps, settings).items():
             rows.append(_run_rows(grid, frontier[name], name, progress, readers.get(name), cells, notes))
     for name, data in runs.items():
         if "own" in reads_of(data):
-            rows.append(_run_rows(ProbeGrid(target="output", read="own", **settings), data, name, progress,
+            if _single_class(data, label, "output"):
+                skipped.append(f"`{name}` at its own positions: it commits a single class there")
+                continue
+            rows.append(_run_rows(ProbeGrid(target="output", read="own", steps=steps, **settings), data, name, progress,
                                   readers.get(name), cells, notes))
+    if not rows:
+        raise DlmprobeInputError(f"nothing to compare: {'; '.join(skipped)}")
     rows = pd.concat(rows, ignore_index=True)
     committed = pd.concat(cells, ignore_index=True).drop_duplicates(["run", "step"]).set_index(["run", "step"])["committed_fraction"]
     rng = np.random.default_rng(0)
@@ -127,13 +205,32 @@ def compare_runs(
     table["like_for_like"] = table["read"] == "frontier"
     ahead = rows[rows["read"] == "frontier"]
     by_distance = _pool(ahead, ["run", "target", "site", "layer", "distance"], bootstrap, rng) if len(ahead) else pd.DataFrame()
+    models = runs_table(runs, shared_init)
+    tables = {"by_distance": by_distance} if len(by_distance) else {}
+    if any(is_text_run(d) for d in runs.values()):
+        tables["runs"] = models
+    summary = _summary(rows, table, runs, label, bootstrap, notes) + _models_summary(models, shared_init, skipped)
     return AnalysisResult(
         name="compare", title=f"Diffusion vs autoregressive: decoding `{label}` before it is written, like for like",
-        table=table, figure=_plot(table, by_distance), summary=_summary(rows, table, runs, label, bootstrap, notes),
-        tables={"by_distance": by_distance} if len(by_distance) else {},
+        table=table, figure=_plot(table, by_distance), summary=summary, tables=tables,
         meta={"runs": {name: describe_run(d) for name, d in runs.items()}, "label": label, "sites": sites,
-              "like_for_like_runs": list(frontier), "targets": list(targets), "readers_left_out": notes},
+              "like_for_like_runs": list(frontier), "targets": list(targets), "readers_left_out": notes,
+              "shared_init": shared_init, "left_out": skipped},
     )
+
+
+def _models_summary(models: pd.DataFrame, shared_init: bool | None, skipped: list[str]) -> str:
+    text = "\n\nTask accuracy (the answer label right, 95% CI): " + "; ".join(
+        f"`{r['run']}` ({r['model']}, {r['kind']}) {with_interval(r['task_accuracy'], r['task_accuracy_ci_low'], r['task_accuracy_ci_high'])}"
+        f" of {r['n_examples']} examples" for _, r in models.iterrows()) + "."
+    if shared_init is not None:
+        text += (" The models share an initialisation (a matched pair): a difference between them is what the other "
+                 "training changed." if shared_init else " The models do not share an initialisation.")
+    else:
+        text += " Whether the models share an initialisation is not stated (`--shared-init` / `--no-shared-init`)."
+    if skipped:
+        text += " Left out: " + "; ".join(skipped) + "."
+    return text
 
 
 def _run_rows(grid: ProbeGrid, data: ActivationDataset, name: str, progress: bool, readers: ModelReaders | None,
@@ -145,7 +242,8 @@ def _run_rows(grid: ProbeGrid, data: ActivationDataset, name: str, progress: boo
         notes[name] = grid.readers_note_
     slot = "distance" if grid.per_distance else "slot"
     parts = [frame.assign(site=site, step=step, **{slot: value}) for (site, step, value), frame in grid.rows_.items()]
-    out = pd.concat(parts, ignore_index=True).assign(run=name, kind=kind_of(data), read=str(grid.read), target=grid.target)
+    read = "frontier" if isinstance(grid.read, int) else str(grid.read)  # a text run's column before its answer slot
+    out = pd.concat(parts, ignore_index=True).assign(run=name, kind=kind_of(data), read=read, target=grid.target)
     out["layer"] = [-1 if layer_of(s) is None else layer_of(s) for s in out["site"]]
     return out
 
@@ -218,9 +316,15 @@ def _summary(rows: pd.DataFrame, table: pd.DataFrame, runs: Mapping[str, Activat
     if len(ahead):
         site = deepest_site(ahead["site"])
         at = ahead[ahead["site"] == site]
-        text += (f"\n\n**Like for like** ({', '.join(f'`{r}`' for r in at['run'].unique())}): every run read at "
-                 f"its last written token at {site}, decoding the same positions ahead, every (step, distance) "
-                 f"cell trained on as many rows as the smallest run has there; 95% intervals over examples.")
+        if all(is_text_run(d) for d in runs.values()):
+            how = ("at the token before its answer slot (a causal LM at the step it writes the slot's first token, "
+                   "a diffusion LM at every stored step), decoding the same slot positions ahead, every (step, "
+                   "distance) cell trained on at most as many rows as any other run has at that distance")
+        else:
+            how = ("at its last written token, decoding the same positions ahead, every (step, distance) cell "
+                   "trained on as many rows as the smallest run has there")
+        text += (f"\n\n**Like for like** ({', '.join(f'`{r}`' for r in at['run'].unique())}) at {site}: every run "
+                 f"read {how}; 95% intervals over examples.")
         text += (" Beside each probe: the run's own argmax at the probed position at that step (an autoregressive "
                  "model predicts only the next position, so further ahead it has none and counts as wrong) and the "
                  "strongest input-only baseline on the same rows.")
@@ -242,8 +346,9 @@ def _summary(rows: pd.DataFrame, table: pd.DataFrame, runs: Mapping[str, Activat
                     for run, r in pooled.iterrows()) + "."
     missing = [name for name, d in runs.items() if "frontier" not in reads_of(d)]
     if missing:
-        text += (f"\n\nNot read like for like (the store lacks the `<sep>` position; record it with "
-                 f"positions='sep+target'): {', '.join(f'`{m}`' for m in missing)}.")
+        text += (f"\n\nNot read like for like (the store lacks the `<sep>` position or, for a text run, the column "
+                 f"before its answer slot; record it with positions='sep+target' or answer-slot): "
+                 f"{', '.join(f'`{m}`' for m in missing)}.")
     own = table[table["read"] == "own"]
     if len(own):
         parts = []

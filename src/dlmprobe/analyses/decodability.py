@@ -192,7 +192,7 @@ def _strata_sentence(strata: pd.DataFrame | None, first: pd.Series) -> str:
     readers = [r for r in ("probe", "readout", best) if r in set(cell["reader"])]
     names = {"probe": "probe", "readout": "model's argmax", best: f"strongest baseline ({first.get('strongest_baseline')})"}
     parts = []
-    for (stratum, name), group in cell.groupby(["stratum", "stratum_name"], sort=True):
+    for (_stratum, name), group in cell.groupby(["stratum", "stratum_name"], sort=True):
         by = group.set_index("reader")
         parts.append(f"{name} ({int(by['n_rows'].iloc[0])} positions of {int(by['n_examples'].iloc[0])} examples): " + ", ".join(
             f"{names.get(r, r)} {with_interval(by.loc[r, 'accuracy'], by.loc[r, 'ci_low'], by.loc[r, 'ci_high'])}"

@@ -85,7 +85,9 @@ def planning_lead(
     correct = {"probe": probe.transpose(0, 2, 1) == final[:, :, None], "argmax": argmax == final[:, :, None]}
     readers = readers if readers is not None else store_readers(data)
     if readers.readout is not None:
-        lens = np.stack([readers.readout.predict(data.activations(site, int(s))[rows, data.position_index(positions)]
+        # A shifted model (Dream) predicts a position from the hidden state before it.
+        read_at = data.position_index(positions + int(data.config.get("read_offset", 0)))
+        lens = np.stack([readers.readout.predict(data.activations(site, int(s))[rows, read_at]
                                                  .reshape(n * k, -1), exclude=[data.mask_id]).reshape(n, k)
                          for s in stored], axis=2)  # (n, k, stored steps)
         correct["lens"] = lens == final[:, :, None]

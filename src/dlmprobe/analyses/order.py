@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from dlmprobe.analyses.common import default_label, describe_run, percent, task_of
+from dlmprobe.analyses.common import builtin_task, default_label, describe_run, percent
 from dlmprobe.analyses.plotting import figure
 from dlmprobe.analyses.result import AnalysisResult
 from dlmprobe.store import ActivationDataset
@@ -70,9 +70,10 @@ def commit_order(data: ActivationDataset, answer: str | None = None, reasoning: 
 
 
 def _sudoku_candidates(data: ActivationDataset) -> pd.DataFrame | None:
-    """Per blank cell of every puzzle: candidates at the start and commit step (sudoku only)."""
-    task = task_of(data)
-    if not hasattr(task, "candidates") or "blank" not in data.label_names:
+    """Per blank cell of every puzzle: candidates at the start and commit step (a built-in sudoku run only:
+    a text run's prompt is tokenizer ids)."""
+    task = builtin_task(data)
+    if task is None or not hasattr(task, "candidates") or "blank" not in data.label_names:
         return None
     slots, _ = data.label("blank")
     rows = []

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from dlmprobe.analyses.common import describe_run, task_of
+from dlmprobe.analyses.common import describe_run, is_text_run, task_of, token_namer
 from dlmprobe.analyses.plotting import figure
 from dlmprobe.analyses.result import AnalysisResult
 from dlmprobe.errors import DlmprobeInputError
@@ -33,8 +33,7 @@ def trajectory_view(data: ActivationDataset, example: int = 0, probe: np.ndarray
     """
     if not 0 <= example < data.n_examples:
         raise DlmprobeInputError(f"example must be in [0, {data.n_examples}), got {example}")
-    task = task_of(data)
-    vocab = task.vocab
+    name = token_namer(data)
     length = data.output.shape[1]
     target = slice(data.target_start, data.target_start + length)
     canvas = data.canvas[example, :, target]  # (n_steps + 1, length)
@@ -50,30 +49,32 @@ def trajectory_view(data: ActivationDataset, example: int = 0, probe: np.ndarray
         for pos in range(length):
             masked = canvas[step, pos] == data.mask_id
             records.append({
-                "step": step, "position": pos, "masked": bool(masked), "final": vocab.tokens[final[pos]],
+                "step": step, "position": pos, "masked": bool(masked), "final": name(final[pos]),
                 "commit_step": int(commit[pos]),
-                "argmax": vocab.tokens[prediction[step, pos]] if prediction[step, pos] >= 0 else None,
+                "argmax": name(prediction[step, pos]) if prediction[step, pos] >= 0 else None,
                 "confidence": confidence[step, pos],
                 "argmax_is_final": bool(prediction[step, pos] == final[pos]),
-                **({probe_name: vocab.tokens[probe[step, pos]] if probe[step, pos] >= 0 else None} if probe is not None else {}),
+                **({probe_name: name(probe[step, pos]) if probe[step, pos] >= 0 else None} if probe is not None else {}),
             })
     table = pd.DataFrame(records)
-    fig = _plot(canvas, prediction, commit, final, probe, vocab, data.mask_id, n_steps, length)
-    prompt = data.prompt[example].tolist()
+    fig = _plot(canvas, prediction, commit, final, probe, name, data.mask_id, n_steps, length)
+    if is_text_run(data):
+        shown = "Generated region (tokens, fixed template text included):\n\n```\n" + " ".join(map(name, final)) + "\n```"
+    else:
+        shown = f"Puzzle:\n\n```\n{task_of(data).render(data.prompt[example].tolist(), final.tolist())}\n```"
     # Only pairs where the model made a prediction (an autoregressive model predicts one position a step).
     masked_guess = table[table["masked"] & table["argmax"].notna()]
     summary = (
         f"Example {example} ({'solved' if data.solved[example] else 'not solved'}): {length} target positions over "
         f"{n_steps} steps. While a position is still masked, the model's argmax already equals the token finally "
         f"committed there in {100 * masked_guess['argmax_is_final'].mean():.0f}% of the {len(masked_guess)} "
-        f"(step, masked position) pairs with a prediction. "
-        f"Puzzle:\n\n```\n{task.render(prompt, final.tolist())}\n```"
+        f"(step, masked position) pairs with a prediction. " + shown
     )
     return AnalysisResult("trajectory", f"Trajectory of example {example}", table, fig, summary,
                           meta={"run": describe_run(data), "example": example})
 
 
-def _plot(canvas, prediction, commit, final, probe, vocab, mask_id, n_steps, length):
+def _plot(canvas, prediction, commit, final, probe, name, mask_id, n_steps, length):
     cell = 0.32
     fig, (axis,) = figure(width=max(6.0, n_steps * cell + 2), height=max(3.0, length * cell * 0.75 + 1.2))
     committed = canvas[:n_steps] != mask_id  # state seen by each step's forward pass
@@ -84,13 +85,13 @@ def _plot(canvas, prediction, commit, final, probe, vocab, mask_id, n_steps, len
     for step in range(n_steps):
         for pos in range(length):
             if committed[step, pos]:
-                axis.text(step, pos, vocab.tokens[canvas[step, pos]], ha="center", va="center", fontsize=fontsize,
+                axis.text(step, pos, name(canvas[step, pos]), ha="center", va="center", fontsize=fontsize,
                           color="white")
             else:
                 guess = prediction[step, pos]
-                text = vocab.tokens[guess] if guess >= 0 else ""
+                text = name(guess) if guess >= 0 else ""
                 if probe is not None and probe[step, pos] >= 0:
-                    text += "|" + vocab.tokens[probe[step, pos]]
+                    text += "|" + name(probe[step, pos])
                 right = guess == final[pos]
                 axis.text(step, pos, text, ha="center", va="center", fontsize=fontsize * 0.9, style="italic",
                           color="#2a7f2a" if right else "#b22222")

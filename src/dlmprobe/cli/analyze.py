@@ -14,8 +14,6 @@ from dlmprobe.errors import DlmprobeInputError
 OpenStore = Callable[[str], object]  # a path -> an open ActivationDataset, closed after the analysis
 
 
-
-
 def _decodability(args: argparse.Namespace, store: OpenStore):
     from dlmprobe.analyses import decodability
 
@@ -38,7 +36,7 @@ def _compare(args: argparse.Namespace, store: OpenStore):
     if repeated:
         raise DlmprobeInputError(f"compare expects one file per run name, got {repeated[0]!r} twice")
     runs = {name: store(path) for name, path in args.runs}
-    return compare_runs(runs, label=args.label, sites=args.sites, progress=not args.quiet)
+    return compare_runs(runs, label=args.label, sites=args.sites, progress=not args.quiet, shared_init=args.shared_init)
 
 
 def _order(args: argparse.Namespace, store: OpenStore):
@@ -127,6 +125,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     q.add_argument("runs", nargs="+", type=common.named_run,
                    help="NAME=FILE.h5, e.g. diffusion=d.h5 autoregressive=ar.h5")
     q.add_argument("--label")
+    q.add_argument("--shared-init", action=argparse.BooleanOptionalAction, default=None,
+                   help="the models share an initialisation (a matched pair, e.g. Dream-7B from Qwen2.5-7B); "
+                        "recorded in the result (default: not stated)")
     q.add_argument("--sites", nargs="+", help="subset of the stored sites")
     q.set_defaults(run=_compare)
 

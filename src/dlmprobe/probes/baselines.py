@@ -157,7 +157,9 @@ class InputFeatures:
         if embedding is None and "embedding" in names:
             self.notes.append("no embedding baseline: no model embedding given")
         if task is None and "givens" in names:
-            self.notes.append("no givens baseline: the store names no task")
+            text = (data.config.get("task") or {}).get("text_task")
+            self.notes.append(f"no givens baseline: text task {text!r} holds tokenizer ids, not the task's" if text
+                              else "no givens baseline: the store names no task")
         if task is not None and "givens" in names:
             try:
                 self.givens = np.stack([task.givens_features(Example(tuple(p.tolist()), tuple(t.tolist())))
@@ -188,7 +190,9 @@ def input_baselines(data: ActivationDataset, rows: pd.DataFrame, task: Task | No
 
 
 def store_task(data: ActivationDataset) -> Task | None:
-    """The task a store was recorded on, or None if it names none (a hand-built store)."""
+    """The built-in task a store was recorded on, or None if it names none: a hand-built store, or a
+    Hugging Face model's run on a text task (``task.text_task``), whose prompts are the tokenizer's
+    ids, not the task's, so no task feature (``givens``) can be read from them."""
     spec = data.config.get("task") or {}
     return get_task(spec["name"], **spec.get("params", {})) if "name" in spec else None
 

@@ -13,7 +13,7 @@ with what the model itself says at the same rows:
 Both leave out the mask token, as the sampler does. Rows are those of
 :func:`dlmprobe.probes.baselines.label_rows`. A :class:`~dlmprobe.probes.ProbeGrid` puts both beside
 every probe, on the probe's own rows and features, with :class:`ModelReaders` from
-:func:`readers_of` (a model) or :func:`store_readers` (the built-in model a store names).
+:func:`readers_of` (a model) or :func:`store_readers` (the model a store names, built-in or Hugging Face).
 
 Example:
     >>> readout = readout_of(from_checkpoint(load_model("sudoku-diffusion")))
@@ -35,6 +35,7 @@ from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.hooks import layer_of
 from dlmprobe.models import ModelHandle, from_checkpoint, load_model
 from dlmprobe.probes.baselines import label_rows
+from dlmprobe.probes.features import is_hf_store, store_handle
 from dlmprobe.store import ActivationDataset
 
 NormKind = Literal["layernorm", "rmsnorm", "none"]
@@ -99,18 +100,7 @@ def _array(tensor: torch.Tensor | None) -> np.ndarray | None:
     return None if tensor is None else tensor.detach().float().cpu().numpy().astype(np.float64)
 
 
-def readout_of(handle: ModelHandle) -> Readout:
-    """The final norm and unembedding of a TransformerLens-backed model (built-in models, LLaDA, Dream, ...)."""
-    module = handle.module
-    if handle.backend != "transformer_lens" or not (hasattr(module, "ln_final") and hasattr(module, "unembed")):
-        raise DlmprobeInputError(
-            f"the logit lens reads a TransformerLens model's ln_final and unembed; got {handle.backend} model "
-            f"{handle.name!r}: build a Readout from its final norm and unembedding by hand"
-        )
-    norm, unembed = _inner(module.ln_final), _inner(module.unembed)
-    if not isinstance(unembed, torch.nn.Linear):
-        raise DlmprobeInputError(f"expected a linear unembedding, got {type(unembed).__name__}")
-    W_U, b_U = _array(unembed.weight).T, _array(unembed.bias)
+def _norm_readout(norm: torch.nn.Module, W_U: np.ndarray, b_U: np.ndarray | None) -> Readout:
     if isinstance(norm, torch.nn.LayerNorm):
         return Readout(W_U, b_U, "layernorm", _array(norm.weight), _array(norm.bias), float(norm.eps))
     if "rms" in type(norm).__name__.lower():
@@ -119,6 +109,39 @@ def readout_of(handle: ModelHandle) -> Readout:
             raise DlmprobeInputError(f"cannot find the epsilon of final norm {type(norm).__name__}")
         return Readout(W_U, b_U, "rmsnorm", _array(getattr(norm, "weight", None)), None, float(eps))
     raise DlmprobeInputError(f"expected a LayerNorm or RMSNorm final norm, got {type(norm).__name__}")
+
+
+def _hf_final_norm(handle: ModelHandle) -> torch.nn.Module:
+    """The final norm of a raw Hugging Face decoder: ``<base>.norm`` beside its ``<base>.layers``."""
+    base = handle.layer_paths[0].rsplit(".", 2)[0] if handle.layer_paths else ""
+    for name in ("norm", "final_layernorm", "ln_f"):
+        try:
+            return handle.module.get_submodule(f"{base}.{name}" if base else name)
+        except AttributeError:
+            continue
+    raise DlmprobeInputError(f"cannot find the final norm of {handle.name!r} beside {base}.layers")
+
+
+def readout_of(handle: ModelHandle) -> Readout:
+    """The final norm and unembedding of a model: a TransformerLens one (built-in models, LLaDA, Dream,
+    ...) or a raw Hugging Face one whose logits are ``lm_head(norm(last block))`` (Llama, Qwen2, ...)."""
+    module = handle.module
+    if handle.backend == "nnsight":
+        lm_head = getattr(module, "lm_head", None)
+        if not isinstance(lm_head, torch.nn.Linear):
+            raise DlmprobeInputError(
+                f"the logit lens reads a final norm then a linear lm_head; {type(module).__name__} ({handle.name!r}) "
+                f"has none (a masked LM's prediction head sits between them): build a Readout by hand")
+        return _norm_readout(_hf_final_norm(handle), _array(lm_head.weight).T, _array(lm_head.bias))
+    if not (hasattr(module, "ln_final") and hasattr(module, "unembed")):
+        raise DlmprobeInputError(
+            f"the logit lens reads a TransformerLens model's ln_final and unembed; model {handle.name!r} has neither: "
+            f"build a Readout from its final norm and unembedding by hand"
+        )
+    norm, unembed = _inner(module.ln_final), _inner(module.unembed)
+    if not isinstance(unembed, torch.nn.Linear):
+        raise DlmprobeInputError(f"expected a linear unembedding, got {type(unembed).__name__}")
+    return _norm_readout(norm, _array(unembed.weight).T, _array(unembed.bias))
 
 
 @dataclass(frozen=True)
@@ -142,6 +165,8 @@ def readers_of(handle: ModelHandle) -> ModelReaders:
         readout = None
         notes.append(f"no logit lens: {err}")
     embed, pos = getattr(handle.module, "embed", None), getattr(handle.module, "pos_embed", None)
+    if embed is None and handle.backend == "nnsight":
+        embed = handle.module.get_input_embeddings()
     weight = getattr(_inner(embed), "weight", None) if embed is not None else None
     if weight is None:
         notes.append(f"no embedding baseline: model {handle.name!r} has no embed.weight")
@@ -149,14 +174,21 @@ def readers_of(handle: ModelHandle) -> ModelReaders:
     return ModelReaders(readout, _array(weight), _array(position), "; ".join(notes))
 
 
-def store_readers(data: ActivationDataset) -> ModelReaders:
-    """The readers of the built-in model a store was recorded from, loaded by the name it stored.
+def store_readers(data: ActivationDataset, handle: ModelHandle | None = None) -> ModelReaders:
+    """The readers of the model a store was recorded from, loaded by the name it stored.
 
-    Only a checkpoint whose weights match the store's recorded sha256 is used; otherwise (a Hugging
-    Face model, a moved or retrained checkpoint, a hand-built store) the readers are empty and
-    ``note`` says why: pass :func:`readers_of` of the right model instead.
+    A built-in checkpoint is used only if its weights match the store's recorded sha256; a Hugging
+    Face model is loaded as the store recorded it (:func:`~dlmprobe.probes.features.store_handle`;
+    ``handle``, if given, instead). Otherwise (a moved or retrained checkpoint, a model that no
+    longer loads, a hand-built store) the readers are empty and ``note`` says why: pass
+    :func:`readers_of` of the right model instead.
     """
     model = data.config.get("model") or {}
+    if handle is not None or is_hf_store(data):
+        try:
+            return readers_of(handle or store_handle(data))
+        except DlmprobeInputError as err:
+            return ModelReaders(note=f"no logit lens or embedding baseline: cannot load model {model.get('name')!r} ({err})")
     name, recorded = model.get("name"), model.get("weights_sha256")
     if not name or not model.get("config"):
         return ModelReaders(note=f"no logit lens or embedding baseline: {data.path.name} names no built-in model")

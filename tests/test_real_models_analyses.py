@@ -1,0 +1,143 @@
+"""Analyses on Hugging Face runs: tiny LLaDA, Dream and Qwen2 on a text task, end to end through the CLI.
+
+The stores are sampled at temperature 1 so that the random-weight models commit more than one
+token class (a probe needs two). The matched pair is a tiny Dream initialised from the tiny
+Qwen2's weights (:func:`hf_causal_fixtures.save_dream_from_qwen2`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hf_causal_fixtures import WEIGHTS, save_dream_from_qwen2, save_qwen2
+from hf_fixtures import save_dream, save_llada
+from safetensors.torch import load_file
+
+from dlmprobe.analyses.result import load_result
+from dlmprobe.cli import main
+from dlmprobe.models.huggingface import load_hf_model
+from dlmprobe.probes.features import RandomWeightsFeatures, padding_mask
+from dlmprobe.probes.lens import readout_of, store_readers
+from dlmprobe.store import ActivationDataset
+
+SITES = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    qwen2 = save_qwen2(root / "qwen2")
+    folders = {"llada": save_llada(root / "llada"), "dream": save_dream(root / "dream"), "qwen2": qwen2,
+               "dream_from_qwen2": save_dream_from_qwen2(root / "dream_from_qwen2", qwen2)}
+    stores = {}
+    for name, folder in folders.items():
+        stores[name] = root / f"{name}.h5"
+        code = main(["cache", "--model", str(folder), "--trust-remote-code", "--task", "arith", "--task-param", "n_ops=2",
+                     "--n", "30", "--quiet", "--template", "forced-answer", "--reasoning-length", "2",
+                     "--positions", "answer-slot", "--temperature", "1", "--out", str(stores[name])])
+        assert code == 0
+    return folders, stores
+
+
+def _analyze(out, *argv):
+    assert main(["analyze", "--quiet", "--out", str(out), *argv]) == 0
+
+
+def test_matched_pair_fixture_starts_from_the_causal_lm(runs):
+    folders, _ = runs
+    qwen, dream = load_file(folders["qwen2"] / WEIGHTS), load_file(folders["dream_from_qwen2"] / WEIGHTS)
+    assert set(qwen) == set(dream)
+    for name, weight in qwen.items():
+        assert torch.equal(dream[name][: weight.shape[0]], weight), name
+    assert dream["model.embed_tokens.weight"].shape[0] == qwen["model.embed_tokens.weight"].shape[0] + 1  # [MASK]
+
+
+@pytest.mark.parametrize("model", ["llada", "dream"])
+def test_every_store_analysis_and_the_report_run_on_a_text_run(runs, tmp_path, model, capsys):
+    _, stores = runs
+    store = str(stores[model])
+    out = tmp_path / "analyses"
+    _analyze(out, "decodability", store, "--target", "truth")
+    _analyze(out, "lead", store)
+    _analyze(out, "order", store)
+    _analyze(out, "trajectory", store, "--example", "1")
+    decodability = load_result(out / "decodability")
+    table = decodability.table
+    assert {"lens_accuracy", "readout_accuracy", "random_weights_accuracy", "baseline_embedding_accuracy"} <= set(table)
+    assert table["random_weights_accuracy"].notna().all() and table["lens_accuracy"].notna().all()
+    assert "givens" in decodability.meta["readers_left_out"]  # a text run's prompt is tokenizer ids
+    lead = load_result(out / "lead")
+    assert set(lead.table["reader"]) == {"probe", "argmax", "lens"}
+    order = load_result(out / "order")
+    assert "answer" in set(order.table["label"])
+    trajectory = load_result(out / "trajectory")
+    assert {"The", "answer", "is"} <= set(trajectory.table["final"])  # tokens named by the stored tokenizer
+    assert "The answer is" in trajectory.summary
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert all(name in page for name in ("decodability", "lead", "order", "trajectory"))
+
+
+@pytest.mark.parametrize("model", ["dream", "qwen2"])
+def test_random_weights_features_are_a_random_copy_run_on_the_stored_canvas(runs, model):
+    folders, stores = runs
+    with ActivationDataset(stores[model]) as data:
+        step = int(data.steps[-1])
+        features = RandomWeightsFeatures(data, SITES, seed=5)
+        got = features(SITES[1], step)
+        handle = load_hf_model(folders[model], trust_remote_code=True)
+        fresh = handle.random_copy(5)
+        canvas = data.canvas[:, step].astype(np.int64)
+        mask = padding_mask(data, canvas, handle.tokenizer.pad_token_id)
+        _, acts = fresh.run_with_cache(torch.from_numpy(canvas), SITES, torch.from_numpy(mask))
+        expected = acts[SITES[1]][:, data.positions].float().numpy()
+        seen = ~np.isnan(data.activations(SITES[1], step))
+        assert np.isnan(got[~seen]).all()
+        assert np.abs(got[seen] - expected[seen]).max() <= 1e-6
+        assert np.abs(got[seen] - data.activations(SITES[1], step)[seen]).max() > 1e-2  # not the trained weights
+
+
+@pytest.mark.parametrize("model", ["dream", "qwen2"])
+def test_logit_lens_on_the_last_block_is_the_models_own_logits(runs, model):
+    folders, stores = runs
+    handle = load_hf_model(folders[model], trust_remote_code=True)
+    readout = readout_of(handle)
+    with ActivationDataset(stores[model]) as data:
+        assert store_readers(data).readout is not None
+        ids = torch.from_numpy(data.canvas[:4, -1].astype(np.int64))
+    logits, acts = handle.run_with_cache(ids, [SITES[-1]])
+    # Both are shifted: the last block's state at p - 1 predicts position p.
+    lens = readout.logits(acts[SITES[-1]][:, :-1].reshape(-1, handle.d_model).float().numpy())
+    assert np.abs(lens - logits[:, 1:].reshape(-1, handle.vocab_size).numpy()).max() <= 1e-4
+
+
+def test_compare_a_diffusion_lm_with_the_causal_lm_it_was_initialised_from(runs, tmp_path, capsys):
+    _, stores = runs
+    out = tmp_path / "analyses"
+    _analyze(out, "compare", f"diffusion={stores['dream_from_qwen2']}", f"autoregressive={stores['qwen2']}", "--shared-init")
+    result = load_result(out / "compare")
+    assert result.meta["shared_init"] is True
+    models = result.tables["runs"].set_index("run")
+    with ActivationDataset(stores["qwen2"]) as ar, ActivationDataset(stores["dream_from_qwen2"]) as diffusion:
+        for run, data in (("autoregressive", ar), ("diffusion", diffusion)):
+            assert models.loc[run, "task_accuracy"] == pytest.approx(float(np.mean(data.solved)))
+            assert bool(models.loc[run, "shared_init"])
+        # Each run is read at the column before its own answer slot (tokenizers may differ: the
+        # fixture's Qwen2 tokenizer loads as transformers' Qwen2Tokenizer, Dream's as the saved one).
+        canvas = ar.config["canvas"]
+        writes_slot = canvas["answer_start"] - canvas["gen_start"]
+        for data in (ar, diffusion):
+            assert data.config["canvas"]["answer_start"] - 1 in data.positions
+    like = result.table[result.table["like_for_like"]]
+    assert set(like["run"]) == {"diffusion", "autoregressive"}
+    assert set(like.loc[like["run"] == "autoregressive", "step"]) == {writes_slot}
+    assert like["lens_accuracy"].notna().all()  # the causal LM's lens through its raw Hugging Face module
+    by_distance = result.tables["by_distance"]
+    assert set(by_distance.groupby("run")["distance"].apply(frozenset)) == {frozenset(by_distance["distance"])}
+    assert "share an initialisation" in result.summary and "Task accuracy" in result.summary
+    capsys.readouterr()
+    assert main(["analyze", "--quiet", "--out", str(tmp_path / "mixed"), "compare", f"diffusion={stores['llada']}",
+                 f"autoregressive={stores['qwen2']}", "--no-shared-init"]) == 0
+    assert load_result(tmp_path / "mixed" / "compare").meta["shared_init"] is False
