@@ -9,8 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from hf_causal_fixtures import save_llama, save_qwen2
-from hf_fixtures import save_dream, save_llada, save_modernbert
+from hf_fixtures import save_dream, save_llada, save_llama, save_modernbert, save_qwen2
 
 from dlmprobe.cli import main
 from dlmprobe.models.huggingface import load_hf_model

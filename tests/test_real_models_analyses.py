@@ -1,8 +1,8 @@
-"""Analyses on Hugging Face runs: tiny LLaDA, Dream and Qwen2 on a text task, end to end through the CLI.
+"""Analyses on Hugging Face runs: tiny LLaDA, Dream, Qwen2 and Llama on a text task, end to end through the CLI.
 
 The stores are sampled at temperature 1 so that the random-weight models commit more than one
 token class (a probe needs two). The matched pair is a tiny Dream initialised from the tiny
-Qwen2's weights (:func:`hf_causal_fixtures.save_dream_from_qwen2`).
+Qwen2's weights (:func:`hf_fixtures.save_dream_from_qwen2`).
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hf_causal_fixtures import WEIGHTS, save_dream_from_qwen2, save_qwen2
-from hf_fixtures import save_dream, save_llada
+from hf_fixtures import WEIGHTS, save_dream, save_dream_from_qwen2, save_llada, save_llama, save_qwen2
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from dlmprobe.analyses.result import load_result
 from dlmprobe.cli import main
@@ -29,6 +29,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     qwen2 = save_qwen2(root / "qwen2")
     folders = {"llada": save_llada(root / "llada"), "dream": save_dream(root / "dream"), "qwen2": qwen2,
+               "llama": save_llama(root / "llama"),
                "dream_from_qwen2": save_dream_from_qwen2(root / "dream_from_qwen2", qwen2)}
     stores = {}
     for name, folder in folders.items():
@@ -51,6 +52,13 @@ def test_matched_pair_fixture_starts_from_the_causal_lm(runs):
     for name, weight in qwen.items():
         assert torch.equal(dream[name][: weight.shape[0]], weight), name
     assert dream["model.embed_tokens.weight"].shape[0] == qwen["model.embed_tokens.weight"].shape[0] + 1  # [MASK]
+    # The Qwen2 tokenizer reads back as saved (not mangled by Qwen2Tokenizer), and Dream's is the same plus [MASK].
+    qwen_tok = AutoTokenizer.from_pretrained(folders["qwen2"])
+    dream_tok = AutoTokenizer.from_pretrained(folders["dream_from_qwen2"], trust_remote_code=True)
+    text = "Compute 3 + 4 . The answer is 7"
+    assert qwen_tok.tokenize(text)[:1] == ["Compute"] and qwen_tok.decode(qwen_tok(text).input_ids) == text
+    assert dream_tok(text).input_ids == qwen_tok(text).input_ids
+    assert dream_tok.mask_token_id == len(qwen_tok)
 
 
 @pytest.mark.parametrize("model", ["llada", "dream"])
@@ -124,12 +132,16 @@ def test_compare_a_diffusion_lm_with_the_causal_lm_it_was_initialised_from(runs,
         for run, data in (("autoregressive", ar), ("diffusion", diffusion)):
             assert models.loc[run, "task_accuracy"] == pytest.approx(float(np.mean(data.solved)))
             assert bool(models.loc[run, "shared_init"])
-        # Each run is read at the column before its own answer slot (tokenizers may differ: the
-        # fixture's Qwen2 tokenizer loads as transformers' Qwen2Tokenizer, Dream's as the saved one).
+        # The matched pair shares its tokenizer, so both runs are read at the same canvas columns:
+        # the same layout, stored positions and prompt tokens, the column before the answer slot among them.
         canvas = ar.config["canvas"]
+        assert diffusion.config["canvas"] == canvas
+        assert np.array_equal(ar.positions, diffusion.positions) and canvas["answer_start"] - 1 in ar.positions
+        prompt = slice(0, canvas["gen_start"])
+        assert np.array_equal(ar.canvas[:, 0, prompt], diffusion.canvas[:, 0, prompt])
+        slots, _ = ar.label("answer")
+        assert np.array_equal(slots, diffusion.label("answer")[0])
         writes_slot = canvas["answer_start"] - canvas["gen_start"]
-        for data in (ar, diffusion):
-            assert data.config["canvas"]["answer_start"] - 1 in data.positions
     like = result.table[result.table["like_for_like"]]
     assert set(like["run"]) == {"diffusion", "autoregressive"}
     assert set(like.loc[like["run"] == "autoregressive", "step"]) == {writes_slot}
@@ -138,6 +150,7 @@ def test_compare_a_diffusion_lm_with_the_causal_lm_it_was_initialised_from(runs,
     assert set(by_distance.groupby("run")["distance"].apply(frozenset)) == {frozenset(by_distance["distance"])}
     assert "share an initialisation" in result.summary and "Task accuracy" in result.summary
     capsys.readouterr()
+    # LLaDA and Llama share the WordLevel tokenizer (Qwen2's byte-level one splits " 7" into "Ġ", "7").
     assert main(["analyze", "--quiet", "--out", str(tmp_path / "mixed"), "compare", f"diffusion={stores['llada']}",
-                 f"autoregressive={stores['qwen2']}", "--no-shared-init"]) == 0
+                 f"autoregressive={stores['llama']}", "--no-shared-init"]) == 0
     assert load_result(tmp_path / "mixed" / "compare").meta["shared_init"] is False
