@@ -50,7 +50,8 @@ def label_rows(data: ActivationDataset, label: str, step: int, only_masked: bool
 
     Columns: ``example``, ``slot``, ``target_position`` (target-relative), ``position`` (canvas),
     ``token`` (the canvas token there at ``step``), ``output`` (the token finally committed) and
-    ``truth`` (the label's value).
+    ``truth`` (the label's value). ``only_masked`` keeps the rows not yet committed at ``step``
+    (:meth:`ActivationDataset.before_commit`: still masked, or under the settle rule not yet settled).
     """
     if not 0 <= step <= data.n_steps:
         raise DlmprobeInputError(f"step must be in [0, {data.n_steps}], got {step}")
@@ -60,7 +61,7 @@ def label_rows(data: ActivationDataset, label: str, step: int, only_masked: bool
     rows = rows_at(data, step, examples, data.target_start + slots.reshape(-1), np.tile(np.arange(k), n))
     rows["truth"] = values.reshape(-1)
     if only_masked:
-        rows = rows[rows["token"].to_numpy() == data.mask_id].reset_index(drop=True)
+        rows = rows[data.before_commit(step, rows["example"].to_numpy(), rows["position"].to_numpy())].reset_index(drop=True)
     return rows
 
 

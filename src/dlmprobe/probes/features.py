@@ -74,7 +74,8 @@ class RandomWeightsFeatures:
     One forward pass per step records every site; a grid asks for all sites of a step in a row.
     A built-in model is rebuilt from its stored config with the next seed; a Hugging Face model is
     loaded (:func:`store_handle`) and copied with fresh weights from ``seed`` (its padding masked
-    as when it was recorded). ``handle``: the loaded model, to skip loading it again.
+    as when it was recorded). ``handle``: the loaded model, to skip loading it again. A run through
+    a model's own generate loop (:mod:`dlmprobe.capture_native`) cannot be replayed: refused.
     """
 
     def __init__(self, data: ActivationDataset, sites: Sequence[str], handle: ModelHandle | None = None, seed: int = 1):
@@ -86,6 +87,9 @@ class RandomWeightsFeatures:
             self.handle, self.batch = original.random_copy(seed), HF_BATCH
             tokenizer = original.tokenizer
             self.pad = None if tokenizer is None else tokenizer.pad_token_id
+        elif data.config_entry("sampler", "name") == "native":
+            raise DlmprobeInputError(f"{data.path.name} was recorded through the model's own generate loop "
+                                     f"(capture_native), which a random-weights copy cannot replay here")
         else:
             model_config = data.config.get("model", {}).get("config")
             if model_config is None:
@@ -127,14 +131,16 @@ FeatureSource = StoredFeatures | RandomWeightsFeatures
 def frontier_positions(data: ActivationDataset, step: int) -> np.ndarray:
     """Per example, the canvas position of the last written token of the target's prefix at ``step``.
 
-    That is the token before the first still-masked target position (``<sep>`` if the first one is
-    still masked; the last target position if none is). For an autoregressive model at step ``s``
-    it is ``target_start + s - 1``, the position whose forward pass writes the next token.
+    That is the token before the first target position not yet committed (``<sep>`` if the first
+    one is not; the last target position if all are; "committed" as :meth:`ActivationDataset.before_commit`
+    decides). For an autoregressive model at step ``s`` it is ``target_start + s - 1``, the position
+    whose forward pass writes the next token.
     """
     length = data.output.shape[1]
-    masked = data.canvas[:, step, data.target_start : data.target_start + length] == data.mask_id
-    first_masked = np.where(masked.any(axis=1), masked.argmax(axis=1), length)
-    return data.target_start - 1 + first_masked
+    target = data.target_start + np.arange(length)
+    pending = data.before_commit(step, np.arange(data.n_examples)[:, None], target[None, :])  # (n, length)
+    first_pending = np.where(pending.any(axis=1), pending.argmax(axis=1), length)
+    return data.target_start - 1 + first_pending
 
 
 def subsample_rows(mask: np.ndarray, limit: int | None, key: tuple[int, ...]) -> np.ndarray:

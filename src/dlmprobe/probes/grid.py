@@ -6,21 +6,25 @@ answer is (``target="truth"``)? Every cell is fitted by :func:`~dlmprobe.probes.
 in batched optimisations, beside what a reviewer compares it with, on the same rows:
 
 * the model's own read-out: ``lens_accuracy`` (the logit lens on the very features the probe
-  reads) and ``readout_accuracy`` (the model's argmax at the probed position at that step);
+  reads; with ``read="own"`` on a shifted model, Dream or a causal LM, on the hidden state one
+  position earlier, which is the one that predicts the probed position) and ``readout_accuracy``
+  (the model's argmax at the probed position at that step);
   ``probe_over_lens``/``probe_over_readout`` say how much more the probe knows than the model says;
 * input-only baselines on the same rows, folds and trainer (``majority``,
   ``baseline_<name>_accuracy``); ``baseline_selectivity``: the probe minus the strongest of them;
 * ``control_accuracy``: Hewitt & Liang's control task, random labels consistent per canvas
   position decoded (a sudoku cell), mean of ``control_draws`` draws (``control_accuracy_sd``
   their spread); ``selectivity = accuracy - control_accuracy``;
-* ``random_weights_accuracy``: the same probe on a random-weights model fed the stored canvases;
+* ``random_weights_accuracy``: the same probe on a random-weights model fed the stored canvases
+  (where one can be built: not for a run through a model's own generate loop);
 * ``ci_low``/``ci_high`` and every ``*_ci_low``/``*_ci_high``: bootstrap 95% intervals over
   examples, paired for differences (:func:`~dlmprobe.probes.stats.readers_beside_probe`);
 * ``mdl_bits`` (optional): online-code description length (Voita & Titov 2020).
 
 Splits are k-fold by example, never by row: the rows of one example at different steps or slots
-are near duplicates. "Before unmasking" (``phase="before_commit"``) keeps only rows whose position
-is still masked at step t; ``phase="after_commit"`` the others, which are trivial and reported apart.
+are near duplicates. "Before commit" (``phase="before_commit"``) keeps only rows whose position is
+not yet committed at step t (``ActivationDataset.before_commit``: still masked, or under the settle
+rule not yet settled); ``phase="after_commit"`` the others, which are trivial and reported apart.
 
 Example:
     >>> data = ActivationDataset("runs/sudoku.h5")
@@ -41,6 +45,7 @@ from tqdm.auto import tqdm
 
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.hooks import layer_of
+from dlmprobe.models import ModelHandle
 from dlmprobe.probes.baselines import (
     BASELINES,
     InputFeatures,
@@ -52,6 +57,8 @@ from dlmprobe.probes.features import (
     RandomWeightsFeatures,
     StoredFeatures,
     frontier_positions,
+    is_hf_store,
+    store_handle,
     subsample_rows,
 )
 from dlmprobe.probes.lens import ModelReaders, Readout, store_readers
@@ -84,6 +91,7 @@ class Cell:
     examples: np.ndarray  # (rows,)
     positions: np.ndarray  # (rows,) canvas position each row decodes (its control type too)
     slots: np.ndarray  # (rows,) label slot of every row
+    lens_X: np.ndarray | None = None  # (rows, d) where the logit lens reads elsewhere than the probe, else None
 
 
 @dataclass
@@ -99,7 +107,7 @@ class ProbeGrid:
             ``"frontier"``: the last token of the written prefix of the target at that step (the
             ``<sep>`` token before anything is written), from which an autoregressive model reads
             ahead; for it the store needs the ``<sep>`` position (``positions="sep+target"``).
-        phase: rows still masked at the step (``before_commit``) or already committed.
+        phase: rows not yet committed at the step (``before_commit``) or already committed.
         per_slot: one probe per label slot instead of one for all slots of the label.
         per_distance: one probe per distance between the probed position and the read position
             (``slot`` then holds the distance): with ``read="frontier"``, "k positions ahead of the
@@ -231,20 +239,27 @@ class ProbeGrid:
         positions = self._layout(data)["positions"]
         return {(step, slot): int(mask.sum()) for step in steps for slot, mask in self._groups(data, step, positions)[0]}
 
+    def lens_offset(self, data: ActivationDataset) -> int:
+        """Where the logit lens reads relative to the probe: the store's ``read_offset`` (-1 on a
+        shifted model, whose hidden state at ``p - 1`` predicts ``p``) for ``read="own"``, else 0."""
+        return int(data.config_entry("read_offset") or 0) if self.read == "own" else 0
+
     def _cells(self, data: ActivationDataset, sites: list[str], steps: list[int],
-               layout: dict[str, np.ndarray], features: FeatureSource) -> Iterator[Cell]:
+               layout: dict[str, np.ndarray], features: FeatureSource, lens_offset: int = 0) -> Iterator[Cell]:
         positions, y_all = layout["positions"], layout["y"]
         n, k = positions.shape
         rows = np.arange(n)[:, None]
         for step in steps:
             groups, read_at = self._groups(data, step, positions)
             index = data.position_index(read_at)  # (n, k) along the stored positions
+            lens_index = data.position_index(read_at + lens_offset) if lens_offset else None
             for site in sites:
                 acts = features(site, step)  # (n, stored_pos, d)
                 if self.read == "pooled":
                     X_all = np.broadcast_to(acts.mean(axis=1, keepdims=True), (n, k, acts.shape[2]))
                 else:
                     X_all = acts[rows, index]  # (n, k, d)
+                lens_all = None if lens_index is None else acts[rows, lens_index]  # (n, k, d)
                 for slot, mask in groups:
                     X = X_all[mask]
                     if not np.isfinite(X).all():
@@ -254,7 +269,8 @@ class ProbeGrid:
                         )
                     examples = np.broadcast_to(rows, mask.shape)[mask]
                     slots = np.broadcast_to(np.arange(k)[None, :], mask.shape)[mask]
-                    yield Cell(site, step, slot, X, y_all[mask], examples, positions[mask], slots)
+                    yield Cell(site, step, slot, X, y_all[mask], examples, positions[mask], slots,
+                               None if lens_all is None else lens_all[mask])
 
     def cells(self, data: ActivationDataset) -> Iterator[Cell]:
         """The grid's cells (rows, labels, examples) as it would fit them: for custom probes."""
@@ -318,16 +334,15 @@ class ProbeGrid:
             examples = np.arange(n)[:, None]
             fit.committed = 1.0 - np.array([data.before_commit(s, examples, target).mean()  # of the whole target, per step
                                             for s in range(data.n_steps + 1)])
-            self._prepare_readers(fit, readers)
-            if self.random_baseline:
-                sources["random_weights"] = RandomWeightsFeatures(data, sites)
+            sources.update(self._prepare_models(fit, readers, sites, layout["positions"]))
         self.skipped_, self.rows_ = [], {}
         total = len(sites) * len(steps) * (k if self.per_slot else 1)
         bar = tqdm(total=None if self.per_distance else total * len(sources), disable=not progress,
                    desc=f"probe {self.label}" + ("" if full else " (per row)"), unit="cell")
         for variant, source in sources.items():
             batch: list[Cell] = []
-            for cell in self._cells(data, sites, steps, layout, source):
+            lens_offset = self.lens_offset(data) if variant == "task" and fit.readout is not None else 0
+            for cell in self._cells(data, sites, steps, layout, source, lens_offset):
                 bar.update(1)
                 if len(cell.y) < self.min_rows or len(np.unique(cell.examples)) < self.folds or len(np.unique(cell.y)) < 2:
                     if variant == "task":
@@ -343,22 +358,44 @@ class ProbeGrid:
         self.out_of_fold_, self.fitted_on_ = fit.out_of_fold, self._fingerprint(data)
         return fit.records
 
-    def _prepare_readers(self, fit: _Fit, readers: ModelReaders | None) -> None:
-        """The lens's read-out and the input features, from ``readers`` or the store's own model."""
-        notes = []
+    def _prepare_models(self, fit: _Fit, readers: ModelReaders | None, sites: list[str],
+                        positions: np.ndarray) -> dict[str, FeatureSource]:
+        """The lens's read-out and the input features (from ``readers`` or the store's own model) and
+        the random-weights features; a Hugging Face model is loaded once for all of them."""
+        notes, sources, failed = [], {}, ""
+        handle: ModelHandle | None = None
+        if is_hf_store(fit.data) and (self.random_baseline or (readers is None and (self.lens or self.baselines))):
+            try:
+                handle = store_handle(fit.data)
+            except DlmprobeInputError as err:
+                failed = f"cannot load model {fit.data.config_entry('model', 'name')!r} ({err})"
         if self.lens or self.baselines:
-            readers = readers if readers is not None else store_readers(fit.data)
+            if readers is None:
+                readers = ModelReaders(note=f"no logit lens or embedding baseline: {failed}") if failed \
+                    else store_readers(fit.data, handle)
             notes.append(readers.note)
         if self.lens and readers.readout is not None:
+            offset = self.lens_offset(fit.data)
             if self.read == "pooled":
                 notes.append("no logit lens: a mean over positions is no activation the model reads out")
+            elif not np.isin(positions + offset, fit.data.positions).all():
+                notes.append(f"no logit lens: it reads each position's hidden state {-offset} before it (a shifted "
+                             f"model), which the store does not hold")
             else:
                 fit.readout = readers.readout
         if self.baselines:
             fit.inputs = InputFeatures(fit.data, store_task(fit.data), readers.embedding, readers.position_embedding,
                                        self.baselines)
             notes += fit.inputs.notes
+        if self.random_baseline and failed:
+            notes.append(f"no random-weights baseline: {failed}")
+        elif self.random_baseline:
+            try:
+                sources["random_weights"] = RandomWeightsFeatures(fit.data, sites, handle)
+            except DlmprobeInputError as err:  # e.g. a run through a model's own generate loop
+                notes.append(f"no random-weights baseline: {err}")
         self.readers_note_ = "; ".join(note for note in notes if note)
+        return sources
 
     def _fit_batch(self, cells: list[Cell], variant: str, fit: _Fit, full: bool) -> None:
         ys = {variant: [c.y for c in cells]}
@@ -393,7 +430,8 @@ class ProbeGrid:
         """The table row of a task cell; resamples and online code draw from the grid's generator."""
         readers = {"probe": hits}
         if fit.readout is not None:
-            readers["lens"] = fit.readout.predict(cell.X, exclude=[fit.data.mask_id]) == cell.y
+            X = cell.X if cell.lens_X is None else cell.lens_X
+            readers["lens"] = fit.readout.predict(X, exclude=[fit.data.mask_id]) == cell.y
         if cell.step < fit.data.n_steps:
             readers["readout"] = fit.data.prediction[cell.examples, cell.step, cell.positions] == cell.y
         readers.update({name if name == "majority" else f"baseline_{name}": h

@@ -202,12 +202,14 @@ def store_readers(data: ActivationDataset, handle: ModelHandle | None = None) ->
 
 
 def lens_predictions(data: ActivationDataset, readout: Readout, site: str, step: int, rows: pd.DataFrame,
-                     read_offset: int = 0) -> Int[np.ndarray, " row"]:
+                     read_offset: int | None = None) -> Int[np.ndarray, " row"]:
     """The logit lens at ``site`` and ``step`` for each row, read at ``position + read_offset``.
 
     ``read_offset`` is the model's (``ModelHandle.read_offset``): -1 where the hidden state before
-    a position predicts it (autoregressive twins, Dream).
+    a position predicts it (causal LMs, Dream); None: the one the store records (0 if none).
     """
+    if read_offset is None:
+        read_offset = int(data.config_entry("read_offset") or 0)
     acts = data.activations(site, step)  # (examples, stored positions, d)
     index = data.position_index(rows["position"].to_numpy() + read_offset)
     X = acts[rows["example"].to_numpy(), index]
@@ -223,11 +225,12 @@ def model_readout(data: ActivationDataset, step: int, rows: pd.DataFrame) -> Int
 
 def lens_table(data: ActivationDataset, readout: Readout, label: str, step: int, sites: Sequence[str] | None = None,
                target: Literal["output", "truth"] = "output", only_masked: bool = True,
-               read_offset: int = 0) -> pd.DataFrame:
+               read_offset: int | None = None) -> pd.DataFrame:
     """Per site: the logit lens's accuracy, the model's own read-out's and how often the two agree, on one row set.
 
     ``target`` is what a prediction must equal: the token finally committed (``output``) or the
     label's value (``truth``). The read-out does not depend on the site, so it repeats.
+    ``read_offset``: as :func:`lens_predictions`'s.
     """
     if target not in ("output", "truth"):
         raise DlmprobeInputError(f"target must be 'output' or 'truth', got {target!r}")
