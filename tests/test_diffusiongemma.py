@@ -12,6 +12,8 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 from dlmprobe.analyses import commit_order, decodability, planning_lead, trajectory_view
 from dlmprobe.capture_native import NO_MASK, capture_native
 from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.probes.baselines import label_rows
+from dlmprobe.probes.features import frontier_positions
 from dlmprobe.sampling import NOT_COMMITTED
 from dlmprobe.sampling.native import run_native, settle_steps
 from dlmprobe.store import ActivationDataset
@@ -169,6 +171,22 @@ def test_commit_order_and_trajectory_view_read_the_store(store):
         assert len(view.table) == STEPS * data.output.shape[1]
         commit = data.commit_step[0, data.target_start : data.target_start + data.output.shape[1]]
         assert (view.table["commit_step"].to_numpy() == commit[view.table["position"].to_numpy()]).all()
+        # "masked" is "not yet settled" here: the canvas never holds a mask token.
+        pending = view.table["step"].to_numpy() <= view.table["commit_step"].to_numpy()
+        assert (view.table["masked"].to_numpy() == pending).all() and pending.any() and not pending.all()
+
+
+def test_rows_before_commit_follow_the_settle_rule(store):
+    with ActivationDataset(store) as data:
+        slots, _ = data.label("answer")
+        commit = data.commit_step[np.arange(data.n_examples)[:, None], data.target_start + slots]
+        target = data.commit_step[:, data.target_start : data.target_start + data.output.shape[1]]
+        for step in range(STEPS):
+            assert len(label_rows(data, "answer", step)) == (step <= commit).sum() > 0
+            # The frontier is the position before the first target position not yet settled.
+            pending = step <= target
+            first = np.where(pending.any(axis=1), pending.argmax(axis=1), target.shape[1])
+            assert (frontier_positions(data, step) == data.target_start - 1 + first).all()
 
 
 def test_decodability_before_settle(store):
@@ -184,6 +202,19 @@ def test_decodability_before_settle(store):
             assert (rows == (step <= commit).sum()).all(), step
         lead = planning_lead(data, folds=2, progress=False).tables["rows"]
         assert len(lead) == (commit >= 0).sum() and (lead["lead_probe"] >= 0).all()
+
+
+def test_decodability_with_its_default_controls(store):
+    """Control task and input baselines run; the lens and the random-weights baseline are named as left out."""
+    with ActivationDataset(store) as data:
+        result = decodability(data, folds=2, bootstrap=10, progress=False)
+        table = result.table
+        assert {"control_accuracy", "majority", "baseline_position_accuracy", "baseline_givens_accuracy",
+                "readout_accuracy"} <= set(table)
+        assert table["baseline_givens_accuracy"].notna().all()
+        left_out = result.meta["readers_left_out"]
+        assert "no logit lens" in left_out and "no random-weights baseline" in left_out and "generate loop" in left_out
+        assert "random_weights_accuracy" not in table and "lens_accuracy" not in table
 
 
 def test_bad_arguments_are_refused(model, task, tmp_path):

@@ -17,8 +17,9 @@ from transformers import AutoTokenizer
 from dlmprobe.analyses.result import load_result
 from dlmprobe.cli import main
 from dlmprobe.models.huggingface import load_hf_model
+from dlmprobe.probes import ProbeGrid, features
 from dlmprobe.probes.features import RandomWeightsFeatures, padding_mask
-from dlmprobe.probes.lens import readout_of, store_readers
+from dlmprobe.probes.lens import lens_predictions, model_readout, readout_of, store_readers
 from dlmprobe.store import ActivationDataset
 
 SITES = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
@@ -119,6 +120,29 @@ def test_logit_lens_on_the_last_block_is_the_models_own_logits(runs, model):
     # Both are shifted: the last block's state at p - 1 predicts position p.
     lens = readout.logits(acts[SITES[-1]][:, :-1].reshape(-1, handle.d_model).float().numpy())
     assert np.abs(lens - logits[:, 1:].reshape(-1, handle.vocab_size).numpy()).max() <= 1e-4
+
+
+def test_grid_lens_reads_the_state_before_the_position_on_a_shifted_model(runs, monkeypatch):
+    """Dream predicts p from the hidden state at p - 1: on the last block the grid's lens is the model's own read-out."""
+    folders, stores = runs
+    loads = []
+    monkeypatch.setattr(features, "load_hf_model", lambda *a, **k: loads.append(a) or load_hf_model(*a, **k))
+    grid = ProbeGrid(label="answer", sites=[SITES[-1]], folds=2, min_rows=10, control=False, bootstrap=0)
+    with ActivationDataset(stores["dream"]) as data:
+        assert data.config["read_offset"] == -1
+        table = grid.run(data, progress=False)
+        assert len(loads) == 1  # one load for the lens, the embedding baseline and the random-weights copy
+        assert {"lens_accuracy", "baseline_embedding_accuracy", "random_weights_accuracy"} <= set(table)
+        readout = readout_of(load_hf_model(folders["dream"], trust_remote_code=True))
+        differs = 0
+        for (site, step, _), rows in grid.rows_.items():
+            y = data.canvas[rows["example"], -1, rows["position"]]
+            lens = lens_predictions(data, readout, site, step, rows)  # the store's offset, -1
+            assert np.array_equal(rows["lens"], lens == y)
+            if step < data.n_steps:
+                assert np.array_equal(lens, model_readout(data, step, rows))
+                differs += int((lens_predictions(data, readout, site, step, rows, read_offset=0) != lens).sum())
+        assert differs > 0  # the state at the position itself says other tokens
 
 
 def test_compare_a_diffusion_lm_with_the_causal_lm_it_was_initialised_from(runs, tmp_path, capsys):
