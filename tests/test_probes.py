@@ -130,13 +130,14 @@ MASK = 4
 PLANTED_SITE, PLANTED_STEP = "blocks.1.hook_resid_post", 2
 
 
-def _synthetic_store(path, nan_site=False, answers=None, readout_step=None, position_code=False):
+def _synthetic_store(path, nan_site=False, answers=None, readout_step=None, position_code=False, clock_site=None):
     """Activations are noise, except at one site and step where the answer is linearly readable.
 
     Every target position stays masked until the last step, so every row is "before commit".
     ``answers`` (N, T) replaces the per-example answers; the model's recorded argmax names the
     answers at ``readout_step`` only (0, never an answer, elsewhere); ``position_code`` writes each
-    target position's own direction into every activation.
+    target position's own direction into every activation; ``clock_site`` gets a direction of its
+    own per step added at every row (a clock).
     """
     rng = np.random.default_rng(0)
     drawn = rng.integers(10, 14, size=N)  # 4 classes of token ids
@@ -155,6 +156,8 @@ def _synthetic_store(path, nan_site=False, answers=None, readout_step=None, posi
             a[:, PLANTED_STEP] += 3 * directions[answers]
         if position_code:
             a += 5 * np.eye(T, D)
+        if site == clock_site:
+            a += 4 * rng.normal(size=(STEPS, D))[None, :, None, :]
         if nan_site and site == "blocks.0.hook_resid_post":
             a[:, 0, 0, 0] = np.nan
         acts[site] = a
@@ -236,6 +239,9 @@ def test_nan_activations_and_single_class_are_refused(tmp_path):
     data, _ = _synthetic_store(tmp_path / "nan.h5", nan_site=True)
     with pytest.raises(ValueError, match="NaN or inf"):
         ProbeGrid(label="answer", random_baseline=False).run(data, progress=False)
+    single, _ = _synthetic_store(tmp_path / "one.h5", answers=np.full((N, T), 11))
+    with pytest.raises(ValueError, match="only one class"):
+        ProbeGrid(label="answer", target="truth", random_baseline=False).run(single, progress=False)
 
 
 def test_online_code_is_shorter_where_the_signal_is(tmp_path):
@@ -248,10 +254,13 @@ def test_online_code_is_shorter_where_the_signal_is(tmp_path):
 
 
 def test_clock_table_reads_the_step_from_a_clock_signal(tmp_path):
-    data, _ = _synthetic_store(tmp_path / "s.h5")
-    table = clock_table(data, "answer", folds=3)
-    assert set(table["site"]) == {"blocks.0.hook_resid_post", PLANTED_SITE}
+    data, _ = _synthetic_store(tmp_path / "s.h5", clock_site="blocks.0.hook_resid_post")
+    table = clock_table(data, "answer", folds=3).set_index("site")
+    assert set(table.index) == {"blocks.0.hook_resid_post", PLANTED_SITE}
     assert (table["step_chance"] == 1 / STEPS).all()
+    # The planted clock is read; the other site, noise plus an answer at one step, reads the step near chance.
+    assert table.loc["blocks.0.hook_resid_post", "step_accuracy"] > 0.95
+    assert table.loc[PLANTED_SITE, "step_accuracy"] < 0.5
 
 
 def test_probe_command_end_to_end(tiny_config, tmp_path, capsys):
