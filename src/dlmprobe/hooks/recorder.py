@@ -140,6 +140,7 @@ class ActivationRecorder:
             raise DlmprobeInputError(f"step indices must be >= 0, got {list(steps)}")
         self._steps = steps
         self._positions = None if positions is None else torch.as_tensor(list(positions), dtype=torch.long)
+        self._window = _as_slice(self._positions)
         self.dtype, self.device = dtype, torch.device(device)
         self._stack: ExitStack | None = None
         self.model: torch.nn.Module = model
@@ -175,9 +176,12 @@ class ActivationRecorder:
         if not self._keep(self._step):
             return
         value = value.detach()
-        if self._positions is not None:
+        if self._window is not None:  # a view: the conversion below is the one copy
+            value = value[:, self._window]
+        elif self._positions is not None:
             value = value[:, self._positions.to(value.device)]
-        self._parts[-1].buffers[site].append(value.to(self.device, self.dtype))
+        # Converted where it was computed, then moved: a GPU sends the smaller dtype over the bus.
+        self._parts[-1].buffers[site].append(value.to(self.dtype, copy=True).to(self.device))
 
     def _hook_fns(self) -> list[tuple[str, Any]]:
         def make(site: str):
@@ -223,11 +227,26 @@ class ActivationRecorder:
         if any(part.steps != steps for part in self._parts):
             raise RuntimeError(f"the batches recorded different steps: {[part.steps for part in self._parts]}")
         capture = Capture(
-            {site: torch.cat([torch.stack(part.buffers[site], dim=1) for part in self._parts]) for site in self.sites},
+            {site: _cat([torch.stack(part.buffers[site], dim=1) for part in self._parts]) for site in self.sites},
             list(steps), torch.cat([part.rows for part in self._parts]),
         )
         self._reset()
         return capture
+
+
+def _as_slice(positions: Tensor | None) -> slice | None:
+    """``positions`` as a slice when they are one contiguous increasing run, else None."""
+    if positions is None or len(positions) == 0:
+        return None
+    first = int(positions[0])
+    if torch.equal(positions, torch.arange(first, first + len(positions))):
+        return slice(first, first + len(positions))
+    return None
+
+
+def _cat(tensors: list[Tensor]) -> Tensor:
+    """Concatenated along the batch axis; one tensor is returned as it is, not copied."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 @dataclass
