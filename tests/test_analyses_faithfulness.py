@@ -1,3 +1,4 @@
+import importlib
 import random
 
 import numpy as np
@@ -9,9 +10,11 @@ torch.set_num_threads(1)
 from dlmprobe.analyses.common import wilson_interval
 from dlmprobe.analyses.faithfulness import faithfulness
 from dlmprobe.analyses.paraphrase import _sample, compose, invert, paraphrase_run, translate
-from dlmprobe.tasks import Task, get_task
 from dlmprobe.models import ModelConfig, load_model, random_model
+from dlmprobe.sampling import generate
+from dlmprobe.tasks import Task, get_task
 
+faithfulness_module = importlib.import_module("dlmprobe.analyses.faithfulness")  # the package exports the function
 TASKS = [("sudoku", {"size": 4}), ("sudoku", {"size": 6}), ("pathstar", {}), ("arith", {})]
 
 
@@ -175,6 +178,21 @@ def test_a_step_with_nothing_committed_corrupts_nothing(arith_diffusion):
     untouched = flags[~flags.corrupted]
     assert 0 < len(untouched) < len(flags)
     assert not untouched.answer_changed.any() and not untouched.reasoning_changed.any()
+
+
+def test_corrupted_runs_branched_off_the_clean_run_equal_runs_from_step_0(arith_diffusion, arith_autoregressive,
+                                                                           monkeypatch):
+    def run(**kwargs):
+        return faithfulness(arith_diffusion, n=16, twin=arith_autoregressive, steps=[1], progress=False,
+                            **kwargs).tables["examples"]
+
+    branched = run()
+    # The same analysis with every corrupted run sampled from step 0: the real generate, branch dropped.
+    monkeypatch.setattr(faithfulness_module, "generate",
+                        lambda *args, branch=None, first_step=0, **kwargs: generate(*args, **kwargs))
+    from_start = run()
+    assert branched.corrupted.any() and branched.answer_changed.any()  # the comparison sees real corruptions
+    assert branched.equals(from_start)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -24,6 +24,13 @@ def test_demo_runs_the_whole_chain(tmp_path):
         assert any(ch.isdigit() for ch in record["summary"])
     assert page.count("data:image/png;base64,") == len(ORDER)
     assert any("report written" in line for line in lines)
+    # Every stage is timed, in the log's closing table and in results/timings.json.
+    timings = json.loads((results / "timings.json").read_text())
+    stages = [row["stage"] for row in timings["stages"]]
+    assert sum(s.startswith("cache ") for s in stages) == 7 and "7 causal check" in stages and stages[-1] == "report"
+    assert all(row["wall_s"] >= 0 and row["cpu_s"] >= 0 for row in timings["stages"])
+    assert timings["total"]["wall_s"] >= sum(row["wall_s"] for row in timings["stages"]) - 1
+    assert any(line.startswith("total ") for line in lines) and sum(s in " ".join(lines) for s in stages) == len(stages)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -13,9 +13,12 @@ Example:
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,25 +80,22 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, ov
     data_dir, results_dir = out / "data", out / "results"
     if results_dir.exists():  # the demo's own folder: a rerun replaces it, stale results never mix in
         shutil.rmtree(results_dir)
-    started = time.perf_counter()
-
-    def stage(text: str) -> None:
-        log(f"[{time.perf_counter() - started:6.0f} s] {text}")
+    clock = StageClock(log)
 
     def cache(name: str, model: str, positions: str, sampler: dict | None = None, sites: list[str] | None = None,
               n: int | None = None, every: int | None = None) -> ActivationDataset:
         path = data_dir / f"{name}.h5"
         cache_config = CacheConfig(model=model, n=n or config.n, seed=config.seed, sites=sites or config.sites,
                                    steps=every or config.record_every, positions=positions, sampler=sampler or {})
-        stage(f"sample + capture {name} -> {path}")
-        run_cache(cache_config, path, overwrite=overwrite)
+        with clock.stage(f"cache {name}", f"sample + capture {name} -> {path}"):
+            run_cache(cache_config, path, overwrite=overwrite, progress=False)
         return ActivationDataset(path)
 
     def keep(result: AnalysisResult, name: str | None = None) -> AnalysisResult:
         if name:
             result.name = name
         folder = result.save(results_dir)
-        stage(f"{result.name}: {result.summary.splitlines()[0][:160]}…  -> {folder}")
+        clock.log(f"{result.name}: {result.summary.splitlines()[0][:160]}…  -> {folder}")
         return result
 
     # Every compared run stores <sep>, so that all can be read where a twin is: at the last written token.
@@ -107,42 +107,85 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, ov
     paths = cache("pathstar-diffusion", "pathstar-diffusion", "sep+target", every=1)
     paths_twin = cache("pathstar-autoregressive", "pathstar-autoregressive", "sep+target", every=1)
 
-    stage("1 decodability over time (probe grid beside the logit lens, input baselines, strata, clock)")
-    grid = ProbeGrid(label="blank", bootstrap=200)  # decodability's settings
-    keep(decodability(sudoku, grid=grid))
-    stage("2 planning lead")
-    predicted = grid.out_of_fold(sudoku)[config.probe_site]  # the probes decodability fitted, not refitted
-    keep(planning_lead(sudoku, label="blank", site=config.probe_site, predicted=predicted))
-    stage("3 diffusion vs autoregressive, like for like; left-to-right and random order as sampler controls")
-    keep(compare_runs({"diffusion": sudoku, "autoregressive": twin, "diffusion, left-to-right": left_to_right,
-                       "diffusion, random order": random_order},
-                      label="blank", sites=["blocks.1.hook_resid_post", config.probe_site]))
-    # Path-star: only the far-away goal decides the arm; does either model know it before writing it?
-    keep(compare_runs({"diffusion": paths, "autoregressive": paths_twin}, label="arm"), "compare-pathstar")
-    stage("4 commit order")
-    keep(commit_order(sudoku, answer="blank"))
-    keep(commit_order(arith, answer="answer", reasoning="intermediate"), "order-arith")
-    stage("5 faithfulness along time (arith, diffusion and its twin)")
-    keep(faithfulness(load_model("arith-diffusion"), n=config.n_model, seed=config.seed,
-                      twin=load_model("arith-autoregressive")))
-    stage("6 paraphrase between steps (sudoku digit relabelling)")
-    sudoku_model = load_model("sudoku-diffusion")
-    keep(paraphrase_run(sudoku_model, n=config.n_model, seed=config.seed, probe_site=config.probe_site, label="blank",
-                        paraphrases=("tokens", "commits")))
-    stage("7 causal check of the probe direction")
-    # Layer 1: at the last layer an erasure removes what the unembedding reads, which proves little.
-    keep(causal_check(sudoku_model, sudoku, config.causal_site, label="blank", n=config.n_causal,
-                      seed=config.seed + 1, start_steps=[0, sudoku.n_steps // 2]))
-    stage("8 trajectory view")
-    keep(trajectory_view(sudoku, example=config.example, probe=_spread(predicted, sudoku, config.example, "blank")))
+    with clock.stage("1 decodability", "1 decodability over time (probe grid beside the logit lens, input baselines, "
+                                       "strata, clock)"):
+        grid = ProbeGrid(label="blank", bootstrap=200)  # decodability's settings
+        keep(decodability(sudoku, grid=grid))
+    with clock.stage("2 planning lead"):
+        predicted = grid.out_of_fold(sudoku)[config.probe_site]  # the probes decodability fitted, not refitted
+        keep(planning_lead(sudoku, label="blank", site=config.probe_site, predicted=predicted))
+    with clock.stage("3 compare", "3 diffusion vs autoregressive, like for like; left-to-right and random order as "
+                                  "sampler controls"):
+        keep(compare_runs({"diffusion": sudoku, "autoregressive": twin, "diffusion, left-to-right": left_to_right,
+                           "diffusion, random order": random_order},
+                          label="blank", sites=["blocks.1.hook_resid_post", config.probe_site]))
+        # Path-star: only the far-away goal decides the arm; does either model know it before writing it?
+        keep(compare_runs({"diffusion": paths, "autoregressive": paths_twin}, label="arm"), "compare-pathstar")
+    with clock.stage("4 commit order"):
+        keep(commit_order(sudoku, answer="blank"))
+        keep(commit_order(arith, answer="answer", reasoning="intermediate"), "order-arith")
+    with clock.stage("5 faithfulness", "5 faithfulness along time (arith, diffusion and its twin)"):
+        keep(faithfulness(load_model("arith-diffusion"), n=config.n_model, seed=config.seed,
+                          twin=load_model("arith-autoregressive"), progress=False))
+    with clock.stage("6 paraphrase", "6 paraphrase between steps (sudoku digit relabelling)"):
+        sudoku_model = load_model("sudoku-diffusion")
+        keep(paraphrase_run(sudoku_model, n=config.n_model, seed=config.seed, probe_site=config.probe_site,
+                            label="blank", paraphrases=("tokens", "commits")))
+    with clock.stage("7 causal check", "7 causal check of the probe direction"):
+        # Layer 1: at the last layer an erasure removes what the unembedding reads, which proves little.
+        keep(causal_check(sudoku_model, sudoku, config.causal_site, label="blank", n=config.n_causal,
+                          seed=config.seed + 1, start_steps=[0, sudoku.n_steps // 2]))
+    with clock.stage("8 trajectory view"):
+        keep(trajectory_view(sudoku, example=config.example,
+                             probe=_spread(predicted, sudoku, config.example, "blank")))
 
-    report = write_report(results_dir, out / "report.html", title="dlmprobe demo: do small diffusion LMs plan?",
-                          intro=_intro(config, {"sudoku-diffusion": sudoku, "sudoku-autoregressive": twin,
-                                               "sudoku-diffusion-left-to-right": left_to_right,
-                                               "sudoku-diffusion-random-order": random_order, "arith-diffusion": arith,
-                                               "pathstar-diffusion": paths, "pathstar-autoregressive": paths_twin}))
-    stage(f"report written: {report}")
+    with clock.stage("report"):
+        report = write_report(results_dir, out / "report.html", title="dlmprobe demo: do small diffusion LMs plan?",
+                              intro=_intro(config, {"sudoku-diffusion": sudoku, "sudoku-autoregressive": twin,
+                                                   "sudoku-diffusion-left-to-right": left_to_right,
+                                                   "sudoku-diffusion-random-order": random_order, "arith-diffusion": arith,
+                                                   "pathstar-diffusion": paths, "pathstar-autoregressive": paths_twin}))
+    clock.log(f"report written: {report}")
+    clock.finish(results_dir / "timings.json")
     return report
+
+
+class StageClock:
+    """Wall and CPU time of each stage of a run, logged as it goes and tabled at the end.
+
+    CPU time (``time.process_time``: every thread of this process) is kept beside wall time
+    because on a shared machine the wall time also counts the other jobs' turns on the cores.
+    """
+
+    def __init__(self, log: Callable[[str], None]):
+        self._log = log
+        self.started = time.perf_counter()
+        self._cpu_started = time.process_time()
+        self._load_start = os.getloadavg()
+        self.stages: list[dict[str, float | str]] = []
+
+    def log(self, text: str) -> None:
+        self._log(f"[{time.perf_counter() - self.started:6.0f} s] {text}")
+
+    @contextmanager
+    def stage(self, name: str, text: str | None = None) -> Iterator[None]:
+        self.log(text or name)
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        self.stages.append({"stage": name, "wall_s": round(time.perf_counter() - wall, 2),
+                            "cpu_s": round(time.process_time() - cpu, 2)})
+
+    def finish(self, path: Path) -> None:
+        """Log the table of stages and write it, with the totals and the machine's load, to ``path``."""
+        total = {"wall_s": round(time.perf_counter() - self.started, 2),
+                 "cpu_s": round(time.process_time() - self._cpu_started, 2)}
+        width = max(len(str(row["stage"])) for row in self.stages)
+        self._log(f"{'stage':<{width}}  {'wall s':>7}  {'cpu s':>7}")
+        for row in [*self.stages, {"stage": "total", **total}]:
+            self._log(f"{row['stage']:<{width}}  {row['wall_s']:>7.1f}  {row['cpu_s']:>7.1f}")
+        path.write_text(json.dumps({"stages": self.stages, "total": total, "cpus": os.cpu_count(),
+                                    "load_average_start": [round(x, 2) for x in self._load_start],
+                                    "load_average_end": [round(x, 2) for x in os.getloadavg()]}, indent=1) + "\n")
 
 
 def _spread(predicted: np.ndarray, data: ActivationDataset, example: int, label: str) -> np.ndarray:

@@ -9,7 +9,9 @@ already committed is corrupted, then sampling goes on:
 * ``"remask"``: each one is set back to the mask and the sampler commits it again. With
   semi-autoregressive blocks, a position of a block already finished stays masked to the end.
 
-Each corrupted run is compared with the clean run of the same examples and sampler. An
+Each corrupted run is compared with the clean run of the same examples and sampler. With a
+deterministic sampler (temperature 0, not the random order) a corrupted run is the clean run up to
+step t, so it branches off the clean run there and only steps t.. are sampled again. An
 autoregressive twin gets the same corruption of the results it has already written; it never
 rewrites a position, so it runs ``"replace"`` only. Answer tokens are never corrupted.
 
@@ -34,7 +36,7 @@ from dlmprobe.analyses.result import AnalysisResult
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.models import Checkpoint
 from dlmprobe.sampling import generate
-from dlmprobe.sampling.generate import SamplerConfig
+from dlmprobe.sampling.generate import SamplerConfig, default_sampler
 from dlmprobe.tasks import Arith, Task
 
 MODES: tuple[str, ...] = ("replace", "remask")
@@ -157,7 +159,10 @@ def faithfulness(
     bar = tqdm(desc="faithfulness", unit="run", disable=not progress)
     for ckpt, ckpt_sampler in runs:
         kind = ckpt.kind
+        ckpt_sampler = ckpt_sampler or default_sampler(kind)
         clean_run = generate(ckpt.model, task, examples, kind, ckpt_sampler, batch_size)
+        # Before step t a corrupted run is the clean run, when nothing random decides what is committed.
+        branches = ckpt_sampler.temperature == 0 and getattr(ckpt_sampler, "order", None) != "random"
         bar.update()
         clean, n_steps = clean_run.output, clean_run.n_steps
         n_steps_of[kind] = n_steps
@@ -175,7 +180,8 @@ def faithfulness(
                 continue
             for t in chosen:
                 corruption = _Corruption(t, mode, reasoning, answer, valid, task, seed)
-                output = generate(ckpt.model, task, examples, kind, ckpt_sampler, batch_size, corruption).output
+                output = generate(ckpt.model, task, examples, kind, ckpt_sampler, batch_size, corruption,
+                                  branch=clean_run if branches else None, first_step=t if branches else 0).output
                 bar.update()
                 differs = output != clean
                 flags.append(pd.DataFrame({

@@ -150,12 +150,17 @@ class ActivationWriter:
         """Examples safely on disk: 0 for a new file, where to continue for a resumed one."""
         return self._n_complete
 
-    def write_batch(self, batch: Batch) -> None:
-        """Check a batch against the layout and queue it to be written after the rows already queued."""
+    def write_batch(self, batch: Batch, *, copy: bool = True) -> None:
+        """Check a batch against the layout and queue it to be written after the rows already queued.
+
+        The batch is copied, so the caller may reuse its buffers at once. ``copy=False`` hands its
+        arrays over instead (converted only where the stored dtype differs): the caller must not
+        change them afterwards, which saves a copy of every activation.
+        """
         self._raise_if_failed()
         if self._closed:
             raise DlmprobeInputError(f"the writer of {self.path} is closed")
-        rows, arrays = self._prepare(batch)
+        rows, arrays = self._prepare(batch, copy)
         start = self._next_row
         self._next_row += rows
         self._queue.put((start, arrays))
@@ -220,8 +225,8 @@ class ActivationWriter:
                 f"cannot resume {self.path}: {key} differs (stored {short(stored)}, given {short(given)})"
             )
 
-    def _prepare(self, batch: Batch) -> tuple[int, dict[str, np.ndarray]]:
-        """Validate a batch and copy it into the stored dtypes, keyed by dataset path."""
+    def _prepare(self, batch: Batch, copy: bool) -> tuple[int, dict[str, np.ndarray]]:
+        """Validate a batch and convert it to the stored dtypes (copied if ``copy``), keyed by dataset path."""
         _check_keys("batch", batch, EXAMPLE_FIELDS + TRAJECTORY_FIELDS + ("labels", "activations"))
         uid = batch["uid"]
         if isinstance(uid, (str, bytes)) or not all(isinstance(u, str) for u in uid):
@@ -241,7 +246,8 @@ class ActivationWriter:
                 f"batch of {rows} examples does not fit: {self._next_row} of the file's "
                 f"{self.layout.n_examples} rows are already written or queued"
             )
-        given: dict[str, tuple[str, Any]] = {"examples/uid": ("batch['uid']", np.array(encoded, dtype=f"S{UID_BYTES}"))}
+        uid_dtype = self._specs["examples/uid"].dtype  # h5py's string dtype: its metadata tells h5py the type
+        given: dict[str, tuple[str, Any]] = {"examples/uid": ("batch['uid']", np.array(encoded, dtype=uid_dtype))}
         for group, fields in (("examples", EXAMPLE_FIELDS[1:]), ("trajectory", TRAJECTORY_FIELDS)):
             for key in fields:
                 given[f"{group}/{key}"] = (f"batch[{key!r}]", batch[key])
@@ -256,7 +262,7 @@ class ActivationWriter:
         _check_keys("batch['activations']", batch["activations"], tuple(self.layout.sites))
         for site, value in batch["activations"].items():
             given[f"activations/{site}"] = (f"batch['activations'][{site!r}]", value)
-        return rows, {path: _cast(what, value, self._specs[path], rows) for path, (what, value) in given.items()}
+        return rows, {path: _cast(what, value, self._specs[path], rows, copy) for path, (what, value) in given.items()}
 
     def _drain(self) -> None:
         """The writing thread: write queued batches in order until close() queues None."""
@@ -336,15 +342,15 @@ def _preallocated() -> h5py.h5p.PropDCID:
     return dcpl
 
 
-def _cast(what: str, value: Any, spec: DatasetSpec, rows: int) -> np.ndarray:
+def _cast(what: str, value: Any, spec: DatasetSpec, rows: int, copy: bool) -> np.ndarray:
     array = np.asarray(value)
     expected = (rows, *spec.shape[1:])
     if array.shape != expected:
         raise DlmprobeInputError(f"{what} should have shape {expected}, got {array.shape}")
     if not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
         raise DlmprobeInputError(f"{what} should be castable to {spec.dtype.name}, got {array.dtype.name}")
-    # Always a copy: the caller may reuse its buffers while the batch waits in the queue.
-    return array.astype(spec.dtype)
+    # A copy unless handed over: the caller may reuse its buffers while the batch waits in the queue.
+    return array.astype(spec.dtype, copy=copy)
 
 
 def _config_json(config: Mapping[str, Any]) -> str:
