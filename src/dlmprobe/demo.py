@@ -50,12 +50,15 @@ class DemoConfig:
     ``record_every``: record every k-th of sudoku's 36 denoising steps (probes are fitted per
     stored step). ``n``: puzzles per activation dataset; ``n_model``: puzzles per model-based
     analysis (faithfulness, paraphrase); ``n_causal``: fresh puzzles for the causal check, which
-    samples them once per intervention and start step.
+    samples them once per intervention and start step. ``compare_every``: the like-for-like
+    comparison fits one probe per (step, distance ahead, site), so it reads every k-th stored
+    step, at ``probe_site`` only.
     """
 
-    n: int = 192
-    n_model: int = 160
-    record_every: int = 3
+    n: int = 128
+    n_model: int = 128
+    record_every: int = 4
+    compare_every: int = 2
     seed: int = 0
     sites: list[str] = field(default_factory=lambda: ["blocks.*.hook_resid_post"])
     probe_site: str = "blocks.3.hook_resid_post"
@@ -64,7 +67,7 @@ class DemoConfig:
     example: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n", "n_model", "n_causal", "record_every"):
+        for name in ("n", "n_model", "n_causal", "record_every", "compare_every"):
             if getattr(self, name) < 1:
                 raise DlmprobeInputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n < 10:
@@ -118,7 +121,7 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, ov
                                   "sampler controls"):
         keep(compare_runs({"diffusion": sudoku, "autoregressive": twin, "diffusion, left-to-right": left_to_right,
                            "diffusion, random order": random_order},
-                          label="blank", sites=["blocks.1.hook_resid_post", config.probe_site]))
+                          label="blank", sites=[config.probe_site], steps=sudoku.steps[::config.compare_every].tolist()))
         # Path-star: only the far-away goal decides the arm; does either model know it before writing it?
         keep(compare_runs({"diffusion": paths, "autoregressive": paths_twin}, label="arm"), "compare-pathstar")
     with clock.stage("4 commit order"):

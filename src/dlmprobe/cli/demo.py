@@ -13,7 +13,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dlmprobe.demo import DemoConfig, run_demo
 
     common.set_threads(args.threads)
-    config = DemoConfig(n=args.n, n_model=args.n_model, record_every=args.record_every, seed=args.seed)
+    # Only the sizes given on the command line; DemoConfig holds the defaults.
+    sizes = {name: getattr(args, name) for name in ("n", "n_model", "record_every") if getattr(args, name) is not None}
+    config = DemoConfig(seed=args.seed, **sizes)
     report = run_demo(args.out, config)
     print(f"\nreport: {report.resolve()}\n(open it in a browser; the tables behind it are in {report.parent / 'results'})")
     return 0
@@ -35,9 +37,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("demo", help="the main job: sample, capture, probe, analyse and report on the shipped models",
                             parents=[common.seed(), common.threads()])
     p.add_argument("--out", default="runs/demo", help="folder for the datasets, results and report.html (replaced)")
-    p.add_argument("--n", type=common.positive_int, default=192, help="held-out puzzles per activation dataset")
-    p.add_argument("--n-model", type=common.positive_int, default=160, help="puzzles per model-based analysis")
-    p.add_argument("--record-every", type=int, default=3, help="record every k-th denoising step")
+    p.add_argument("--n", type=common.positive_int, help="held-out puzzles per activation dataset (default 128)")
+    p.add_argument("--n-model", type=common.positive_int, help="puzzles per model-based analysis (default 128)")
+    p.add_argument("--record-every", type=int, help="record every k-th denoising step (default 4)")
     p.set_defaults(func=cmd_demo)
 
     p = commands.add_parser("report", help="a self-contained HTML page from a folder of saved analyses",
