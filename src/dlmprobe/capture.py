@@ -43,7 +43,6 @@ from dlmprobe.sampling import (
     DiffusionSamplerConfig,
     Trajectory,
     generate,
-    solved,
 )
 from dlmprobe.store import ActivationWriter, StoreLayout
 from dlmprobe.tasks import Example, Task, get_task
@@ -268,14 +267,19 @@ def _resolve_positions(rule: str, task: Task) -> list[int]:
     return [start - 1]  # last_prompt: the <sep> token, from which an autoregressive model reads ahead
 
 
-def _batch_record(plan: CachePlan, examples: Sequence[Example], trajectory: Trajectory,
-                  activations: dict[str, torch.Tensor]) -> dict[str, Any]:
+def batch_record(task: Task, examples: Sequence[Example], trajectory: Trajectory,
+                 activations: dict[str, torch.Tensor], output: torch.Tensor | None = None) -> dict[str, Any]:
+    """One store batch (see :class:`dlmprobe.store.Batch`): the examples, their run and activations.
+
+    ``output`` (batch, target) defaults to the trajectory's generated region.
+    """
+    output = trajectory.output if output is None else output
     return {
         "uid": [ex.uid for ex in examples],
         "prompt": np.array([ex.prompt for ex in examples]),
         "target": np.array([ex.target for ex in examples]),
-        "output": trajectory.output.numpy(),
-        "solved": np.array(solved(plan.task, examples, trajectory)),
+        "output": output.numpy(),
+        "solved": np.array([task.verify(ex.prompt, out.tolist()) for ex, out in zip(examples, output)]),
         "canvas": trajectory.canvases.numpy(),
         "commit_step": trajectory.commit_step.numpy(),
         "prediction": trajectory.predictions.numpy(),
@@ -283,7 +287,7 @@ def _batch_record(plan: CachePlan, examples: Sequence[Example], trajectory: Traj
         "labels": {
             name: (np.array([ex.labels[name].positions for ex in examples]),
                    np.array([ex.labels[name].values for ex in examples]))
-            for name in plan.labels
+            for name in examples[0].labels
         },
         "activations": {site: value.numpy() for site, value in activations.items()},
     }
@@ -325,7 +329,7 @@ def capture_batch(plan: CachePlan, recorder: ActivationRecorder, examples: Seque
             recorder.model(final)
             final_pass = recorder.pop().activations
         activations = autoregressive_steps(plan.steps, plan.positions, final_pass, trajectory.gen_start)
-    return _batch_record(plan, examples, trajectory, activations)
+    return batch_record(plan.task, examples, trajectory, activations)
 
 
 def run_cache(config: CacheConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False,

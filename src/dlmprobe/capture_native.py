@@ -25,10 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from dlmprobe import __version__
+from dlmprobe.capture import batch_record
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.sampling import StepCallback
 from dlmprobe.sampling.native import NativeRun, resolve_decoder_sites, run_native
@@ -106,23 +106,8 @@ def native_batch(task: Task, examples: Sequence[Example], run: NativeRun) -> dic
     trajectory = run.trajectory
     if trajectory.canvases.shape[2] != task.sequence_length:
         raise DlmprobeInputError(f"expected runs over {task.sequence_length}-token sequences, got {trajectory.canvases.shape[2]}")
+    # The decoder's canvas starts at target_start; its last position (the <eos> slot) is not stored.
     start, length = task.target_start, task.target_length
-    output = trajectory.canvases[:, -1, start : start + length]
-    return {
-        "uid": [ex.uid for ex in examples],
-        "prompt": np.array([ex.prompt for ex in examples]),
-        "target": np.array([ex.target for ex in examples]),
-        "output": output.numpy(),
-        "solved": np.array([task.verify(ex.prompt, out.tolist()) for ex, out in zip(examples, output)]),
-        "canvas": trajectory.canvases.numpy(),
-        "commit_step": trajectory.commit_step.numpy(),
-        "prediction": trajectory.predictions.numpy(),
-        "confidence": trajectory.confidence.numpy(),
-        "labels": {
-            name: (np.array([ex.labels[name].positions for ex in examples]),
-                   np.array([ex.labels[name].values for ex in examples]))
-            for name in examples[0].labels
-        },
-        # The decoder's canvas starts at target_start; its last position (the <eos> slot) is not stored.
-        "activations": {site: value[:, :, :length].numpy() for site, value in run.activations.items()},
-    }
+    return batch_record(task, examples, trajectory,
+                        {site: value[:, :, :length] for site, value in run.activations.items()},
+                        output=trajectory.canvases[:, -1, start : start + length])
