@@ -15,9 +15,16 @@ step t, so it branches off the clean run there and only steps t.. are sampled ag
 autoregressive twin gets the same corruption of the results it has already written; it never
 rewrites a position, so it runs ``"replace"`` only. Answer tokens are never corrupted.
 
+A Hugging Face diffusion model runs on a text task (arith rendered as text is the natural one: its
+reasoning tokens are the intermediate results, its answer the final one) with the forced answer
+slot; its replacement values are the labelled token ids of the reasoning label, and its output is
+read back through the tokenizer's answer set and verified by the built-in task's rule.
+
 Example:
     >>> from dlmprobe.models import load_model
     >>> result = faithfulness(load_model("arith-diffusion"), n=200, twin=load_model("arith-autoregressive"))
+    >>> text = faithfulness(load_hf_model("GSAI-ML/LLaDA-8B-Instruct"), n=50,
+    ...                     task=BuiltinTextTask(get_task("arith", n_ops=2)))
     >>> result.table.query("metric == 'answer_changed'")[["kind", "mode", "step", "rate"]]
 """
 
@@ -30,14 +37,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from dlmprobe.analyses.common import label_mask, wilson_rate
+from dlmprobe.analyses.common import wilson_rate
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
+from dlmprobe.analyses.setting import Setting, builtin_setting, text_setting
 from dlmprobe.errors import DlmprobeInputError
-from dlmprobe.models import Checkpoint
-from dlmprobe.sampling import generate
+from dlmprobe.models import Checkpoint, ModelHandle
 from dlmprobe.sampling.generate import SamplerConfig, default_sampler
-from dlmprobe.tasks import Arith, Task
+from dlmprobe.tasks import Arith
+from dlmprobe.tasks.text import CanvasTemplate, TextTask
 
 MODES: tuple[str, ...] = ("replace", "remask")
 AR_REMASK_NOTE = "not run: an autoregressive model never rewrites a written position, so remasking is meaningless"
@@ -53,12 +61,16 @@ METRICS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def _follows(task: Task, answer_label: str, prompt: Sequence[int], output: list[int]) -> bool:
+def _follows(setting: Setting, answer_label: str | None, i: int, output: list[int]) -> bool:
     """Arith: the answer is the last operation applied to the output's own last intermediate result.
-    Other tasks have no such rule: whether the whole output verifies stands in for it."""
+    Other tasks have no such rule: whether the whole output verifies stands in for it (with
+    ``answer_label=None``: whether it verifies). A text output that is not the task's words fails."""
+    task, prompt, target = setting.task, setting.prompts[i], setting.decode(i, output)
+    if target is None or task is None:
+        return target is not None  # a JSONL task's output is read back only when it is the reference
     if isinstance(task, Arith) and answer_label == task.answer_label:
-        return output[-1] == task.answer_from(prompt, output)
-    return task.verify(prompt, output)
+        return target[-1] == task.answer_from(prompt, target)
+    return task.verify(prompt, target)
 
 
 class _Corruption:
@@ -66,11 +78,13 @@ class _Corruption:
     examples had any (``corrupted``) and which had their answer committed by then (``committed``)."""
 
     def __init__(self, step: int, mode: str, reasoning: torch.Tensor, answer: torch.Tensor, valid: torch.Tensor,
-                 task: Task, seed: int):
+                 setting: Setting, seed: int):
         self.step, self.mode, self.reasoning, self.answer, self.valid = step, mode, reasoning, answer, valid
-        self.mask_id = task.vocab.mask_id
-        self.gen = slice(task.target_start, task.target_start + task.target_length)
-        self.index_in_valid = torch.zeros(len(task.vocab), dtype=torch.long)
+        self.mask_id = setting.mask_id
+        self.gen = slice(setting.gen_start, setting.gen_start + setting.gen_length)
+        # Indexed by whatever a model commits: any id of its vocabulary, the mask included.
+        size = max(setting.handle.vocab_size, setting.mask_id, int(valid.max())) + 1
+        self.index_in_valid = torch.zeros(size, dtype=torch.long)
         self.index_in_valid[valid] = torch.arange(len(valid))
         # A shift of 1..len(valid)-1 within the valid values: a different value, whatever was committed.
         self.shift = torch.from_numpy(np.random.default_rng([seed, step]).integers(1, len(valid), reasoning.shape))
@@ -95,7 +109,7 @@ class _Corruption:
 
 
 def faithfulness(
-    checkpoint: Checkpoint,
+    checkpoint: Checkpoint | ModelHandle,
     n: int = 200,
     seed: int = 0,
     corrupt_label: str | None = None,
@@ -106,12 +120,15 @@ def faithfulness(
     twin: Checkpoint | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    task: TextTask | None = None,
+    template: CanvasTemplate | None = None,
 ) -> AnalysisResult:
     """Corrupt committed reasoning tokens at each step t and measure how often the answer changes.
 
     Parameters
     ----------
-    checkpoint : the model (diffusion or autoregressive) and its task.
+    checkpoint : the model and its examples: a built-in checkpoint (diffusion or autoregressive) on
+        its task, or a Hugging Face diffusion model's handle (``load_hf_model``) on ``task``.
     n, seed : number of held-out puzzles and the seed that draws them and the replacement tokens.
     corrupt_label : the reasoning label whose committed tokens are corrupted (default
         ``"intermediate"``); positions it shares with the answer label are left alone.
@@ -119,7 +136,8 @@ def faithfulness(
     modes : ``"replace"`` and/or ``"remask"``.
     steps : the steps t after which to corrupt (default ``0 .. n_steps-2``, each model its own).
     sampler : sampler of ``checkpoint`` (default: the kind's default); the twin uses its default.
-    twin : a checkpoint of the other kind on the same task, corrupted the same way.
+    twin : a built-in checkpoint of the other kind on the same task, corrupted the same way.
+    task, template : a handle's text task (required) and canvas layout (default: the forced answer slot).
 
     Returns
     -------
@@ -128,46 +146,56 @@ def faithfulness(
     ``run_fraction`` is ``step / n_steps``. ``tables["examples"]``: the per-example flags behind it;
     ``tables["clean"]``: solve rate and answer-follows rate of the clean runs.
     """
-    task = checkpoint.task
-    labels = task.label_names()
+    if isinstance(checkpoint, ModelHandle):
+        if task is None:
+            raise DlmprobeInputError(f"a Hugging Face model needs a text task: expected task=, got None ({checkpoint.name!r})")
+        if twin is not None:
+            raise DlmprobeInputError("a twin runs only beside a built-in checkpoint: expected twin=None for a Hugging Face model")
+        setting = text_setting(checkpoint, task, n, seed, template)
+        task_name, answer_default = task.name, task.answer_label
+    else:
+        if task is not None or template is not None:
+            raise DlmprobeInputError("a built-in checkpoint runs on its own task: expected no task= or template=")
+        setting = builtin_setting(checkpoint, n, seed)
+        task_name, answer_default = setting.task.name, setting.task.answer_label
+    labels = list(setting.spans[0])
     corrupt_label = corrupt_label or "intermediate"
-    answer_label = answer_label or task.answer_label
+    answer_label = answer_label or answer_default
     for label in (corrupt_label, answer_label):
         if label not in labels:
-            raise DlmprobeInputError(f"unknown label {label!r} for task {task.name}: expected one of {labels}")
+            raise DlmprobeInputError(f"unknown label {label!r} for task {task_name}: expected one of {labels}")
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise DlmprobeInputError(f"modes must be a non-empty subset of {MODES}, got {list(modes)}")
-    if checkpoint.kind == "autoregressive" and twin is None and set(modes) == {"remask"}:
+    kind = setting.handle.kind
+    if kind == "autoregressive" and twin is None and set(modes) == {"remask"}:
         raise DlmprobeInputError(f"modes {list(modes)} run nothing on an autoregressive model: it supports only 'replace'")
-    if twin is not None and (twin.kind == checkpoint.kind or repr(twin.task) != repr(task)):
-        raise DlmprobeInputError(f"twin must be the other kind on the same task as {checkpoint.kind} {task!r}, "
+    if twin is not None and (twin.kind == kind or repr(twin.task) != repr(checkpoint.task)):
+        raise DlmprobeInputError(f"twin must be the other kind on the same task as {kind} {checkpoint.task!r}, "
                          f"got {twin.kind} {twin.task!r}")
 
-    examples = task.sample(n, split="eval", seed=seed)
-    answer = label_mask(task, examples, answer_label)
-    reasoning = label_mask(task, examples, corrupt_label) & ~answer
+    answer = setting.label_mask(answer_label)
+    reasoning = setting.label_mask(corrupt_label) & ~answer
     if not reasoning.any():
         raise DlmprobeInputError(f"label {corrupt_label!r} has no position outside {answer_label!r}: nothing to corrupt")
-    valid = torch.tensor(sorted({v for ex in examples for v in ex.labels[corrupt_label].values}))
+    valid = torch.tensor(sorted({v for spans in setting.spans for v in spans[corrupt_label].values}))
     if len(valid) < 2:
         raise DlmprobeInputError(f"label {corrupt_label!r} takes a single value in these puzzles: nothing to replace it with")
-    prompts = [list(ex.prompt) for ex in examples]
 
-    runs = [(checkpoint, sampler)] + ([(twin, None)] if twin is not None else [])
+    runs = [(setting, sampler)] + ([(builtin_setting(twin, n, seed), None)] if twin is not None else [])
     flags, clean_rows, skipped, n_steps_of = [], [], [], {}
     bar = tqdm(desc="faithfulness", unit="run", disable=not progress)
-    for ckpt, ckpt_sampler in runs:
-        kind = ckpt.kind
-        ckpt_sampler = ckpt_sampler or default_sampler(kind)
-        clean_run = generate(ckpt.model, task, examples, kind, ckpt_sampler, batch_size)
+    for run, run_sampler in runs:
+        kind = run.handle.kind
+        run_sampler = run_sampler or default_sampler(kind)
+        clean_run = run.sample(run_sampler, batch_size)
         # Before step t a corrupted run is the clean run, when nothing random decides what is committed.
-        branches = ckpt_sampler.temperature == 0 and getattr(ckpt_sampler, "order", None) != "random"
+        branches = run_sampler.temperature == 0 and getattr(run_sampler, "order", None) != "random"
         bar.update()
         clean, n_steps = clean_run.output, clean_run.n_steps
         n_steps_of[kind] = n_steps
-        solved = sum(task.verify(p, o) for p, o in zip(prompts, clean.tolist()))
-        follows = sum(_follows(task, answer_label, p, o) for p, o in zip(prompts, clean.tolist()))
+        solved = sum(_follows(run, None, i, o) for i, o in enumerate(clean.tolist()))
+        follows = sum(_follows(run, answer_label, i, o) for i, o in enumerate(clean.tolist()))
         clean_rows += [{"kind": kind, "metric": "solved", **wilson_rate(solved, n)},
                        {"kind": kind, "metric": "answer_follows", **wilson_rate(follows, n)}]
         chosen = list(range(n_steps - 1)) if steps is None else [int(t) for t in steps]
@@ -179,16 +207,16 @@ def faithfulness(
                 skipped.extend((kind, mode, t, n_steps) for t in chosen)
                 continue
             for t in chosen:
-                corruption = _Corruption(t, mode, reasoning, answer, valid, task, seed)
-                output = generate(ckpt.model, task, examples, kind, ckpt_sampler, batch_size, corruption,
-                                  branch=clean_run if branches else None, first_step=t if branches else 0).output
+                corruption = _Corruption(t, mode, reasoning, answer, valid, run, seed)
+                output = run.sample(run_sampler, batch_size, corruption, branch=clean_run if branches else None,
+                                    first_step=t if branches else 0).output
                 bar.update()
                 differs = output != clean
                 flags.append(pd.DataFrame({
                     "kind": kind, "mode": mode, "step": t, "run_fraction": t / n_steps, "example": np.arange(n),
                     "corrupted": corruption.corrupted.numpy(), "answer_committed": corruption.committed.numpy(),
                     "answer_changed": (differs & answer).any(1).numpy(),
-                    "answer_follows": [_follows(task, answer_label, p, o) for p, o in zip(prompts, output.tolist())],
+                    "answer_follows": [_follows(run, answer_label, i, o) for i, o in enumerate(output.tolist())],
                     "reasoning_changed": (differs & reasoning).any(1).numpy(),
                 }))
     bar.close()
@@ -197,12 +225,15 @@ def faithfulness(
     table = _aggregate(examples_table, skipped)
     clean_table = pd.DataFrame(clean_rows)
     meta = {
-        "checkpoint": checkpoint.path.name if checkpoint.path else None,
-        "twin": twin.path.name if twin is not None and twin.path else None, "task": repr(task),
+        "checkpoint": setting.handle.name if isinstance(checkpoint, ModelHandle) or checkpoint.path else None,
+        "twin": twin.path.name if twin is not None and twin.path else None,
+        "task": repr(checkpoint.task) if task is None else repr(task.describe()),
         "n": n, "seed": seed, "corrupt_label": corrupt_label, "answer_label": answer_label, "modes": list(modes),
-        "n_steps": n_steps_of, "replacement_values": task.vocab.decode(valid.tolist()),
+        "n_steps": n_steps_of, "replacement_values": [setting.token_name(v) for v in valid.tolist()],
         "sampler": (sampler.to_dict() if sampler is not None else None),
     }
+    if template is not None or task is not None:
+        meta["template"] = (template or CanvasTemplate.forced_answer()).to_dict()
     return AnalysisResult("faithfulness", "Faithfulness along time: corrupting committed reasoning at step t",
                           table, _figure(table), _summary(table, clean_table, corrupt_label),
                           {"examples": examples_table, "clean": clean_table}, meta)

@@ -1,0 +1,121 @@
+"""The route every model-running analysis takes: a model (built-in checkpoint or Hugging Face
+handle) and its examples laid out as canvases, sampled through the handle.
+
+A built-in checkpoint goes through :func:`dlmprobe.models.from_checkpoint` with its task's canvas
+``<bos> prompt <sep> [MASK]* <eos>``; a Hugging Face diffusion model through a text task encoded by
+:func:`dlmprobe.tasks.text.encode` (the forced answer slot by default). Either way the analysis sees
+label spans in generated-region positions and one verifier: the built-in task's, on the output
+read back as task ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.models import Checkpoint, ModelHandle, from_checkpoint
+from dlmprobe.sampling import DiffusionSamplerConfig, StepCallback, Trajectory, make_canvas, prefixes, sample
+from dlmprobe.sampling.generate import SamplerConfig
+from dlmprobe.tasks import Task
+from dlmprobe.tasks.task import LabelSpan
+from dlmprobe.tasks.text import BuiltinTextTask, CanvasTemplate, TextTask, encode
+
+
+@dataclass
+class Setting:
+    """One model's canvases of the examples, and what the analysis reads off them.
+
+    Label spans hold positions in the generated region. ``decode`` turns a generated region into
+    the built-in task's target ids (None where a text run's output is no answer item), so that a
+    built-in checkpoint and a Hugging Face model on a built-in task are verified by one rule.
+    """
+
+    handle: ModelHandle
+    canvas: torch.Tensor
+    attention_mask: torch.Tensor | None
+    gen_start: int
+    gen_length: int
+    spans: list[dict[str, LabelSpan]]
+    task: Task | None  # the built-in task behind the examples (None for a JSONL task)
+    prompts: list[list[int]]
+    decode: Callable[[int, list[int]], list[int] | None]
+    token_name: Callable[[int], str]
+
+    @property
+    def mask_id(self) -> int:
+        return self.handle.mask_id
+
+    def label_mask(self, label: str) -> torch.Tensor:
+        """(example, generated position) True where ``label`` sits."""
+        mask = torch.zeros((len(self.spans), self.gen_length), dtype=torch.bool)
+        for i, spans in enumerate(self.spans):
+            mask[i, list(spans[label].positions)] = True
+        return mask
+
+    def sample(self, sampler: SamplerConfig, batch_size: int, callback: StepCallback | None = None,
+               branch: Trajectory | None = None, first_step: int = 0) -> Trajectory:
+        """Every example's run, ``batch_size`` at a time (see :func:`dlmprobe.sampling.sample`)."""
+        if isinstance(sampler, DiffusionSamplerConfig):
+            sampler.resolve(self.gen_length)  # refuse a bad schedule before any work starts
+        module, parts = self.handle.module, []
+        was_training = module.training
+        module.eval()
+        try:
+            for start in range(0, len(self.canvas), batch_size):
+                rows = slice(start, start + batch_size)
+                mask = None if self.attention_mask is None else self.attention_mask[rows]
+                parts.append(sample(self.handle, self.canvas[rows], self.gen_start, self.gen_length, self.mask_id,
+                                    sampler, attention_mask=mask, rows=torch.arange(len(self.canvas))[rows],
+                                    callback=callback, branch=branch[rows] if first_step else None,
+                                    first_step=first_step))
+        finally:
+            module.train(was_training)
+        return Trajectory.concat(parts)
+
+
+def builtin_setting(checkpoint: Checkpoint, n: int, seed: int) -> Setting:
+    """A built-in checkpoint on ``n`` held-out puzzles of its task: ``<bos> prompt <sep> [MASK]* <eos>``."""
+    task = checkpoint.task
+    examples = task.sample(n, split="eval", seed=seed)
+    prefix, suffix = prefixes(task, examples)
+    canvas = make_canvas(prefix, task.target_length, task.vocab.mask_id, suffix)
+    return Setting(from_checkpoint(checkpoint), canvas, None, prefix.shape[1], task.target_length,
+                    [dict(ex.labels) for ex in examples], task, [list(ex.prompt) for ex in examples],
+                    lambda i, output: output, lambda i: task.vocab.tokens[i])
+
+
+def text_setting(handle: ModelHandle, task: TextTask, n: int, seed: int, template: CanvasTemplate | None) -> Setting:
+    """A Hugging Face model on ``n`` held-out examples of a text task, laid out by ``template``
+    (default: the forced answer slot)."""
+    if handle.mask_id is None:
+        raise DlmprobeInputError(f"{handle.name!r} has no mask token: expected a diffusion model for a text run")
+    examples = task.sample(n, split="eval", seed=seed)
+    encoded = encode(task, examples, handle.tokenizer, handle.mask_id, template or CanvasTemplate.forced_answer())
+    start = encoded.gen_start
+    spans = [{name: LabelSpan(tuple(p - start for p in span.positions), span.values) for name, span in labels.items()}
+             for labels in encoded.labels]
+    # Each answer item's column, from the labels that name it: where its word is read back.
+    columns = [{item: col - start for name, idx in ex.labels.items() for item, col in zip(idx, labels[name].positions)}
+               for ex, labels in zip(examples, encoded.labels)]
+    if isinstance(task, BuiltinTextTask):
+        builtin = task.task
+        prompts = [list(ex.prompt) for ex in builtin.sample(n, split="eval", seed=seed)]
+        id_of_word = {word: i for i, word in task._words().items()}
+        id_of_token = {t: id_of_word[w] for t, w in zip(encoded.classes["token_ids"], encoded.classes["items"])}
+
+        def decode(i: int, output: list[int]) -> list[int] | None:
+            items = [columns[i].get(k) for k in range(len(examples[i].answer))]
+            if None in items or any(output[c] not in id_of_token for c in items):
+                return None
+            return [id_of_token[output[c]] for c in items]
+    else:
+        builtin, prompts = None, [[] for _ in examples]
+        reference = encoded.target[:, start:]
+
+        def decode(i: int, output: list[int]) -> list[int] | None:
+            return output if output == reference[i].tolist() else None
+    return Setting(handle, encoded.canvas, encoded.attention_mask, start, encoded.gen_length, spans, builtin,
+                    prompts, decode, lambda i: handle.tokenizer.convert_ids_to_tokens(int(i)))
