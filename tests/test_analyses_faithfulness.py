@@ -10,8 +10,8 @@ torch.set_num_threads(1)
 from dlmprobe.analyses.common import wilson_interval
 from dlmprobe.analyses.faithfulness import faithfulness
 from dlmprobe.analyses.paraphrase import _sample, compose, invert, paraphrase_run, translate
+from dlmprobe.analyses.setting import Setting
 from dlmprobe.models import ModelConfig, load_model, random_model
-from dlmprobe.sampling import generate
 from dlmprobe.tasks import Task, get_task
 
 faithfulness_module = importlib.import_module("dlmprobe.analyses.faithfulness")  # the package exports the function
@@ -187,9 +187,10 @@ def test_corrupted_runs_branched_off_the_clean_run_equal_runs_from_step_0(arith_
                             **kwargs).tables["examples"]
 
     branched = run()
-    # The same analysis with every corrupted run sampled from step 0: the real generate, branch dropped.
-    monkeypatch.setattr(faithfulness_module, "generate",
-                        lambda *args, branch=None, first_step=0, **kwargs: generate(*args, **kwargs))
+    # The same analysis with every corrupted run sampled from step 0: the real sampling, branch dropped.
+    real = Setting.sample
+    monkeypatch.setattr(Setting, "sample", lambda self, sampler, batch_size, callback=None, branch=None, first_step=0:
+                        real(self, sampler, batch_size, callback))
     from_start = run()
     assert branched.corrupted.any() and branched.answer_changed.any()  # the comparison sees real corruptions
     assert branched.equals(from_start)

@@ -45,13 +45,40 @@ def _order(args: argparse.Namespace, store: OpenStore):
     return commit_order(store(args.store), answer=args.answer, reasoning=args.reasoning)
 
 
+def _text_flags(args: argparse.Namespace) -> dict:
+    """A Hugging Face model's text task and canvas layout from the flags; none for a built-in model."""
+    from dlmprobe.capture_text import is_builtin_model
+    from dlmprobe.tasks import get_task
+    from dlmprobe.tasks.text import BuiltinTextTask, CanvasTemplate
+
+    if is_builtin_model(args.model):
+        given = [flag for flag, value in (("--task", args.task), ("--task-param", args.task_param),
+                                          ("--reasoning-length", args.reasoning_length),
+                                          ("--answer-length", args.answer_length)) if value]
+        if given:
+            raise DlmprobeInputError(f"{given[0]} is for a Hugging Face model; built-in model {args.model!r} runs on its own task")
+        return {}
+    return {"task": BuiltinTextTask(get_task(args.task or "arith", **dict(args.task_param))),
+            "template": CanvasTemplate.forced_answer(args.reasoning_length, args.answer_length)}
+
+
+def _load_model(args: argparse.Namespace):
+    """A built-in checkpoint, or a Hugging Face model's handle (a folder or hub name)."""
+    from dlmprobe.capture_text import is_builtin_model
+    from dlmprobe.models import load_hf_model
+
+    if is_builtin_model(args.model):
+        return common.load_checkpoint(args.model, args)
+    return load_hf_model(args.model, trust_remote_code=args.trust_remote_code, device=common.chosen_device(args))
+
+
 def _faithfulness(args: argparse.Namespace, store: OpenStore):
     from dlmprobe.analyses import faithfulness
 
-    model = common.load_checkpoint(args.model, args)
+    text = _text_flags(args)
     twin = common.load_checkpoint(args.twin, args) if args.twin else None
-    return faithfulness(model, n=args.n, seed=args.seed, corrupt_label=args.corrupt_label,
-                        answer_label=args.answer_label, twin=twin, progress=not args.quiet)
+    return faithfulness(_load_model(args), n=args.n, seed=args.seed, corrupt_label=args.corrupt_label,
+                        answer_label=args.answer_label, twin=twin, progress=not args.quiet, **text)
 
 
 def _paraphrase(args: argparse.Namespace, store: OpenStore):
@@ -98,6 +125,18 @@ def _model_flags() -> list[common.Parser]:
     return [common.device(), common.no_verify()]
 
 
+def _text_model_flags() -> common.Parser:
+    """A Hugging Face model's flags: remote code, its text task and the forced-answer canvas."""
+    p = common.Parser(add_help=False, parents=[common.task_params("Hugging Face model: an option of --task, e.g. n_ops=2")])
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a Hugging Face model's own modeling code")
+    p.add_argument("--task", help="Hugging Face model: the built-in task rendered as text (default arith)")
+    p.add_argument("--reasoning-length", type=common.positive_int,
+                   help="Hugging Face model: masked reasoning tokens before the forced answer slot (default 0)")
+    p.add_argument("--answer-length", type=common.positive_int,
+                   help="Hugging Face model: answer slot tokens (default: longest reference)")
+    return p
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("analyze", help="run one analysis and save its table, figure and summary",
                             parents=[common.threads(), common.quiet(), common.overwrite()])
@@ -138,8 +177,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     q.set_defaults(run=_order)
 
     q = kinds.add_parser("faithfulness", help="5: corrupt committed reasoning at step t; does the answer follow?",
-                         parents=[common.seed(), *_model_flags()])
-    q.add_argument("--model", required=True)
+                         parents=[common.seed(), *_model_flags(), _text_model_flags()])
+    q.add_argument("--model", required=True, help="a built-in checkpoint, or a Hugging Face diffusion model (folder or hub name)")
     q.add_argument("--twin", help="the autoregressive twin to run the same corruption on")
     q.add_argument("--n", type=common.positive_int, default=200)
     q.add_argument("--corrupt-label")

@@ -1,0 +1,89 @@
+"""Faithfulness, paraphrase and causal analyses on Hugging Face diffusion models (tiny LLaDA, and
+Dream, whose logits are shifted) on arith rendered as text, through the Python API and the CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_fixtures import save_dream, save_llada
+
+from dlmprobe.analyses import faithfulness
+from dlmprobe.analyses.faithfulness import _follows
+from dlmprobe.analyses.result import load_result
+from dlmprobe.analyses.setting import text_setting
+from dlmprobe.cli import main
+from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.models import load_hf_model
+from dlmprobe.tasks import get_task
+from dlmprobe.tasks.text import BuiltinTextTask, CanvasTemplate
+
+torch.set_num_threads(1)
+ARITH = BuiltinTextTask(get_task("arith", n_ops=3))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"llada": save_llada(root / "llada"), "dream": save_dream(root / "dream")}
+
+
+@pytest.fixture(scope="module")
+def handles(folders):
+    return {name: load_hf_model(folder, trust_remote_code=True) for name, folder in folders.items()}
+
+
+def test_a_text_output_is_verified_by_the_builtin_rule(handles):
+    setting = text_setting(handles["llada"], ARITH, 12, 0, None)
+    encoded_reference = [list(row) for row in setting.spans]  # one label dict per example
+    assert all("intermediate" in spans and "answer" in spans for spans in encoded_reference)
+    from dlmprobe.tasks.text import encode
+
+    examples = ARITH.sample(12, "eval", seed=0)
+    reference = encode(ARITH, examples, handles["llada"].tokenizer, handles["llada"].mask_id,
+                       CanvasTemplate.forced_answer()).target[:, setting.gen_start:]
+    assert all(_follows(setting, None, i, row) for i, row in enumerate(reference.tolist()))
+    assert all(_follows(setting, "answer", i, row) for i, row in enumerate(reference.tolist()))
+    # Replacing the last intermediate result by another number: no longer the solution.
+    last = setting.label_mask("intermediate").long().cumsum(1).argmax(1)
+    digits = sorted({v for spans in setting.spans for v in spans["intermediate"].values})
+    for i, row in enumerate(reference.tolist()):
+        row[last[i]] = next(d for d in digits if d != row[last[i]])
+        assert not _follows(setting, None, i, row)
+    # A token outside the task's words is no answer at all.
+    row = reference[0].tolist()
+    row[int(last[0])] = handles["llada"].tokenizer.convert_tokens_to_ids("The")
+    assert not _follows(setting, "answer", 0, row)
+
+
+def _check_flags(result):
+    examples = result.tables["examples"]
+    assert examples.corrupted.any()
+    untouched = examples[~examples.corrupted]
+    assert not untouched.answer_changed.any() and not untouched.reasoning_changed.any()
+    replaced = examples[examples["mode"] == "replace"]
+    # A replaced token is never resampled: the reasoning changes exactly where something was corrupted.
+    assert (replaced.reasoning_changed == replaced.corrupted).all()
+
+
+@pytest.mark.parametrize("model", ["llada", "dream"])
+def test_faithfulness_on_a_text_run(handles, model):
+    result = faithfulness(handles[model], n=10, task=ARITH, progress=False)
+    _check_flags(result)
+    table = result.table
+    assert set(table["mode"]) == {"replace", "remask"} and set(table["kind"]) == {"diffusion"}
+    assert result.meta["template"]["answer_prefix"] == "The answer is"
+    assert set(result.meta["replacement_values"]) <= {str(d) for d in range(10)}
+
+
+def test_faithfulness_text_run_through_the_cli(folders, tmp_path):
+    out = tmp_path / "analyses"
+    assert main(["analyze", "--quiet", "--out", str(out), "faithfulness", "--model", str(folders["llada"]),
+                 "--trust-remote-code", "--task", "arith", "--task-param", "n_ops=3", "--n", "8"]) == 0
+    result = load_result(out / "faithfulness")
+    assert result.meta["n"] == 8 and "arith" in result.meta["task"]
+    assert set(result.table["metric"]) >= {"answer_changed", "corrupted"}
+
+
+def test_faithfulness_text_run_needs_its_task(handles):
+    with pytest.raises(DlmprobeInputError, match="text task"):
+        faithfulness(handles["llada"], n=4, progress=False)
