@@ -45,13 +45,21 @@ def _order(args: argparse.Namespace, store: OpenStore):
     return commit_order(store(args.store), answer=args.answer, reasoning=args.reasoning)
 
 
+def _is_hf_model(args: argparse.Namespace) -> bool:
+    """A Hugging Face model: a model folder that is no kit checkpoint, or a hub name given with a text flag."""
+    from dlmprobe.capture_text import is_builtin_model
+
+    if is_builtin_model(args.model):
+        return False
+    return Path(args.model).expanduser().is_dir() or bool(args.trust_remote_code or args.task)
+
+
 def _text_flags(args: argparse.Namespace) -> dict:
     """A Hugging Face model's text task and canvas layout from the flags; none for a built-in model."""
-    from dlmprobe.capture_text import is_builtin_model
     from dlmprobe.tasks import get_task
     from dlmprobe.tasks.text import BuiltinTextTask, CanvasTemplate
 
-    if is_builtin_model(args.model):
+    if not _is_hf_model(args):
         given = [flag for flag, value in (("--task", args.task), ("--task-param", args.task_param),
                                           ("--reasoning-length", args.reasoning_length),
                                           ("--answer-length", args.answer_length)) if value]
@@ -64,10 +72,9 @@ def _text_flags(args: argparse.Namespace) -> dict:
 
 def _load_model(args: argparse.Namespace):
     """A built-in checkpoint, or a Hugging Face model's handle (a folder or hub name)."""
-    from dlmprobe.capture_text import is_builtin_model
     from dlmprobe.models import load_hf_model
 
-    if is_builtin_model(args.model):
+    if not _is_hf_model(args):
         return common.load_checkpoint(args.model, args)
     return load_hf_model(args.model, trust_remote_code=args.trust_remote_code, device=common.chosen_device(args))
 
@@ -178,7 +185,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     q = kinds.add_parser("faithfulness", help="5: corrupt committed reasoning at step t; does the answer follow?",
                          parents=[common.seed(), *_model_flags(), _text_model_flags()])
-    q.add_argument("--model", required=True, help="a built-in checkpoint, or a Hugging Face diffusion model (folder or hub name)")
+    q.add_argument("--model", required=True, help="a built-in checkpoint, or a Hugging Face diffusion model (a folder, or a hub name with --task)")
     q.add_argument("--twin", help="the autoregressive twin to run the same corruption on")
     q.add_argument("--n", type=common.positive_int, default=200)
     q.add_argument("--corrupt-label")
