@@ -64,6 +64,8 @@ class DemoConfig:
     probe_site: str = "blocks.3.hook_resid_post"
     causal_site: str = "blocks.1.hook_resid_post"
     n_causal: int = 96
+    # From step 0 only by default: a later start re-samples every condition from there (minutes here).
+    causal_start_steps: tuple[int, ...] = (0,)
     example: int = 0
 
     def __post_init__(self) -> None:
@@ -137,7 +139,7 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, ov
     with clock.stage("7 causal check", "7 causal check of the probe direction"):
         # Layer 1: at the last layer an erasure removes what the unembedding reads, which proves little.
         keep(causal_check(sudoku_model, sudoku, config.causal_site, label="blank", n=config.n_causal,
-                          seed=config.seed + 1, start_steps=[0, sudoku.n_steps // 2]))
+                          seed=config.seed + 1, start_steps=list(config.causal_start_steps)))
     with clock.stage("8 trajectory view"):
         keep(trajectory_view(sudoku, example=config.example,
                              probe=_spread(predicted, sudoku, config.example, "blank")))
