@@ -60,18 +60,18 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dlmprobe.analyses.common import label_mask, percent
+from dlmprobe.analyses.common import percent
 from dlmprobe.analyses.nulls import CONTROLS, EFFECTS, EditCondition, MeasuredEdit, beside_controls, edit_conditions
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
+from dlmprobe.analyses.setting import Setting, store_setting
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.hooks import ActivationEditor, Edit, layer_of
-from dlmprobe.models import Checkpoint
+from dlmprobe.models import Checkpoint, ModelHandle
 from dlmprobe.probes.linear import LinearProbe
 from dlmprobe.probes.subspaces import Subspace
-from dlmprobe.sampling import DiffusionSamplerConfig, Trajectory, generate, solved
+from dlmprobe.sampling import DiffusionSamplerConfig, Trajectory
 from dlmprobe.store import ActivationDataset
-from dlmprobe.tasks import Example, Task, get_task
 
 SUBSPACES: tuple[str, ...] = EFFECTS
 SUBSPACE_COLOURS = {"probe": CONDITION_COLOURS["probe"], "leace": "#8c564b", "random": CONDITION_COLOURS["control"],
@@ -89,18 +89,18 @@ def steering_edit(subspace: Subspace | EditCondition, class_means: Float[Tensor,
     return lambda h, example, position: subspace.move(h, class_means[goal[example, position]], alpha)
 
 
-def sample_conditions(model: torch.nn.Module, task: Task, examples: Sequence[Example], site: str,
-                      where: Bool[Tensor, "example pos"], conditions: Sequence[tuple[Edit, int]],
-                      sampler: DiffusionSamplerConfig, clean: Trajectory, batch_size: int = 256) -> list[Trajectory]:
-    """Sample ``examples`` once per condition ``(edit, start_step)``, conditions sharing batches.
+def sample_conditions(setting: Setting, site: str, where: Bool[Tensor, "example pos"],
+                      conditions: Sequence[tuple[Edit, int]], sampler: DiffusionSamplerConfig, clean: Trajectory,
+                      batch_size: int = 256) -> list[Trajectory]:
+    """Sample the setting's examples once per condition ``(edit, start_step)``, conditions sharing batches.
 
-    Under each condition the positions ``where[example]`` still masked in the canvas a step reads
-    go through ``edit`` (given example indices) at ``site`` from ``start_step`` on. Until then a
-    condition's run is the ``clean`` run of ``examples`` with ``sampler`` (deterministic: temperature
-    0), so the conditions that start at step ``t`` branch off it at ``t`` and run together, one row
-    per (condition, example), each row carrying its condition.
+    Under each condition the canvas positions ``where[example]`` still masked in the canvas a step
+    reads go through ``edit`` (given example indices) at ``site`` (a site name of the setting's
+    handle) from ``start_step`` on. Until then a condition's run is the ``clean`` run with
+    ``sampler`` (deterministic: temperature 0), so the conditions that start at step ``t`` branch
+    off it at ``t`` and run together, one row per (condition, example), each row carrying its condition.
     """
-    n = len(examples)
+    n = len(setting.canvas)
     runs: dict[int, Trajectory] = {}
     for t in sorted({t for _, t in conditions}):
         group = [c for c, (_, start) in enumerate(conditions) if start == t]
@@ -113,16 +113,16 @@ def sample_conditions(model: torch.nn.Module, task: Task, examples: Sequence[Exa
                 edited[chosen] = conditions[group[m]][0](h[chosen], example[chosen], positions[chosen])
             return edited
 
-        with ActivationEditor(model, site, edit, where.repeat(len(group), 1), start_step=t,
-                              mask_id=task.vocab.mask_id) as editor:
-            run = generate(model, task, list(examples) * len(group), "diffusion", sampler, batch_size,
-                           observers=[editor], branch=Trajectory.concat([clean] * len(group)), first_step=t)
+        with ActivationEditor(setting.handle, site, edit, where.repeat(len(group), 1), start_step=t,
+                              mask_id=setting.mask_id) as editor:
+            run = setting.sample(sampler, batch_size, observers=[editor], copies=len(group),
+                                 branch=Trajectory.concat([clean] * len(group)), first_step=t)
         runs.update({c: run[m * n : (m + 1) * n] for m, c in enumerate(group)})
     return [runs[c] for c in range(len(conditions))]
 
 
 def causal_check(
-    checkpoint: Checkpoint,
+    checkpoint: Checkpoint | ModelHandle,
     data: ActivationDataset,
     site: str,
     label: str | None = None,
@@ -137,13 +137,15 @@ def causal_check(
     """Ablate and steer a probe's subspace while sampling fresh puzzles; measure what the model commits.
 
     Args:
-        checkpoint: the diffusion model ``data`` was recorded from.
+        checkpoint: the diffusion model ``data`` was recorded from: a built-in checkpoint, or for a
+            text run (``dlmprobe cache --model FOLDER --task ...``) the Hugging Face model's handle,
+            sampled on fresh examples of the stored text task and canvas template.
         data: a store holding ``site`` at the label's positions.
         site: the hook name to probe and edit, e.g. ``"blocks.3.hook_resid_post"``.
         label: the label whose still-masked positions are probed and edited (default: the task's
             answer label; ``"blank"`` for sudoku's cells to fill).
         start_steps: denoising steps from which the edits act (default 0, 25%, 50%, 75% of the run).
-        n: fresh puzzles of the eval split, drawn with ``seed`` (not the store's seed).
+        n: fresh examples of the eval split, drawn with ``seed`` (not the store's seed).
         seed: also seeds the probe's train/test split, the random basis and the steering classes.
         alpha: steering strength; 1 gives the subspace component of the class mean.
         subspaces: which of ``"probe"`` and ``"leace"`` to ablate and steer (the controls are always
@@ -158,28 +160,23 @@ def causal_check(
     """
     began = time.perf_counter()
     if checkpoint.kind != "diffusion":
-        raise DlmprobeInputError(f"causal_check needs a diffusion checkpoint, got a {checkpoint.kind} one")
+        raise DlmprobeInputError(f"causal_check needs a diffusion model, got a {checkpoint.kind} one")
     if site not in data.sites:
         raise DlmprobeInputError(f"site {site!r} is not in the store {data.path}; stored sites: {data.sites}")
     stored_model = data.config.get("model", {})
-    if stored_model.get("config") != checkpoint.config.to_dict() or (
-        stored_model.get("weights_sha256") and checkpoint.path is not None
-        and stored_model["weights_sha256"] != checkpoint.weights_sha256
-    ):
-        raise DlmprobeInputError(f"the store {data.path} was recorded from model {stored_model.get('name')!r}, not from this checkpoint")
+    setting = store_setting(checkpoint, data, n, seed)
     subspaces = list(dict.fromkeys(subspaces))
     unknown = [s for s in subspaces if s not in SUBSPACES]
     if unknown or not subspaces:
         raise DlmprobeInputError(f"subspaces must be some of {SUBSPACES}, got {list(subspaces)}")
-    task = get_task(data.config["task"]["name"], **data.config["task"]["params"])
-    label = label or task.answer_label
+    label = label or data.config["task"].get("answer_label") or setting.task.answer_label
     if label not in data.label_names:
         raise DlmprobeInputError(f"unknown label {label!r}; the store has labels {data.label_names}")
     sampler = DiffusionSamplerConfig(**data.config["sampler"])
     if sampler.temperature > 0:
         raise DlmprobeInputError(f"causal_check compares edited and clean runs of a deterministic sampler: the "
                                  f"store's sampler has temperature {sampler.temperature}, expected 0")
-    n_steps = sampler.resolve(task.target_length)[0]
+    n_steps = sampler.resolve(setting.gen_length)[0]
     if start_steps is None:
         start_steps = [int(f * n_steps) for f in (0.0, 0.25, 0.5, 0.75)]
     start_steps = sorted({int(t) for t in start_steps})
@@ -191,16 +188,15 @@ def causal_check(
 
     fit = _fit_probe(data, site, label, seed)
     classes = fit.probe.classes_
-    device = next(checkpoint.model.parameters()).device
+    device = setting.handle.device
     check_goal = _other_classes(np.searchsorted(classes, fit.y_test), len(classes), seed)
     conditions = edit_conditions(fit.X_train, fit.y_train, fit.probe.coef_, fit.X_test, fit.class_means[check_goal],
                                  subspaces, seed, alpha)
     diagnostics = _diagnostics(fit, conditions, check_goal, alpha)
 
-    examples = task.sample(n, split="eval", seed=seed)
-    where = _label_positions(task, examples, label)
+    where = setting.where(label)
     bar = tqdm(total=2, disable=not progress, desc=f"causal {site}", unit="run")
-    clean = generate(checkpoint.model, task, examples, "diffusion", sampler, batch_size=batch_size)
+    clean = setting.sample(sampler, batch_size)
     bar.update(1)
     final = clean.canvases[:, -1]
     goal = _steering_goals(final, where, classes, seed)
@@ -208,22 +204,22 @@ def causal_check(
     runs_of = [(t, condition.to(device)) for t in start_steps for condition in conditions]
     edits = [MeasuredEdit(ablation_edit(c, mean) if c.intervention == "ablate"
                        else steering_edit(c, class_means, goal.to(device), alpha)) for _, c in runs_of]
-    runs = sample_conditions(checkpoint.model, task, examples, site, where,
-                             [(edit, t) for edit, (t, _) in zip(edits, runs_of)], sampler, clean, batch_size)
+    runs = sample_conditions(setting, site, where, [(edit, t) for edit, (t, _) in zip(edits, runs_of)], sampler,
+                             clean, batch_size)
     bar.update(1)
     bar.close()
-    clean_solved = np.array(solved(task, examples, clean))
+    clean_solved = np.array(_solved(setting, clean))
     goal_token = torch.as_tensor(classes)[goal.clamp_min(0)]
     per_example, moved = [], []
     for (t, c), run, edit in zip(runs_of, runs, edits):
-        edited = where & (clean.canvases[:, t] == task.vocab.mask_id)  # the runs agree up to step t
+        edited = where & (clean.canvases[:, t] == setting.mask_id)  # the runs agree up to step t
         output = run.canvases[:, -1]
         key = {"intervention": c.intervention, "subspace": c.subspace, "matched_to": c.matched_to, "start_step": t}
         per_example.append(pd.DataFrame({
             **key, "example": np.arange(n),
             "n_edited": edited.sum(1).numpy(), "n_changed": (edited & (output != final)).sum(1).numpy(),
             "n_steered": (edited & (output == goal_token)).sum(1).numpy(),
-            "solved": solved(task, examples, run), "clean_solved": clean_solved,
+            "solved": _solved(setting, run), "clean_solved": clean_solved,
         }))
         moved.append({**key, "displacement_run": edit.mean})
     examples_table = pd.concat(per_example, ignore_index=True)
@@ -239,7 +235,7 @@ def causal_check(
         "probe_accuracy": fit.accuracy, "probe_train_rows": len(fit.y_train), "probe_test_rows": len(fit.y_test),
         "activation_norm": float(np.linalg.norm(fit.X_test - fit.mean, axis=1).mean()),
         "clean_solved": float(clean_solved.mean()),
-        "puzzles_in_store": len(set(data.uid) & {ex.uid for ex in examples}),
+        "puzzles_in_store": len(set(data.uid) & set(setting.uids)),
         "seconds": round(time.perf_counter() - began, 1),
     }
     return AnalysisResult(
@@ -310,11 +306,8 @@ def _other_classes(own: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
     return (own + np.random.default_rng(seed).integers(1, n_classes, size=len(own))) % n_classes
 
 
-def _label_positions(task: Task, examples: Sequence[Example], label: str) -> Bool[Tensor, "example pos"]:
-    """:func:`label_mask` laid out on the whole canvas."""
-    where = torch.zeros((len(examples), task.sequence_length), dtype=torch.bool)
-    where[:, task.target_start : task.target_start + task.target_length] = label_mask(task, examples, label)
-    return where
+def _solved(setting: Setting, run: Trajectory) -> list[bool]:
+    return [setting.verifies(i, output) for i, output in enumerate(run.output.tolist())]
 
 
 def _steering_goals(final: Int[Tensor, "example pos"], where: Bool[Tensor, "example pos"],
