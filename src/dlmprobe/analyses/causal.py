@@ -38,6 +38,11 @@ ablated rows reads (whether the label is still linearly there). Up to step
 ``t`` branch off the clean run there and are sampled together, each row carrying its condition
 (:func:`sample_conditions`); the sampler must be deterministic (temperature 0).
 
+A Hugging Face model's text run (``dlmprobe cache --model FOLDER --task ...``) is checked the same
+way on fresh examples of its text task and canvas template, edited through the handle's site
+names. On a model with shifted logits (Dream) a position's token is read from the state one to its
+left, so an edit at the probed position acts only through what later positions attend to.
+
 Example:
     >>> ckpt = load_model("sudoku-diffusion")
     >>> data = ActivationDataset("runs/sudoku.h5")      # dlmprobe cache --model sudoku-diffusion ...
@@ -133,6 +138,7 @@ def causal_check(
     batch_size: int = 256,
     progress: bool = True,
     subspaces: Sequence[str] = SUBSPACES,
+    sampler: DiffusionSamplerConfig | None = None,
 ) -> AnalysisResult:
     """Ablate and steer a probe's subspace while sampling fresh puzzles; measure what the model commits.
 
@@ -150,6 +156,9 @@ def causal_check(
         alpha: steering strength; 1 gives the subspace component of the class mean.
         subspaces: which of ``"probe"`` and ``"leace"`` to ablate and steer (the controls are always
             ablated beside each, at its displacement).
+        sampler: the fresh runs' sampler (default: the store's); it must be deterministic
+            (temperature 0), as the store's need not be (a store sampled at temperature 1 still
+            gives the probe more than one class from a model that is near-constant at temperature 0).
 
     The probe is fitted on 80% of the store's examples (rows pooled over the stored steps, the
     positions still masked, target = the token finally committed) and scored on the rest; the
@@ -172,10 +181,10 @@ def causal_check(
     label = label or data.config["task"].get("answer_label") or setting.task.answer_label
     if label not in data.label_names:
         raise DlmprobeInputError(f"unknown label {label!r}; the store has labels {data.label_names}")
-    sampler = DiffusionSamplerConfig(**data.config["sampler"])
+    sampler = sampler or DiffusionSamplerConfig(**data.config["sampler"])
     if sampler.temperature > 0:
-        raise DlmprobeInputError(f"causal_check compares edited and clean runs of a deterministic sampler: the "
-                                 f"store's sampler has temperature {sampler.temperature}, expected 0")
+        raise DlmprobeInputError(f"causal_check compares edited and clean runs of a deterministic sampler: got "
+                                 f"temperature {sampler.temperature}, expected 0 (pass a sampler at temperature 0)")
     n_steps = sampler.resolve(setting.gen_length)[0]
     if start_steps is None:
         start_steps = [int(f * n_steps) for f in (0.0, 0.25, 0.5, 0.75)]

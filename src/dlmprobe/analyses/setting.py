@@ -168,7 +168,7 @@ def store_setting(model: Checkpoint | ModelHandle, data: ActivationDataset, n: i
     if not isinstance(model, ModelHandle):
         raise DlmprobeInputError(f"{data.path} is a Hugging Face model's text run: expected that model's handle, got a built-in checkpoint")
     described = model.describe()
-    differs = [k for k in ("kind", "n_layers", "d_model", "vocab_size", "mask_id") if stored.get(k) != described.get(k)]
+    differs = [k for k in ("architecture", "kind", "n_layers", "d_model", "vocab_size", "mask_id") if stored.get(k) != described.get(k)]
     if differs:
         raise DlmprobeInputError(f"the store {data.path} was recorded from model {stored.get('name')!r}, not from "
                                  f"{model.name!r} (their {differs[0]} differ)")
