@@ -72,12 +72,13 @@ class Setting:
         where[:, self.gen_start : self.gen_start + self.gen_length] = self.label_mask(label)
         return where
 
-    def verifies(self, i: int, output: list[int]) -> bool:
-        """Whether example ``i``'s generated region ``output`` is a solution (a JSONL task's: its reference)."""
+    def verifies(self, i: int, output: list[int], prompt: Sequence[int] | None = None) -> bool:
+        """Whether example ``i``'s generated region ``output`` solves ``prompt`` (task ids; default: the
+        example's own), a JSONL task's: whether it is the reference."""
         target = self.decode(i, output)
         if target is None or self.task is None:
             return target is not None
-        return self.task.verify(self.prompts[i], target)
+        return self.task.verify(self.prompts[i] if prompt is None else prompt, target)
 
     def sample(self, sampler: SamplerConfig, batch_size: int, callback: StepCallback | None = None,
                branch: Trajectory | None = None, first_step: int = 0, observers: Sequence[StepObserver] = (),
@@ -107,9 +108,10 @@ class Setting:
         return Trajectory.concat(parts)
 
 
-def builtin_setting(checkpoint: Checkpoint, n: int, seed: int) -> Setting:
-    """A built-in checkpoint on ``n`` held-out puzzles of its task: ``<bos> prompt <sep> [MASK]* <eos>``."""
-    task = checkpoint.task
+def builtin_setting(checkpoint: Checkpoint, n: int, seed: int, task: Task | None = None) -> Setting:
+    """A built-in checkpoint on ``n`` held-out puzzles of its task (or ``task``, of the same layout):
+    ``<bos> prompt <sep> [MASK]* <eos>``."""
+    task = task or checkpoint.task
     examples = task.sample(n, split="eval", seed=seed)
     prefix, suffix = prefixes(task, examples)
     canvas = make_canvas(prefix, task.target_length, task.vocab.mask_id, suffix)
