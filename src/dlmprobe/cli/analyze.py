@@ -91,9 +91,9 @@ def _faithfulness(args: argparse.Namespace, store: OpenStore):
 def _paraphrase(args: argparse.Namespace, store: OpenStore):
     from dlmprobe.analyses import paraphrase_run
 
-    model = common.load_checkpoint(args.model, args)
-    return paraphrase_run(model, n=args.n, seed=args.seed, probe_site=args.probe_site, label=args.label,
-                          progress=not args.quiet)
+    text = _text_flags(args)
+    return paraphrase_run(_load_model(args), n=args.n, seed=args.seed, probe_site=args.probe_site, label=args.label,
+                          progress=not args.quiet, **text)
 
 
 def _causal(args: argparse.Namespace, store: OpenStore):
@@ -195,8 +195,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     q.set_defaults(run=_faithfulness)
 
     q = kinds.add_parser("paraphrase", help="6: rewrite the canvas after every step, meaning preserved",
-                         parents=[common.seed(), *_model_flags()])
-    q.add_argument("--model", required=True)
+                         parents=[common.seed(), *_model_flags(), _text_model_flags()])
+    q.add_argument("--model", required=True, help="a built-in checkpoint, or a Hugging Face diffusion model (a folder, or a hub name with --task)")
     q.add_argument("--n", type=common.positive_int, default=200)
     q.add_argument("--probe-site")
     q.add_argument("--label")
