@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from dlmprobe.analyses.common import wilson_rate
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
-from dlmprobe.analyses.relabel import Relabeller
+from dlmprobe.analyses.relabel import Relabeller, Remask, free_positions
 from dlmprobe.analyses.result import AnalysisResult
 from dlmprobe.analyses.setting import Setting, builtin_setting, text_setting
 from dlmprobe.errors import DlmprobeInputError
@@ -81,17 +81,8 @@ class _Run:
     remasked: np.ndarray  # (example,): committed positions remasked over the run
 
 
-@dataclass
-class _Remask:
-    """The commit-pattern paraphrase: ``k`` of the committed ``positions[example]`` remasked after each of ``steps``."""
-
-    positions: np.ndarray  # (example, canvas position) bool
-    k: int
-    steps: tuple[int, ...]
-
-
 def _sample(setting: Setting, sampler: SamplerConfig | None, batch_size: int, paraphrase: bool, seed: int,
-            probe_site: str | None, label: str | None, remask: _Remask | None = None,
+            probe_site: str | None, label: str | None, remask: Remask | None = None,
             text: BuiltinTextTask | None = None, template: CanvasTemplate | None = None) -> _Run:
     """One run of the setting's examples: plain, paraphrased after every step, or with commits remasked."""
     n = len(setting.canvas)
@@ -258,11 +249,11 @@ def paraphrase_run(
     example = task.sample(1, split="eval", seed=seed)[0]
     # Fail before any sampling if the task has no paraphraser.
     task.paraphrase(example.prompt, example.target, random.Random(seed))
-    free = _free_positions(setting, task if text is None else None, label, seed)
+    free = free_positions(setting, task if text is None else None, label, seed)
     remask = None
     if "commits" in paraphrases:
         n_steps = (sampler or DiffusionSamplerConfig()).resolve(setting.gen_length)[0]
-        remask = _Remask(free["positions"], remask_k, tuple(range(max(1, int(remask_until * n_steps)))))
+        remask = Remask(free["positions"], remask_k, tuple(range(max(1, int(remask_until * n_steps)))))
     names = ["plain", *(PARAPHRASES[p] for p in paraphrases)]
     runs = {name: _sample(setting, sampler, batch_size, name == "paraphrased", seed, probe_site, label,
                           remask if name == "remasked" else None, text, template)
@@ -296,26 +287,6 @@ def paraphrase_run(
         meta["template"] = template.to_dict()
     return AnalysisResult("paraphrase", "Paraphrasing the canvas between steps", table, _figure(table),
                           _summary(table, solve, outcomes, meta), {"solve": solve, "examples": outcomes}, meta)
-
-
-def _free_positions(setting: Setting, task: Task | None, label: str | None, seed: int) -> dict:
-    """Where a commit-pattern paraphrase remasks: the free cells of a task with free choices, else the
-    label's positions (default: every target position of a built-in checkpoint's ``task``, every
-    labelled answer item of a text setting). ``n_free``: free cells per example (0 without free choices)."""
-    n = len(setting.canvas)
-    positions = np.zeros(setting.canvas.shape, dtype=bool)
-    free_cells = getattr(task, "free_cells", None)
-    n_free = np.zeros(n, dtype=np.int64)
-    if free_cells is not None:
-        for i, example in enumerate(task.sample(n, split="eval", seed=seed)):
-            cells = np.asarray(free_cells(example), dtype=np.int64)
-            positions[i, setting.gen_start + cells] = True
-            n_free[i] = len(cells)
-    else:
-        labels = [label] if label is not None else [] if task is not None else list(setting.spans[0])
-        gen = slice(setting.gen_start, setting.gen_start + setting.gen_length)
-        positions[:, gen] = np.any([setting.label_mask(name).numpy() for name in labels], axis=0) if labels else True
-    return {"positions": positions, "n_free": n_free, "choices": free_cells is not None}
 
 
 def _outcomes(setting: Setting, runs: dict[str, _Run]) -> pd.DataFrame:

@@ -1,4 +1,5 @@
-"""Token maps, and the paraphrase of a :class:`~dlmprobe.analyses.setting.Setting`'s canvas by its task.
+"""Token maps, and the paraphrases of a :class:`~dlmprobe.analyses.setting.Setting`'s canvas: by its
+task's relabelling (:class:`Relabeller`), and of its commit pattern (where :class:`Remask` remasks).
 
 A built-in checkpoint's canvas holds task ids: the task's paraphraser rewrites the prompt and the
 generated region and gives the token map over the whole vocabulary. A Hugging Face model's canvas
@@ -14,7 +15,7 @@ may move) to the indices used at one step; a token outside the alphabet is never
 from __future__ import annotations
 
 import random
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from dlmprobe.analyses.setting import Setting
 from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.tasks import Task
 from dlmprobe.tasks.text import BuiltinTextTask, CanvasTemplate, answer_classes, encode
 
 
@@ -135,3 +137,32 @@ class Relabeller:
             region[setting.gen_start - length :] = tokens
             self._prompt_tokens[key] = region
         return self._prompt_tokens[key]
+
+
+@dataclass
+class Remask:
+    """The commit-pattern paraphrase: ``k`` of the committed ``positions[example]`` remasked after each of ``steps``."""
+
+    positions: np.ndarray  # (example, canvas position) bool
+    k: int
+    steps: tuple[int, ...]
+
+
+def free_positions(setting: Setting, task: Task | None, label: str | None, seed: int) -> dict:
+    """Where a commit-pattern paraphrase remasks: the free cells of a task with free choices, else the
+    label's positions (default: every target position of a built-in checkpoint's ``task``, every
+    labelled answer item of a text setting). ``n_free``: free cells per example (0 without free choices)."""
+    n = len(setting.canvas)
+    positions = np.zeros(setting.canvas.shape, dtype=bool)
+    free_cells = getattr(task, "free_cells", None)
+    n_free = np.zeros(n, dtype=np.int64)
+    if free_cells is not None:
+        for i, example in enumerate(task.sample(n, split="eval", seed=seed)):
+            cells = np.asarray(free_cells(example), dtype=np.int64)
+            positions[i, setting.gen_start + cells] = True
+            n_free[i] = len(cells)
+    else:
+        labels = [label] if label is not None else [] if task is not None else list(setting.spans[0])
+        gen = slice(setting.gen_start, setting.gen_start + setting.gen_length)
+        positions[:, gen] = np.any([setting.label_mask(name).numpy() for name in labels], axis=0) if labels else True
+    return {"positions": positions, "n_free": n_free, "choices": free_cells is not None}
