@@ -14,6 +14,7 @@ from dlmprobe.analyses.causal import (
     sample_conditions,
 )
 from dlmprobe.analyses.nulls import beside_controls, edit_conditions
+from dlmprobe.analyses.setting import builtin_setting
 from dlmprobe.capture import CacheConfig, run_cache
 from dlmprobe.hooks import ActivationEditor
 from dlmprobe.models import load_model, random_model
@@ -100,7 +101,7 @@ def test_a_zero_rank_ablation_changes_nothing(tiny):
     task, d = ckpt.task, ckpt.config.d_model
     clean = generate(ckpt.model, task, examples, "diffusion", batch_size=5)
     edit = ablation_edit(probe_subspace(np.ones((3, d))), torch.zeros(d))
-    (run,) = sample_conditions(ckpt.model, task, examples, "blocks.1.hook_resid_post",
+    (run,) = sample_conditions(builtin_setting(ckpt, 12, 0), "blocks.1.hook_resid_post",
                                _target_positions(task, len(examples)), [(edit, 1)], DiffusionSamplerConfig(), clean, 5)
     for field in ("canvases", "predictions", "confidence"):
         assert torch.equal(getattr(run, field), getattr(clean, field)), field
@@ -119,7 +120,7 @@ def test_conditions_sampled_together_equal_each_condition_alone(tiny):
         (lambda h, e, p: -h, 2),
     ]
     clean = generate(ckpt.model, task, examples, "diffusion")
-    together = sample_conditions(ckpt.model, task, examples, site, where, conditions, DiffusionSamplerConfig(), clean, 7)
+    together = sample_conditions(builtin_setting(ckpt, 12, 0), site, where, conditions, DiffusionSamplerConfig(), clean, 7)
     for (edit, start), run in zip(conditions, together):
         with ActivationEditor(ckpt.model, site, edit, where, start_step=start, mask_id=task.vocab.mask_id) as editor:
             alone = generate(ckpt.model, task, examples, "diffusion", batch_size=5, observers=[editor])
@@ -138,7 +139,7 @@ def test_hooks_are_removed_and_the_model_unchanged_when_the_edit_raises(tiny):
         raise RuntimeError("edit failed")
 
     with pytest.raises(RuntimeError, match="edit failed"):
-        sample_conditions(model, task, examples, "blocks.0.hook_resid_post", _target_positions(task, len(examples)),
+        sample_conditions(builtin_setting(ckpt, 12, 0), "blocks.0.hook_resid_post", _target_positions(task, len(examples)),
                           [(fail, 0)], DiffusionSamplerConfig(), generate(model, task, examples, "diffusion"))
     assert _no_hooks(model) and not model.training
     assert torch.equal(model(tokens), before)
@@ -184,7 +185,7 @@ def test_refuses_bad_inputs_in_one_line(sudoku):
     ckpt, data = sudoku
     cases = [
         ((ckpt, data, "blocks.0.hook_resid_post"), {}, "not in the store"),
-        ((load_model("sudoku-autoregressive"), data, SITE), {}, "needs a diffusion checkpoint"),
+        ((load_model("sudoku-autoregressive"), data, SITE), {}, "needs a diffusion model"),
         ((ckpt, data, SITE), {"start_steps": [36]}, r"start_steps must lie in \[0, 36\)"),
         ((ckpt, data, SITE), {"seed": 0}, "store's own puzzles"),
         ((ckpt, data, SITE), {"subspaces": ["pca"]}, "subspaces must be some of"),

@@ -9,8 +9,9 @@ torch.set_num_threads(1)
 
 from dlmprobe.analyses.common import wilson_interval
 from dlmprobe.analyses.faithfulness import faithfulness
-from dlmprobe.analyses.paraphrase import _sample, compose, invert, paraphrase_run, translate
-from dlmprobe.analyses.setting import Setting
+from dlmprobe.analyses.paraphrase import _sample, paraphrase_run
+from dlmprobe.analyses.relabel import compose, invert, translate
+from dlmprobe.analyses.setting import Setting, builtin_setting
 from dlmprobe.models import ModelConfig, load_model, random_model
 from dlmprobe.tasks import Task, get_task
 
@@ -110,7 +111,7 @@ def test_labellings_track_every_committed_token(task, params):
     config = ModelConfig(task=task, task_params=params, n_layers=1, d_model=32, n_heads=2, d_mlp=64)
     ckpt = random_model(config)
     examples = ckpt.task.sample(6, "eval", seed=0)
-    run = _sample(ckpt, examples, None, 4, True, seed=0, probe_site=None, label=None)
+    run = _sample(builtin_setting(ckpt, 6, 0), None, 4, True, seed=0, probe_site=None, label=None)
     tr, mask = run.trajectory, ckpt.task.vocab.mask_id
     final = tr.output.numpy()
     for s in range(tr.n_steps + 1):
@@ -232,7 +233,7 @@ def test_paraphrase_keeps_sudoku_accuracy_against_paraphrased_prompts():
 def test_paraphrased_outputs_fail_the_original_prompts():
     ckpt = load_model("sudoku-diffusion")
     examples = ckpt.task.sample(4, "eval", seed=0)
-    run = _sample(ckpt, examples, None, 4, True, seed=0, probe_site=None, label=None)
+    run = _sample(builtin_setting(ckpt, 4, 0), None, 4, True, seed=0, probe_site=None, label=None)
     outputs = run.trajectory.output.tolist()
     assert not any(ckpt.task.verify(ex.prompt, out) for ex, out in zip(examples, outputs))
 

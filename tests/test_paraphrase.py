@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from dlmprobe.analyses.paraphrase import _free_positions, _Remask, _sample, paraphrase_run
+from dlmprobe.analyses.paraphrase import _sample, paraphrase_run
+from dlmprobe.analyses.relabel import Remask, free_positions
+from dlmprobe.analyses.setting import builtin_setting
 from dlmprobe.models import ModelConfig, load_model, random_model
 from dlmprobe.tasks import get_task
 from dlmprobe.tasks.sudoku import SudokuChoice
@@ -20,11 +22,11 @@ def test_remasking_moves_only_free_cells_back_to_masked(tiny_sudoku):
     difference is committed free cells masked again; the sampler then decides them again."""
     task = SudokuChoice(size=4, blanks=tiny_sudoku.task.blanks)
     examples = task.sample(6, split="eval", seed=1)
-    free = _free_positions(task, examples, None)
+    free = free_positions(setting := builtin_setting(tiny_sudoku, 6, 1, task), task, None, 1)
     assert (free["n_free"] > 0).all() and free["positions"].sum() == free["n_free"].sum()
-    remask = _Remask(free["positions"], 1, tuple(range(12)))
-    plain = _sample(tiny_sudoku, examples, None, 4, False, 0, None, None, task).trajectory.canvases.numpy()
-    run = _sample(tiny_sudoku, examples, None, 4, False, 0, None, None, task, remask)
+    remask = Remask(free["positions"], 1, tuple(range(12)))
+    plain = _sample(setting, None, 4, False, 0, None, None).trajectory.canvases.numpy()
+    run = _sample(setting, None, 4, False, 0, None, None, remask)
     canvases, mask = run.trajectory.canvases.numpy(), task.vocab.mask_id
     assert (run.remasked > 0).all()
     for i in range(len(examples)):

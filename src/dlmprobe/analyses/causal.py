@@ -38,6 +38,11 @@ ablated rows reads (whether the label is still linearly there). Up to step
 ``t`` branch off the clean run there and are sampled together, each row carrying its condition
 (:func:`sample_conditions`); the sampler must be deterministic (temperature 0).
 
+A Hugging Face model's text run (``dlmprobe cache --model FOLDER --task ...``) is checked the same
+way on fresh examples of its text task and canvas template, edited through the handle's site
+names. On a model with shifted logits (Dream) a position's token is read from the state one to its
+left, so an edit at the probed position acts only through what later positions attend to.
+
 Example:
     >>> ckpt = load_model("sudoku-diffusion")
     >>> data = ActivationDataset("runs/sudoku.h5")      # dlmprobe cache --model sudoku-diffusion ...
@@ -56,26 +61,22 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
-from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dlmprobe.analyses.common import label_mask, percent
-from dlmprobe.analyses.nulls import CONTROLS, EFFECTS, EditCondition, MeasuredEdit, beside_controls, edit_conditions
-from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
+from dlmprobe.analyses.causal_report import causal_figure, causal_summary
+from dlmprobe.analyses.nulls import EFFECTS, EditCondition, MeasuredEdit, beside_controls, edit_conditions
 from dlmprobe.analyses.result import AnalysisResult
+from dlmprobe.analyses.setting import Setting, store_setting
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.hooks import ActivationEditor, Edit, layer_of
-from dlmprobe.models import Checkpoint
+from dlmprobe.models import Checkpoint, ModelHandle
 from dlmprobe.probes.linear import LinearProbe
 from dlmprobe.probes.subspaces import Subspace
-from dlmprobe.sampling import DiffusionSamplerConfig, Trajectory, generate, solved
+from dlmprobe.sampling import DiffusionSamplerConfig, Trajectory
 from dlmprobe.store import ActivationDataset
-from dlmprobe.tasks import Example, Task, get_task
 
 SUBSPACES: tuple[str, ...] = EFFECTS
-SUBSPACE_COLOURS = {"probe": CONDITION_COLOURS["probe"], "leace": "#8c564b", "random": CONDITION_COLOURS["control"],
-                    "pca": "#17becf", "shuffled": "#bcbd22"}
 
 
 def ablation_edit(subspace: Subspace | EditCondition, centre: Float[Tensor, " d"]) -> Edit:
@@ -89,18 +90,18 @@ def steering_edit(subspace: Subspace | EditCondition, class_means: Float[Tensor,
     return lambda h, example, position: subspace.move(h, class_means[goal[example, position]], alpha)
 
 
-def sample_conditions(model: torch.nn.Module, task: Task, examples: Sequence[Example], site: str,
-                      where: Bool[Tensor, "example pos"], conditions: Sequence[tuple[Edit, int]],
-                      sampler: DiffusionSamplerConfig, clean: Trajectory, batch_size: int = 256) -> list[Trajectory]:
-    """Sample ``examples`` once per condition ``(edit, start_step)``, conditions sharing batches.
+def sample_conditions(setting: Setting, site: str, where: Bool[Tensor, "example pos"],
+                      conditions: Sequence[tuple[Edit, int]], sampler: DiffusionSamplerConfig, clean: Trajectory,
+                      batch_size: int = 256) -> list[Trajectory]:
+    """Sample the setting's examples once per condition ``(edit, start_step)``, conditions sharing batches.
 
-    Under each condition the positions ``where[example]`` still masked in the canvas a step reads
-    go through ``edit`` (given example indices) at ``site`` from ``start_step`` on. Until then a
-    condition's run is the ``clean`` run of ``examples`` with ``sampler`` (deterministic: temperature
-    0), so the conditions that start at step ``t`` branch off it at ``t`` and run together, one row
-    per (condition, example), each row carrying its condition.
+    Under each condition the canvas positions ``where[example]`` still masked in the canvas a step
+    reads go through ``edit`` (given example indices) at ``site`` (a site name of the setting's
+    handle) from ``start_step`` on. Until then a condition's run is the ``clean`` run with
+    ``sampler`` (deterministic: temperature 0), so the conditions that start at step ``t`` branch
+    off it at ``t`` and run together, one row per (condition, example), each row carrying its condition.
     """
-    n = len(examples)
+    n = len(setting.canvas)
     runs: dict[int, Trajectory] = {}
     for t in sorted({t for _, t in conditions}):
         group = [c for c, (_, start) in enumerate(conditions) if start == t]
@@ -113,16 +114,16 @@ def sample_conditions(model: torch.nn.Module, task: Task, examples: Sequence[Exa
                 edited[chosen] = conditions[group[m]][0](h[chosen], example[chosen], positions[chosen])
             return edited
 
-        with ActivationEditor(model, site, edit, where.repeat(len(group), 1), start_step=t,
-                              mask_id=task.vocab.mask_id) as editor:
-            run = generate(model, task, list(examples) * len(group), "diffusion", sampler, batch_size,
-                           observers=[editor], branch=Trajectory.concat([clean] * len(group)), first_step=t)
+        with ActivationEditor(setting.handle, site, edit, where.repeat(len(group), 1), start_step=t,
+                              mask_id=setting.mask_id) as editor:
+            run = setting.sample(sampler, batch_size, observers=[editor], copies=len(group),
+                                 branch=Trajectory.concat([clean] * len(group)), first_step=t)
         runs.update({c: run[m * n : (m + 1) * n] for m, c in enumerate(group)})
     return [runs[c] for c in range(len(conditions))]
 
 
 def causal_check(
-    checkpoint: Checkpoint,
+    checkpoint: Checkpoint | ModelHandle,
     data: ActivationDataset,
     site: str,
     label: str | None = None,
@@ -133,21 +134,27 @@ def causal_check(
     batch_size: int = 256,
     progress: bool = True,
     subspaces: Sequence[str] = SUBSPACES,
+    sampler: DiffusionSamplerConfig | None = None,
 ) -> AnalysisResult:
     """Ablate and steer a probe's subspace while sampling fresh puzzles; measure what the model commits.
 
     Args:
-        checkpoint: the diffusion model ``data`` was recorded from.
+        checkpoint: the diffusion model ``data`` was recorded from: a built-in checkpoint, or for a
+            text run (``dlmprobe cache --model FOLDER --task ...``) the Hugging Face model's handle,
+            sampled on fresh examples of the stored text task and canvas template.
         data: a store holding ``site`` at the label's positions.
         site: the hook name to probe and edit, e.g. ``"blocks.3.hook_resid_post"``.
         label: the label whose still-masked positions are probed and edited (default: the task's
             answer label; ``"blank"`` for sudoku's cells to fill).
         start_steps: denoising steps from which the edits act (default 0, 25%, 50%, 75% of the run).
-        n: fresh puzzles of the eval split, drawn with ``seed`` (not the store's seed).
+        n: fresh examples of the eval split, drawn with ``seed`` (not the store's seed).
         seed: also seeds the probe's train/test split, the random basis and the steering classes.
         alpha: steering strength; 1 gives the subspace component of the class mean.
         subspaces: which of ``"probe"`` and ``"leace"`` to ablate and steer (the controls are always
             ablated beside each, at its displacement).
+        sampler: the fresh runs' sampler (default: the store's); it must be deterministic
+            (temperature 0), as the store's need not be (a store sampled at temperature 1 still
+            gives the probe more than one class from a model that is near-constant at temperature 0).
 
     The probe is fitted on 80% of the store's examples (rows pooled over the stored steps, the
     positions still masked, target = the token finally committed) and scored on the rest; the
@@ -158,28 +165,23 @@ def causal_check(
     """
     began = time.perf_counter()
     if checkpoint.kind != "diffusion":
-        raise DlmprobeInputError(f"causal_check needs a diffusion checkpoint, got a {checkpoint.kind} one")
+        raise DlmprobeInputError(f"causal_check needs a diffusion model, got a {checkpoint.kind} one")
     if site not in data.sites:
         raise DlmprobeInputError(f"site {site!r} is not in the store {data.path}; stored sites: {data.sites}")
     stored_model = data.config.get("model", {})
-    if stored_model.get("config") != checkpoint.config.to_dict() or (
-        stored_model.get("weights_sha256") and checkpoint.path is not None
-        and stored_model["weights_sha256"] != checkpoint.weights_sha256
-    ):
-        raise DlmprobeInputError(f"the store {data.path} was recorded from model {stored_model.get('name')!r}, not from this checkpoint")
+    setting = store_setting(checkpoint, data, n, seed)
     subspaces = list(dict.fromkeys(subspaces))
     unknown = [s for s in subspaces if s not in SUBSPACES]
     if unknown or not subspaces:
         raise DlmprobeInputError(f"subspaces must be some of {SUBSPACES}, got {list(subspaces)}")
-    task = get_task(data.config["task"]["name"], **data.config["task"]["params"])
-    label = label or task.answer_label
+    label = label or data.config["task"].get("answer_label") or setting.task.answer_label
     if label not in data.label_names:
         raise DlmprobeInputError(f"unknown label {label!r}; the store has labels {data.label_names}")
-    sampler = DiffusionSamplerConfig(**data.config["sampler"])
+    sampler = sampler or DiffusionSamplerConfig(**data.config["sampler"])
     if sampler.temperature > 0:
-        raise DlmprobeInputError(f"causal_check compares edited and clean runs of a deterministic sampler: the "
-                                 f"store's sampler has temperature {sampler.temperature}, expected 0")
-    n_steps = sampler.resolve(task.target_length)[0]
+        raise DlmprobeInputError(f"causal_check compares edited and clean runs of a deterministic sampler: got "
+                                 f"temperature {sampler.temperature}, expected 0 (pass a sampler at temperature 0)")
+    n_steps = sampler.resolve(setting.gen_length)[0]
     if start_steps is None:
         start_steps = [int(f * n_steps) for f in (0.0, 0.25, 0.5, 0.75)]
     start_steps = sorted({int(t) for t in start_steps})
@@ -191,16 +193,15 @@ def causal_check(
 
     fit = _fit_probe(data, site, label, seed)
     classes = fit.probe.classes_
-    device = next(checkpoint.model.parameters()).device
+    device = setting.handle.device
     check_goal = _other_classes(np.searchsorted(classes, fit.y_test), len(classes), seed)
     conditions = edit_conditions(fit.X_train, fit.y_train, fit.probe.coef_, fit.X_test, fit.class_means[check_goal],
                                  subspaces, seed, alpha)
     diagnostics = _diagnostics(fit, conditions, check_goal, alpha)
 
-    examples = task.sample(n, split="eval", seed=seed)
-    where = _label_positions(task, examples, label)
+    where = setting.where(label)
     bar = tqdm(total=2, disable=not progress, desc=f"causal {site}", unit="run")
-    clean = generate(checkpoint.model, task, examples, "diffusion", sampler, batch_size=batch_size)
+    clean = setting.sample(sampler, batch_size)
     bar.update(1)
     final = clean.canvases[:, -1]
     goal = _steering_goals(final, where, classes, seed)
@@ -208,22 +209,22 @@ def causal_check(
     runs_of = [(t, condition.to(device)) for t in start_steps for condition in conditions]
     edits = [MeasuredEdit(ablation_edit(c, mean) if c.intervention == "ablate"
                        else steering_edit(c, class_means, goal.to(device), alpha)) for _, c in runs_of]
-    runs = sample_conditions(checkpoint.model, task, examples, site, where,
-                             [(edit, t) for edit, (t, _) in zip(edits, runs_of)], sampler, clean, batch_size)
+    runs = sample_conditions(setting, site, where, [(edit, t) for edit, (t, _) in zip(edits, runs_of)], sampler,
+                             clean, batch_size)
     bar.update(1)
     bar.close()
-    clean_solved = np.array(solved(task, examples, clean))
+    clean_solved = np.array(_solved(setting, clean))
     goal_token = torch.as_tensor(classes)[goal.clamp_min(0)]
     per_example, moved = [], []
     for (t, c), run, edit in zip(runs_of, runs, edits):
-        edited = where & (clean.canvases[:, t] == task.vocab.mask_id)  # the runs agree up to step t
+        edited = where & (clean.canvases[:, t] == setting.mask_id)  # the runs agree up to step t
         output = run.canvases[:, -1]
         key = {"intervention": c.intervention, "subspace": c.subspace, "matched_to": c.matched_to, "start_step": t}
         per_example.append(pd.DataFrame({
             **key, "example": np.arange(n),
             "n_edited": edited.sum(1).numpy(), "n_changed": (edited & (output != final)).sum(1).numpy(),
             "n_steered": (edited & (output == goal_token)).sum(1).numpy(),
-            "solved": solved(task, examples, run), "clean_solved": clean_solved,
+            "solved": _solved(setting, run), "clean_solved": clean_solved,
         }))
         moved.append({**key, "displacement_run": edit.mean})
     examples_table = pd.concat(per_example, ignore_index=True)
@@ -239,15 +240,15 @@ def causal_check(
         "probe_accuracy": fit.accuracy, "probe_train_rows": len(fit.y_train), "probe_test_rows": len(fit.y_test),
         "activation_norm": float(np.linalg.norm(fit.X_test - fit.mean, axis=1).mean()),
         "clean_solved": float(clean_solved.mean()),
-        "puzzles_in_store": len(set(data.uid) & {ex.uid for ex in examples}),
+        "puzzles_in_store": len(set(data.uid) & set(setting.uids)),
         "seconds": round(time.perf_counter() - began, 1),
     }
     return AnalysisResult(
         name="causal",
         title=f"Causal check of the {label!r} probe at {site}",
         table=table,
-        figure=_figure(table, meta),
-        summary=_summary(table, meta),
+        figure=causal_figure(table, meta),
+        summary=causal_summary(table, meta),
         tables={"examples": examples_table},
         meta=meta,
     )
@@ -310,11 +311,8 @@ def _other_classes(own: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
     return (own + np.random.default_rng(seed).integers(1, n_classes, size=len(own))) % n_classes
 
 
-def _label_positions(task: Task, examples: Sequence[Example], label: str) -> Bool[Tensor, "example pos"]:
-    """:func:`label_mask` laid out on the whole canvas."""
-    where = torch.zeros((len(examples), task.sequence_length), dtype=torch.bool)
-    where[:, task.target_start : task.target_start + task.target_length] = label_mask(task, examples, label)
-    return where
+def _solved(setting: Setting, run: Trajectory) -> list[bool]:
+    return [setting.verifies(i, output) for i, output in enumerate(run.output.tolist())]
 
 
 def _steering_goals(final: Int[Tensor, "example pos"], where: Bool[Tensor, "example pos"],
@@ -353,70 +351,3 @@ def _summarise(per_example: pd.DataFrame, n_classes: int, seed: int, n_boot: int
         record["chance"] = 1.0 / n_classes if kind == "steer" else np.nan
         records.append(record)
     return pd.DataFrame(records)
-
-
-def _figure(table: pd.DataFrame, meta: dict) -> Figure:
-    fig, (ablate_ax, steer_ax, solve_ax) = figure(ncols=3, width=4.6)
-    for (kind, name, matched), group in table.groupby(["intervention", "subspace", "matched_to"], sort=False):
-        colour = SUBSPACE_COLOURS[name]
-        style = {"": "-", "leace": "--", "probe": ":"}[matched]
-        label = f"{kind} {name}" + (f" at {matched}'s displacement" if matched else "")
-        steps = group["start_step"]
-        ax, column = (ablate_ax, "changed") if kind == "ablate" else (steer_ax, "steered")
-        ax.plot(steps, group[column], marker="o" if kind == "ablate" else "s", ls=style, color=colour, label=label)
-        ax.fill_between(steps, group[f"{column}_low"], group[f"{column}_high"], color=colour, alpha=0.15)
-        solve_ax.plot(steps, group["solved"], marker="o" if kind == "ablate" else "s", ls=style, color=colour, label=label)
-    steer_ax.axhline(1 / len(meta["classes"]), color="black", ls=":", lw=1, label=f"chance 1/{len(meta['classes'])}")
-    solve_ax.axhline(meta["clean_solved"], color="black", ls=":", lw=1, label="clean run")
-    xlabel = "edits start at denoising step"
-    ablate_ax.set(xlabel=xlabel, ylabel=f"edited {meta['label']!r} positions changed", ylim=(-0.02, 1.02),
-                  title=f"ablate at {meta['site']} (dashed: controls at the effect's displacement)")
-    steer_ax.set(xlabel=xlabel, ylabel="positions committing the chosen class", ylim=(-0.02, 1.02), title="steer")
-    solve_ax.set(xlabel=xlabel, ylabel="exact-solve rate", ylim=(-0.02, 1.02), title="puzzles solved")
-    for ax in (ablate_ax, steer_ax, solve_ax):
-        ax.legend(fontsize=6)
-    return fig
-
-
-_NAMES = {"probe": "the probe's subspace", "leace": "the LEACE subspace", "random": "a random subspace",
-          "pca": "the top principal directions left after erasure", "shuffled": "LEACE fitted on shuffled labels"}
-
-
-def _summary(table: pd.DataFrame, meta: dict) -> str:
-    rows = {(r.intervention, r.subspace, r.matched_to, r.start_step): r for r in table.itertuples()}
-    first, last = meta["start_steps"][0], meta["start_steps"][-1]
-    effects = meta["subspaces"]
-    parts = [(f"The {meta['label']!r} probe at {meta['site']} reads the token the model will commit with "
-              f"{percent(meta['probe_accuracy'])} held-out accuracy; the clean run solves {percent(meta['clean_solved'])}. "
-              f"Edits from step {first} on act on {rows['ablate', effects[0], '', first].n_positions} still-masked "
-              f"positions. Displacement is the mean norm of the edit per edited activation while sampling; every "
-              f"control is scaled to the displacement of the effect it sits beside.")]
-    for name in effects:
-        row, steer = rows["ablate", name, "", first], rows["steer", name, "", first]
-        controls = "; ".join(f"{_NAMES[c]} {percent(rows['ablate', c, name, first].changed)} (solving "
-                             f"{percent(rows['ablate', c, name, first].solved)})" for c in CONTROLS)
-        parts.append(
-            f"Ablating {_NAMES[name]} moves activations by {row.displacement_run:.1f}, changes {percent(row.changed)} "
-            f"({_ci(row, 'changed')}) of the edited tokens and leaves {percent(row.solved)} solved; at the same "
-            f"displacement {controls}. The label-specific part, the excess over the strongest control, is "
-            f"{100 * row.changed_beyond_control:+.0f} points of changed tokens (beyond {row.control}) and "
-            f"{100 * row.solve_drop_beyond_control:+.0f} points of solve-rate drop; the rest of the effect a "
-            f"label-blind edit of that size also has. A fresh probe trained on the ablated activations still "
-            f"reads the token in {percent(row.retrained_after)} of held-out rows (the original probe: "
-            f"{percent(row.probe_after)}). Steering in it (displacement {steer.displacement_run:.1f}) commits the "
-            f"chosen class in {percent(steer.steered)} ({_ci(steer, 'steered')}; chance {percent(steer.chance)}).")
-    if ("steer", "probe", "leace", first) in rows:
-        steer = rows["steer", "probe", "leace", first]
-        parts.append(f"Steering along the probe at LEACE's displacement ({steer.displacement_run:.1f}) commits the "
-                     f"chosen class in {percent(steer.steered)} and changes {percent(steer.changed)}, against "
-                     f"{percent(steer.control_changed)} for the strongest control of that size ({steer.control}).")
-    if last != first:
-        late = ", ".join(f"{percent(rows['ablate', name, '', last].changed)} ({name}; strongest matched control "
-                         f"{percent(rows['ablate', name, '', last].control_changed)})" for name in effects)
-        parts.append(f"From step {last} on ({rows['ablate', effects[0], '', last].n_positions} positions still masked) "
-                     f"ablation changes {late}.")
-    return " ".join(parts)
-
-
-def _ci(row: object, column: str) -> str:
-    return f"95% CI {percent(getattr(row, f'{column}_low'))}–{percent(getattr(row, f'{column}_high'))}"

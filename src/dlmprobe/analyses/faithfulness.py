@@ -65,12 +65,10 @@ def _follows(setting: Setting, answer_label: str | None, i: int, output: list[in
     """Arith: the answer is the last operation applied to the output's own last intermediate result.
     Other tasks have no such rule: whether the whole output verifies stands in for it (with
     ``answer_label=None``: whether it verifies). A text output that is not the task's words fails."""
-    task, prompt, target = setting.task, setting.prompts[i], setting.decode(i, output)
-    if target is None or task is None:
-        return target is not None  # a JSONL task's output is read back only when it is the reference
-    if isinstance(task, Arith) and answer_label == task.answer_label:
-        return target[-1] == task.answer_from(prompt, target)
-    return task.verify(prompt, target)
+    task, target = setting.task, setting.decode(i, output)
+    if target is not None and isinstance(task, Arith) and answer_label == task.answer_label:
+        return target[-1] == task.answer_from(setting.prompts[i], target)
+    return setting.verifies(i, output)
 
 
 class _Corruption:

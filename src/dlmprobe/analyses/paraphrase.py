@@ -33,25 +33,28 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from dlmprobe.analyses.common import label_mask, wilson_rate
+from dlmprobe.analyses.common import wilson_rate
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
+from dlmprobe.analyses.relabel import Relabeller, Remask, free_positions
 from dlmprobe.analyses.result import AnalysisResult
+from dlmprobe.analyses.setting import Setting, builtin_setting, text_setting
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.hooks import ActivationRecorder
-from dlmprobe.models import Checkpoint
+from dlmprobe.models import Checkpoint, ModelHandle
 from dlmprobe.probes.grid import bootstrap_by_example
 from dlmprobe.probes.linear import fit_logistic
-from dlmprobe.sampling import DiffusionSamplerConfig, Trajectory, generate
+from dlmprobe.sampling import DiffusionSamplerConfig, Trajectory, default_sampler
 from dlmprobe.sampling.callbacks import RemaskCommitted
 from dlmprobe.sampling.generate import SamplerConfig
-from dlmprobe.tasks import Example, Task
+from dlmprobe.tasks import Task
+from dlmprobe.tasks.text import BuiltinTextTask, CanvasTemplate
 
 #: Paraphrases a run can get, each its own run beside the plain one: relabelling tokens, perturbing commits.
 PARAPHRASES: dict[str, str] = {"tokens": "paraphrased", "commits": "remasked"}
@@ -59,106 +62,64 @@ RUNS: tuple[str, ...] = ("plain", *PARAPHRASES.values())
 N_BOOTSTRAP = 500
 
 
-def compose(first: np.ndarray, then: np.ndarray) -> np.ndarray:
-    """The token map of relabelling by ``first`` and then by ``then``."""
-    return then[first]
-
-
-def invert(token_map: np.ndarray) -> np.ndarray:
-    """The inverse of a token map; it must be a permutation of the vocabulary."""
-    if not np.array_equal(np.sort(token_map), np.arange(len(token_map))):
-        raise DlmprobeInputError(f"a token map must be a permutation of 0..{len(token_map) - 1}, got {token_map.tolist()}")
-    inverse = np.empty_like(token_map)
-    inverse[token_map] = np.arange(len(token_map))
-    return inverse
-
-
-def translate(tokens: np.ndarray, source: np.ndarray, destination: np.ndarray) -> np.ndarray:
-    """``tokens`` written in the labelling ``source`` rewritten in the labelling ``destination``.
-
-    A labelling is a token map from the original ids to the ids used in it.
-    """
-    return destination[invert(source)[tokens]]
-
-
 @dataclass
 class _Run:
     """One sampling run of all examples.
 
-    ``expected[i, s, p]``: the token finally committed at target position ``p``, in the labelling of
-    the canvas step ``s`` saw; ``open[i, s, p]``: ``p`` was still masked then and the model predicted
-    it (an autoregressive model predicts only the position it writes); ``activations``: the probe
-    site at the target positions, (example, step, target position, d), if recorded.
+    ``expected[i, s, p]``: the token finally committed at generated position ``p``, in the labelling
+    of the canvas step ``s`` saw; ``open[i, s, p]``: ``p`` was still masked then and the model
+    predicted it (an autoregressive model predicts only the position it writes); ``activations``:
+    the probe site at the generated positions, (example, step, position, d), if recorded.
     """
 
     trajectory: Trajectory
-    labellings: np.ndarray  # (example, step + 1, vocab): original id -> id in that canvas
+    relabel: Relabeller
+    labellings: np.ndarray  # (example, step + 1, alphabet): original index -> index in that canvas
     expected: np.ndarray
     open: np.ndarray
     activations: torch.Tensor | None
     remasked: np.ndarray  # (example,): committed positions remasked over the run
 
 
-@dataclass
-class _Remask:
-    """The commit-pattern paraphrase: ``k`` of the committed ``positions[example]`` remasked after each of ``steps``."""
-
-    positions: np.ndarray  # (example, canvas position) bool
-    k: int
-    steps: tuple[int, ...]
-
-
-def _sample(checkpoint: Checkpoint, examples: Sequence[Example], sampler: SamplerConfig | None, batch_size: int,
-            paraphrase: bool, seed: int, probe_site: str | None, label: str | None, task: Task | None = None,
-            remask: _Remask | None = None) -> _Run:
-    task = task or checkpoint.task
-    identity = np.arange(len(task.vocab))
-    labellings = [[identity] for _ in examples]
-    rngs = [random.Random(f"paraphrase|{seed}|{i}") for i in range(len(examples))]
-    prompt_slice = slice(1, 1 + task.prompt_length)
-    gen = slice(task.target_start, task.target_start + task.target_length)
-
-    def rewrite(step: int, rows: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
-        edited = canvas.cpu()
-        for row, i in enumerate(rows.tolist()):
-            prompt, target, token_map = task.paraphrase(edited[row, prompt_slice].tolist(),
-                                                        edited[row, gen].tolist(), rngs[i])
-            edited[row, prompt_slice], edited[row, gen] = torch.tensor(prompt), torch.tensor(target)
-            labellings[i].append(compose(labellings[i][-1], token_map))
-        return edited
-
-    remasked = np.zeros(len(examples), dtype=np.int64)
+def _sample(setting: Setting, sampler: SamplerConfig | None, batch_size: int, paraphrase: bool, seed: int,
+            probe_site: str | None, label: str | None, remask: Remask | None = None,
+            text: BuiltinTextTask | None = None, template: CanvasTemplate | None = None) -> _Run:
+    """One run of the setting's examples: plain, paraphrased after every step, or with commits remasked."""
+    n = len(setting.canvas)
+    relabel = Relabeller(setting, seed, text, template)
+    remasked = np.zeros(n, dtype=np.int64)
 
     def perturb_commits(step: int, rows: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
         chosen = rows.cpu().numpy()
         # Draws are seeded per (seed, step, example), so a fresh callback per batch gives the same positions.
-        edited = RemaskCommitted(task.vocab.mask_id, remask.positions[chosen], remask.k, remask.steps, seed)(step, rows, canvas)
+        edited = RemaskCommitted(setting.mask_id, remask.positions[chosen], remask.k, remask.steps, seed)(step, rows, canvas)
         remasked[chosen] += (edited != canvas).sum(1).cpu().numpy()
         return edited
 
-    callback = rewrite if paraphrase else perturb_commits if remask is not None else None
-
-    recorder = ActivationRecorder(checkpoint.model, probe_site, positions=range(gen.start, gen.stop)) if probe_site else None
+    callback = relabel if paraphrase else perturb_commits if remask is not None else None
+    gen = range(setting.gen_start, setting.gen_start + setting.gen_length)
+    recorder = ActivationRecorder(setting.handle, probe_site, positions=gen) if probe_site else None
     if recorder is not None and len(recorder.sites) != 1:
         raise DlmprobeInputError(f"probe_site must name one site, got {probe_site!r} matching {recorder.sites}")
     with recorder or nullcontext():
-        model = checkpoint.model if recorder is None else recorder.model
-        trajectory = generate(model, task, examples, checkpoint.kind, sampler, batch_size,
-                              callback, observers=[recorder] if recorder is not None else [])
+        # An nnsight recorder samples through its own copy of the handle; hooks sit on the module otherwise.
+        run = replace(setting, handle=recorder.model) if isinstance(getattr(recorder, "model", None), ModelHandle) else setting
+        trajectory = run.sample(sampler or default_sampler(setting.handle.kind), batch_size, callback,
+                                observers=[recorder] if recorder is not None else [])
         activations = recorder.pop().activations[recorder.sites[0]] if recorder is not None else None
     steps = trajectory.n_steps
+    identity = relabel.labellings[0][0]
     if paraphrase:
-        full = np.stack([np.stack(ls) for ls in labellings])
+        full = np.stack([np.stack(ls) for ls in relabel.labellings])
     else:
-        full = np.broadcast_to(identity, (len(examples), steps + 1, len(identity)))
+        full = np.broadcast_to(identity, (n, steps + 1, len(identity)))
     final = trajectory.output.numpy()
-    expected = np.stack([[translate(final[i], full[i, -1], full[i, s]) for s in range(steps)]
-                         for i in range(len(examples))])
+    expected = np.stack([[relabel.translate(final[i], full[i, -1], full[i, s]) for s in range(steps)] for i in range(n)])
     predictions = trajectory.predictions[:, :, trajectory.gen_slice].numpy()
-    still_masked = (trajectory.canvases[:, :-1, trajectory.gen_slice] == task.vocab.mask_id).numpy()
+    still_masked = (trajectory.canvases[:, :-1, trajectory.gen_slice] == setting.mask_id).numpy()
     if label is not None:
-        still_masked &= label_mask(task, examples, label).numpy()[:, None, :]
-    return _Run(trajectory, full, expected, still_masked & (predictions >= 0), activations, remasked)
+        still_masked &= setting.label_mask(label).numpy()[:, None, :]
+    return _Run(trajectory, relabel, full, expected, still_masked & (predictions >= 0), activations, remasked)
 
 
 def _rows(run: _Run, step: int, examples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -172,11 +133,11 @@ def _argmax_hits(run: _Run, step: int) -> tuple[np.ndarray, np.ndarray]:
     return predictions[ex, pos] == run.expected[ex, step, pos], ex
 
 
-def _probe_hits(runs: dict[str, _Run], train: np.ndarray, n_classes: int) -> dict[str, list]:
+def _probe_hits(runs: dict[str, _Run], train: np.ndarray) -> dict[str, list]:
     """Per run, per step: hits and examples of a probe per step fitted on the plain run's training
     examples and tested on the other examples; none where the step has no training row."""
     plain = runs["plain"]
-    steps, d = plain.open.shape[1], plain.activations.shape[-1]
+    steps, d, n_classes = plain.open.shape[1], plain.activations.shape[-1], plain.relabel.n_classes
     selected = [_rows(plain, s, train) for s in range(steps)]
     width = max(1, max(len(ex) for ex, _ in selected))
     X = torch.zeros((steps, width, d))
@@ -184,7 +145,7 @@ def _probe_hits(runs: dict[str, _Run], train: np.ndarray, n_classes: int) -> dic
     weight = torch.zeros((steps, 1, width))
     for s, (ex, pos) in enumerate(selected):
         X[s, : len(ex)] = plain.activations[ex, s, pos]
-        y[s, 0, : len(ex)] = torch.from_numpy(plain.expected[ex, s, pos])
+        y[s, 0, : len(ex)] = torch.from_numpy(plain.relabel.classes(plain.expected[ex, s, pos]))
         weight[s, 0, : len(ex)] = 1.0
     W, b = fit_logistic(X, y, weight, n_classes)
     hits: dict[str, list] = {}
@@ -193,7 +154,7 @@ def _probe_hits(runs: dict[str, _Run], train: np.ndarray, n_classes: int) -> dic
         for s in range(steps):
             ex, pos = _rows(run, s, ~train if len(selected[s][0]) else np.zeros_like(train))
             predicted = (run.activations[ex, s, pos] @ W[s, 0] + b[s, 0]).argmax(-1).numpy()
-            hits[name].append((predicted == run.expected[ex, s, pos], ex))
+            hits[name].append((predicted == run.relabel.classes(run.expected[ex, s, pos]), ex))
     return hits
 
 
@@ -206,7 +167,7 @@ def _rate_row(hits: np.ndarray, examples: np.ndarray, rng: np.random.Generator) 
 
 
 def paraphrase_run(
-    checkpoint: Checkpoint,
+    checkpoint: Checkpoint | ModelHandle,
     n: int = 200,
     seed: int = 0,
     sampler: SamplerConfig | None = None,
@@ -214,16 +175,18 @@ def paraphrase_run(
     label: str | None = None,
     batch_size: int = 256,
     progress: bool = True,
-    task: Task | None = None,
+    task: Task | BuiltinTextTask | None = None,
     paraphrases: Sequence[str] = ("tokens",),
     remask_k: int = 1,
     remask_until: float = 0.9,
+    template: CanvasTemplate | None = None,
 ) -> AnalysisResult:
     """Sample the same puzzles plainly and with each paraphrase, one run per paraphrase.
 
     Parameters
     ----------
-    checkpoint : the model and its task (which must implement ``Task.paraphrase``).
+    checkpoint : a built-in model and its task (which must implement ``Task.paraphrase``), or a
+        Hugging Face diffusion model's handle on ``task``, a built-in task rendered as text.
     n, seed : number of held-out puzzles; the seed draws them, each one's paraphrases and the probe split.
     sampler : the sampler of every run (default: the kind's default).
     probe_site : a hook name (``"blocks.3.hook_resid_post"``) to record in every run and probe
@@ -232,7 +195,11 @@ def paraphrase_run(
     label : measure decodability at this label's positions only (e.g. sudoku's ``"blank"``, leaving
         out the givens the model merely copies); default: every target position.
     task : sample puzzles of this task instead of the checkpoint's (same vocabulary and layout),
-        e.g. ``SudokuChoice(size=6, blanks=20)`` for puzzles with free choices.
+        e.g. ``SudokuChoice(size=6, blanks=20)`` for puzzles with free choices; for a handle (required)
+        a :class:`~dlmprobe.tasks.text.BuiltinTextTask`, whose canvas is rewritten as text: the
+        paraphrased prompt rendered and tokenized again (arith: commutative operands swapped), the
+        answer items' token ids relabelled by the task's token map (sudoku: a digit permutation).
+    template : a handle's canvas layout (default: the forced answer slot).
     paraphrases : ``"tokens"`` (run ``"paraphrased"``: a fresh relabelling of the canvas after every
         step) and/or ``"commits"`` (run ``"remasked"``, diffusion only: ``remask_k`` committed free
         cells, or answer positions where the task has no free cells, remasked after every step
@@ -248,11 +215,21 @@ def paraphrase_run(
     the same solution picked) and how often the final prompt differs from the original one, with
     Wilson CIs; ``tables["examples"]``: the same per example, with its free cells and remaskings.
     """
-    task = task or checkpoint.task
-    own = checkpoint.task
-    if (task.vocab.tokens, task.sequence_length, task.target_start) != (own.vocab.tokens, own.sequence_length,
-                                                                           own.target_start):
-        raise DlmprobeInputError(f"task {task!r} must share the vocabulary and canvas layout of the model's task {own!r}")
+    if isinstance(checkpoint, ModelHandle):
+        if not isinstance(task, BuiltinTextTask):
+            raise DlmprobeInputError(f"a Hugging Face model needs a built-in task rendered as text: expected task=BuiltinTextTask(...), "
+                                     f"got {type(task).__name__} ({checkpoint.name!r})")
+        text, template = task, template or CanvasTemplate.forced_answer()
+        setting = text_setting(checkpoint, text, n, seed, template)
+        task = own = text.task
+    else:
+        if isinstance(task, BuiltinTextTask) or template is not None:
+            raise DlmprobeInputError("a built-in checkpoint runs on task ids: expected a built-in task= and no template=")
+        text, own, task = None, checkpoint.task, task or checkpoint.task
+        if (task.vocab.tokens, task.sequence_length, task.target_start) != (own.vocab.tokens, own.sequence_length,
+                                                                               own.target_start):
+            raise DlmprobeInputError(f"task {task!r} must share the vocabulary and canvas layout of the model's task {own!r}")
+        setting = builtin_setting(checkpoint, n, seed, task)
     paraphrases = list(dict.fromkeys(paraphrases))
     if not paraphrases or any(p not in PARAPHRASES for p in paraphrases):
         raise DlmprobeInputError(f"paraphrases must be some of {tuple(PARAPHRASES)}, got {paraphrases}")
@@ -266,19 +243,20 @@ def paraphrase_run(
                          f"positions), got a {checkpoint.kind} model")
     if probe_site is not None and n < 4:
         raise DlmprobeInputError(f"a probe needs n >= 4 puzzles to split into training and test halves, got n={n}")
-    if label is not None and label not in task.label_names():
-        raise DlmprobeInputError(f"unknown label {label!r} for task {task.name}: expected one of {task.label_names()}")
-    examples = task.sample(n, split="eval", seed=seed)
+    labels = list(setting.spans[0])
+    if label is not None and label not in labels:
+        raise DlmprobeInputError(f"unknown label {label!r} for task {task.name}: expected one of {labels}")
+    example = task.sample(1, split="eval", seed=seed)[0]
     # Fail before any sampling if the task has no paraphraser.
-    task.paraphrase(examples[0].prompt, examples[0].target, random.Random(seed))
-    free = _free_positions(task, examples, label)
+    task.paraphrase(example.prompt, example.target, random.Random(seed))
+    free = free_positions(setting, task if text is None else None, label, seed)
     remask = None
     if "commits" in paraphrases:
-        n_steps = (sampler or DiffusionSamplerConfig()).resolve(task.target_length)[0]
-        remask = _Remask(free["positions"], remask_k, tuple(range(max(1, int(remask_until * n_steps)))))
+        n_steps = (sampler or DiffusionSamplerConfig()).resolve(setting.gen_length)[0]
+        remask = Remask(free["positions"], remask_k, tuple(range(max(1, int(remask_until * n_steps)))))
     names = ["plain", *(PARAPHRASES[p] for p in paraphrases)]
-    runs = {name: _sample(checkpoint, examples, sampler, batch_size, name == "paraphrased", seed, probe_site, label,
-                          task, remask if name == "remasked" else None)
+    runs = {name: _sample(setting, sampler, batch_size, name == "paraphrased", seed, probe_site, label,
+                          remask if name == "remasked" else None, text, template)
             for name in tqdm(names, desc="paraphrase", unit="run", disable=not progress)}
     n_steps = runs["plain"].trajectory.n_steps
 
@@ -291,55 +269,39 @@ def paraphrase_run(
             rows.append({"run": name, "measure": "argmax", "step": s, "run_fraction": s / n_steps,
                          **_rate_row(*_argmax_hits(run, s), rng)})
     if probe_site is not None:
-        for name, per_step in _probe_hits(runs, train, len(task.vocab)).items():
+        for name, per_step in _probe_hits(runs, train).items():
             for s, result in enumerate(per_step):
                 rows.append({"run": name, "measure": "probe", "step": s, "run_fraction": s / n_steps,
                              **_rate_row(*result, rng)})
     table = pd.DataFrame(rows)
-    outcomes = _outcomes(task, examples, runs)
+    outcomes = _outcomes(setting, runs)
     outcomes["n_free"] = np.tile(free["n_free"], len(runs))
     solve = _solve_table(outcomes)
-    meta = {"checkpoint": checkpoint.path.name if checkpoint.path is not None else None, "task": repr(task),
+    name = checkpoint.name if text is not None else checkpoint.path.name if checkpoint.path is not None else None
+    meta = {"checkpoint": name, "task": repr(task),
             "model_task": repr(own), "kind": checkpoint.kind, "n": n, "seed": seed, "n_steps": n_steps,
             "probe_site": probe_site, "label": label, "paraphrases": paraphrases, "free_choices": free["choices"],
             "remask_k": remask_k, "remask_steps": list(remask.steps) if remask is not None else [],
             "sampler": sampler.to_dict() if sampler is not None else None}
+    if text is not None:
+        meta["template"] = template.to_dict()
     return AnalysisResult("paraphrase", "Paraphrasing the canvas between steps", table, _figure(table),
                           _summary(table, solve, outcomes, meta), {"solve": solve, "examples": outcomes}, meta)
 
 
-def _free_positions(task: Task, examples: Sequence[Example], label: str | None) -> dict:
-    """Where a commit-pattern paraphrase remasks: the free cells of a task with free choices, else the
-    label's (or every target) position. ``n_free``: free cells per example (0 without free choices)."""
-    positions = np.zeros((len(examples), task.sequence_length), dtype=bool)
-    free_cells = getattr(task, "free_cells", None)
-    n_free = np.zeros(len(examples), dtype=np.int64)
-    if free_cells is not None:
-        for i, example in enumerate(examples):
-            cells = np.asarray(free_cells(example), dtype=np.int64)
-            positions[i, task.target_start + cells] = True
-            n_free[i] = len(cells)
-    else:
-        target = slice(task.target_start, task.target_start + task.target_length)
-        positions[:, target] = True if label is None else label_mask(task, examples, label).numpy()
-    return {"positions": positions, "n_free": n_free, "choices": free_cells is not None}
-
-
-def _outcomes(task: Task, examples: Sequence[Example], runs: dict[str, _Run]) -> pd.DataFrame:
-    """Per run and example: solved (against the prompt read back from the final canvas), the same
-    output as the plain run once translated back, and whether the final prompt differs from the original."""
-    prompt_slice = slice(1, 1 + task.prompt_length)
-    original_prompts = np.array([ex.prompt for ex in examples])
+def _outcomes(setting: Setting, runs: dict[str, _Run]) -> pd.DataFrame:
+    """Per run and example: solved (against the prompt the run ends with), the same output as the
+    plain run once translated back, and whether the final prompt differs from the original."""
     outputs, frames = {}, []
     for name, run in runs.items():
-        final = run.trajectory.canvases[:, -1]
-        original = np.arange(run.labellings.shape[2])
-        outputs[name] = np.stack([translate(out, run.labellings[i, -1], original)
+        identity = run.labellings[0, 0]
+        outputs[name] = np.stack([run.relabel.translate(out, run.labellings[i, -1], identity)
                                   for i, out in enumerate(run.trajectory.output.numpy())])
+        prompts = run.relabel.prompts
         frames.append(pd.DataFrame({
-            "run": name, "example": np.arange(len(examples)),
-            "solved": [task.verify(c[prompt_slice].tolist(), c[run.trajectory.gen_slice].tolist()) for c in final],
-            "prompt_rewritten": (final[:, prompt_slice].numpy() != original_prompts).any(1),
+            "run": name, "example": np.arange(len(prompts)),
+            "solved": [setting.verifies(i, out, prompts[i]) for i, out in enumerate(run.trajectory.output.tolist())],
+            "prompt_rewritten": [tuple(p) != tuple(q) for p, q in zip(prompts, setting.prompts)],
             "n_remasked": run.remasked,
         }))
     for frame in frames:

@@ -10,18 +10,28 @@ read back as task ids.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from dlmprobe.analyses.common import is_text_run
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.models import Checkpoint, ModelHandle, from_checkpoint
-from dlmprobe.sampling import DiffusionSamplerConfig, StepCallback, Trajectory, make_canvas, prefixes, sample
+from dlmprobe.sampling import (
+    DiffusionSamplerConfig,
+    StepCallback,
+    StepObserver,
+    Trajectory,
+    make_canvas,
+    prefixes,
+    sample,
+)
 from dlmprobe.sampling.generate import SamplerConfig
-from dlmprobe.tasks import Task
+from dlmprobe.store import ActivationDataset
+from dlmprobe.tasks import Task, get_task
 from dlmprobe.tasks.task import LabelSpan
-from dlmprobe.tasks.text import BuiltinTextTask, CanvasTemplate, TextTask, encode
+from dlmprobe.tasks.text import BuiltinTextTask, CanvasTemplate, JsonlTask, TextTask, encode
 
 
 @dataclass
@@ -43,6 +53,7 @@ class Setting:
     prompts: list[list[int]]
     decode: Callable[[int, list[int]], list[int] | None]
     token_name: Callable[[int], str]
+    uids: list[str]  # the examples' ids, as a store records them
 
     @property
     def mask_id(self) -> int:
@@ -55,36 +66,58 @@ class Setting:
             mask[i, list(spans[label].positions)] = True
         return mask
 
+    def where(self, label: str) -> torch.Tensor:
+        """:meth:`label_mask` laid out on the whole canvas (example, canvas position)."""
+        where = torch.zeros(self.canvas.shape, dtype=torch.bool)
+        where[:, self.gen_start : self.gen_start + self.gen_length] = self.label_mask(label)
+        return where
+
+    def verifies(self, i: int, output: list[int], prompt: Sequence[int] | None = None) -> bool:
+        """Whether example ``i``'s generated region ``output`` solves ``prompt`` (task ids; default: the
+        example's own), a JSONL task's: whether it is the reference."""
+        target = self.decode(i, output)
+        if target is None or self.task is None:
+            return target is not None
+        return self.task.verify(self.prompts[i] if prompt is None else prompt, target)
+
     def sample(self, sampler: SamplerConfig, batch_size: int, callback: StepCallback | None = None,
-               branch: Trajectory | None = None, first_step: int = 0) -> Trajectory:
-        """Every example's run, ``batch_size`` at a time (see :func:`dlmprobe.sampling.sample`)."""
+               branch: Trajectory | None = None, first_step: int = 0, observers: Sequence[StepObserver] = (),
+               copies: int = 1) -> Trajectory:
+        """Every example's run, ``batch_size`` at a time (see :func:`dlmprobe.sampling.sample`).
+
+        With ``copies > 1`` the examples are sampled that many times over, row ``c * n + i`` being
+        copy ``c`` of example ``i`` (the row observers, the callback and ``branch`` are told).
+        """
         if isinstance(sampler, DiffusionSamplerConfig):
             sampler.resolve(self.gen_length)  # refuse a bad schedule before any work starts
+        canvas = self.canvas.repeat(copies, 1)
+        attention = None if self.attention_mask is None else self.attention_mask.repeat(copies, 1)
         module, parts = self.handle.module, []
         was_training = module.training
         module.eval()
         try:
-            for start in range(0, len(self.canvas), batch_size):
+            for start in range(0, len(canvas), batch_size):
                 rows = slice(start, start + batch_size)
-                mask = None if self.attention_mask is None else self.attention_mask[rows]
-                parts.append(sample(self.handle, self.canvas[rows], self.gen_start, self.gen_length, self.mask_id,
-                                    sampler, attention_mask=mask, rows=torch.arange(len(self.canvas))[rows],
-                                    callback=callback, branch=branch[rows] if first_step else None,
-                                    first_step=first_step))
+                mask = None if attention is None else attention[rows]
+                parts.append(sample(self.handle, canvas[rows], self.gen_start, self.gen_length, self.mask_id,
+                                    sampler, attention_mask=mask, rows=torch.arange(len(canvas))[rows],
+                                    callback=callback, observers=observers,
+                                    branch=branch[rows] if first_step else None, first_step=first_step))
         finally:
             module.train(was_training)
         return Trajectory.concat(parts)
 
 
-def builtin_setting(checkpoint: Checkpoint, n: int, seed: int) -> Setting:
-    """A built-in checkpoint on ``n`` held-out puzzles of its task: ``<bos> prompt <sep> [MASK]* <eos>``."""
-    task = checkpoint.task
+def builtin_setting(checkpoint: Checkpoint, n: int, seed: int, task: Task | None = None) -> Setting:
+    """A built-in checkpoint on ``n`` held-out puzzles of its task (or ``task``, of the same layout):
+    ``<bos> prompt <sep> [MASK]* <eos>``."""
+    task = task or checkpoint.task
     examples = task.sample(n, split="eval", seed=seed)
     prefix, suffix = prefixes(task, examples)
     canvas = make_canvas(prefix, task.target_length, task.vocab.mask_id, suffix)
     return Setting(from_checkpoint(checkpoint), canvas, None, prefix.shape[1], task.target_length,
                     [dict(ex.labels) for ex in examples], task, [list(ex.prompt) for ex in examples],
-                    lambda i, output: output, lambda i: task.vocab.tokens[i])
+                    lambda i, output: output, lambda i: task.vocab.tokens[i], [ex.uid for ex in examples])
 
 
 def text_setting(handle: ModelHandle, task: TextTask, n: int, seed: int, template: CanvasTemplate | None) -> Setting:
@@ -118,4 +151,30 @@ def text_setting(handle: ModelHandle, task: TextTask, n: int, seed: int, templat
         def decode(i: int, output: list[int]) -> list[int] | None:
             return output if output == reference[i].tolist() else None
     return Setting(handle, encoded.canvas, encoded.attention_mask, start, encoded.gen_length, spans, builtin,
-                    prompts, decode, lambda i: handle.tokenizer.convert_ids_to_tokens(int(i)))
+                    prompts, decode, lambda i: handle.tokenizer.convert_ids_to_tokens(int(i)),
+                    [ex.uid for ex in examples])
+
+
+def store_setting(model: Checkpoint | ModelHandle, data: ActivationDataset, n: int, seed: int) -> Setting:
+    """``n`` fresh examples of the task a store was recorded on, laid out as the store's run was, for
+    the model that recorded it: a built-in checkpoint, or for a text run the Hugging Face model's handle."""
+    stored = data.config.get("model", {})
+    if not is_text_run(data):
+        if isinstance(model, ModelHandle):
+            raise DlmprobeInputError(f"{data.path} is a built-in model's run: expected its checkpoint, got Hugging Face model {model.name!r}")
+        if stored.get("config") != model.config.to_dict() or (
+            stored.get("weights_sha256") and model.path is not None and stored["weights_sha256"] != model.weights_sha256
+        ):
+            raise DlmprobeInputError(f"the store {data.path} was recorded from model {stored.get('name')!r}, not from this checkpoint")
+        return builtin_setting(model, n, seed)
+    if not isinstance(model, ModelHandle):
+        raise DlmprobeInputError(f"{data.path} is a Hugging Face model's text run: expected that model's handle, got a built-in checkpoint")
+    described = model.describe()
+    differs = [k for k in ("architecture", "kind", "n_layers", "d_model", "vocab_size", "mask_id") if stored.get(k) != described.get(k)]
+    if differs:
+        raise DlmprobeInputError(f"the store {data.path} was recorded from model {stored.get('name')!r}, not from "
+                                 f"{model.name!r} (their {differs[0]} differ)")
+    spec = data.config["task"]
+    text = spec.get("text") or {}
+    task = JsonlTask(text["path"]) if text.get("source") == "jsonl" else BuiltinTextTask(get_task(text["task"], **text["params"]))
+    return text_setting(model, task, n, seed, CanvasTemplate(**spec["template"]))

@@ -51,7 +51,7 @@ def _is_hf_model(args: argparse.Namespace) -> bool:
 
     if is_builtin_model(args.model):
         return False
-    return Path(args.model).expanduser().is_dir() or bool(args.trust_remote_code or args.task)
+    return Path(args.model).expanduser().is_dir() or bool(args.trust_remote_code or getattr(args, "task", None))
 
 
 def _text_flags(args: argparse.Namespace) -> dict:
@@ -91,17 +91,19 @@ def _faithfulness(args: argparse.Namespace, store: OpenStore):
 def _paraphrase(args: argparse.Namespace, store: OpenStore):
     from dlmprobe.analyses import paraphrase_run
 
-    model = common.load_checkpoint(args.model, args)
-    return paraphrase_run(model, n=args.n, seed=args.seed, probe_site=args.probe_site, label=args.label,
-                          progress=not args.quiet)
+    text = _text_flags(args)
+    return paraphrase_run(_load_model(args), n=args.n, seed=args.seed, probe_site=args.probe_site, label=args.label,
+                          progress=not args.quiet, **text)
 
 
 def _causal(args: argparse.Namespace, store: OpenStore):
     from dlmprobe.analyses import causal_check
+    from dlmprobe.sampling import DiffusionSamplerConfig
 
     data = store(args.store)
-    model = common.load_checkpoint(args.model, args)
-    return causal_check(model, data, args.site, label=args.label, n=args.n, seed=args.seed, progress=not args.quiet)
+    sampler = DiffusionSamplerConfig(**{**data.config["sampler"], "temperature": 0.0}) if args.greedy else None
+    return causal_check(_load_model(args), data, args.site, label=args.label, n=args.n, seed=args.seed,
+                        progress=not args.quiet, sampler=sampler)
 
 
 def _trajectory(args: argparse.Namespace, store: OpenStore):
@@ -193,8 +195,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     q.set_defaults(run=_faithfulness)
 
     q = kinds.add_parser("paraphrase", help="6: rewrite the canvas after every step, meaning preserved",
-                         parents=[common.seed(), *_model_flags()])
-    q.add_argument("--model", required=True)
+                         parents=[common.seed(), *_model_flags(), _text_model_flags()])
+    q.add_argument("--model", required=True, help="a built-in checkpoint, or a Hugging Face diffusion model (a folder, or a hub name with --task)")
     q.add_argument("--n", type=common.positive_int, default=200)
     q.add_argument("--probe-site")
     q.add_argument("--label")
@@ -203,10 +205,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     q = kinds.add_parser("causal", help="7: ablate or steer the probe subspace while sampling",
                          parents=[common.seed(default=1), *_model_flags()])
     q.add_argument("store", help=store_help)
-    q.add_argument("--model", required=True)
+    q.add_argument("--model", required=True,
+                   help="the model that recorded the store: a built-in checkpoint, or a Hugging Face model (folder or hub name)")
+    q.add_argument("--trust-remote-code", action="store_true", help="allow a Hugging Face model's own modeling code")
     q.add_argument("--site", required=True)
     q.add_argument("--label")
     q.add_argument("--n", type=common.positive_int, default=200)
+    q.add_argument("--greedy", action="store_true",
+                   help="sample the fresh runs at temperature 0 with the store's other sampler settings "
+                        "(for a store sampled at a higher temperature)")
     q.set_defaults(run=_causal)
 
     q = kinds.add_parser("trajectory", help="8: one example's canvas, token x step")
