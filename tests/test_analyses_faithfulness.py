@@ -3,9 +3,6 @@ import random
 
 import numpy as np
 import pytest
-import torch
-
-torch.set_num_threads(1)
 
 from dlmprobe.analyses.common import wilson_interval
 from dlmprobe.analyses.faithfulness import faithfulness
