@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hf_fixtures import WEIGHTS, save_dream, save_dream_from_qwen2, save_llada, save_llama, save_qwen2
+from hf_fixtures import WEIGHTS, save_dream, save_dream_from_qwen2, save_llada, save_llama, save_modernbert, save_qwen2
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -178,3 +178,22 @@ def test_compare_a_diffusion_lm_with_the_causal_lm_it_was_initialised_from(runs,
     assert main(["analyze", "--quiet", "--out", str(tmp_path / "mixed"), "compare", f"diffusion={stores['llada']}",
                  f"autoregressive={stores['llama']}", "--no-shared-init"]) == 0
     assert load_result(tmp_path / "mixed" / "compare").meta["shared_init"] is False
+
+
+def test_store_analyses_and_the_report_run_on_a_masked_lm_through_nnsight(tmp_path, capsys):
+    """ModernBERT has no TransformerLens adapter: sites are module paths through nnsight, its lens is left out."""
+    folder = save_modernbert(tmp_path / "modernbert")
+    store = tmp_path / "modernbert.h5"
+    assert main(["cache", "--model", str(folder), "--task", "arith", "--task-param", "n_ops=2", "--n", "30", "--quiet",
+                 "--template", "forced-answer", "--reasoning-length", "2", "--positions", "answer-slot",
+                 "--temperature", "1", "--out", str(store)]) == 0
+    out = tmp_path / "analyses"
+    for argv in (["decodability", str(store), "--target", "truth"], ["lead", str(store)], ["order", str(store)],
+                 ["trajectory", str(store), "--example", "1"]):
+        _analyze(out, *argv)
+    table = load_result(out / "decodability").table
+    assert table["accuracy"].between(0, 1).all() and table["random_weights_accuracy"].notna().all()
+    assert {"The", "answer", "is"} <= set(load_result(out / "trajectory").table["final"])
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    assert "decodability" in (out / "report.html").read_text()
