@@ -162,12 +162,7 @@ class CachePlan:
         return self.layout.bytes_needed()
 
     def describe(self) -> str:
-        c = self.config
-        return (
-            f"{c.model} ({self.checkpoint.kind}) on {self.task!r}: {len(self.examples)} examples x "
-            f"{len(self.steps)}/{self.n_steps} steps x {len(self.positions)} positions x {len(self.sites)} sites "
-            f"({c.dtype}) -> {self.bytes_needed / 2**20:,.1f} MiB"
-        )
+        return f"{self.config.model} ({self.checkpoint.kind}) on {self.task!r}: {self.layout.describe()}"
 
     def store_config(self) -> dict[str, Any]:
         """The run config stored in the file: enough to reproduce it."""

@@ -129,12 +129,8 @@ class TextCachePlan:
         return self.layout.bytes_needed()
 
     def describe(self) -> str:
-        c = self.config
-        return (
-            f"{c.model} ({self.handle.kind}, {self.handle.backend}) on text task {self.task.name}: {len(self.examples)} "
-            f"examples x {len(self.steps)}/{self.n_steps} steps x {len(self.positions)} positions x {len(self.sites)} "
-            f"sites ({c.dtype}) -> {self.bytes_needed / 2**20:,.1f} MiB"
-        )
+        handle = self.handle
+        return f"{self.config.model} ({handle.kind}, {handle.backend}) on text task {self.task.name}: {self.layout.describe()}"
 
     def store_config(self) -> dict[str, Any]:
         handle, encoded = self.handle, self.encoded

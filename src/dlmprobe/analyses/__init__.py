@@ -1,4 +1,4 @@
-"""Analyses that turn activation datasets, probes and models into answers (see ../shared/RESEARCH.md).
+"""Analyses that turn activation datasets, probes and models into answers to the questions in the README.
 
 Each returns an :class:`AnalysisResult`: a tidy table, a figure and a summary computed from the table.
 

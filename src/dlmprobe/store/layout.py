@@ -148,6 +148,11 @@ class StoreLayout:
         found.update({"dims/step": tuple(self.steps), "dims/position": tuple(self.positions), "mask_id": mask_id})
         return found
 
+    def describe(self) -> str:
+        """Its sizes in one line, e.g. ``64 examples x 12/36 steps x 37 positions x 4 sites (float16) -> 95.3 MiB``."""
+        return (f"{self.n_examples} examples x {len(self.steps)}/{self.n_steps} steps x {len(self.positions)} positions "
+                f"x {len(self.sites)} sites ({self.dtype}) -> {self.bytes_needed() / 2**20:,.1f} MiB")
+
     def bytes_needed(self) -> int:
         """Disk bytes a store of this layout will take once full (an upper estimate, uncompressed)."""
         total = _METADATA_BYTES + 8 * self.n_examples + 4 * (len(self.steps) + len(self.positions))  # the scales
