@@ -89,11 +89,16 @@ def test_faithfulness_on_a_text_run(handles, model):
     assert set(result.meta["replacement_values"]) <= {str(d) for d in range(10)}
 
 
-def test_faithfulness_text_run_through_the_cli(folders, tmp_path):
+def _analyze_llada(folders, tmp_path, name: str, n: int):
+    """``dlmprobe analyze NAME`` on the tiny LLaDA with arith rendered as text; the saved result."""
     out = tmp_path / "analyses"
-    assert main(["analyze", "--quiet", "--out", str(out), "faithfulness", "--model", str(folders["llada"]),
-                 "--trust-remote-code", "--task", "arith", "--task-param", "n_ops=3", "--n", "8"]) == 0
-    result = load_result(out / "faithfulness")
+    assert main(["analyze", "--quiet", "--out", str(out), name, "--model", str(folders["llada"]),
+                 "--trust-remote-code", "--task", "arith", "--task-param", "n_ops=3", "--n", str(n)]) == 0
+    return load_result(out / name)
+
+
+def test_faithfulness_text_run_through_the_cli(folders, tmp_path):
+    result = _analyze_llada(folders, tmp_path, "faithfulness", 8)
     assert result.meta["n"] == 8 and "arith" in result.meta["task"]
     assert set(result.table["metric"]) >= {"answer_changed", "corrupted"}
 
@@ -173,10 +178,7 @@ def test_paraphrase_on_a_text_run(handles):
 
 
 def test_paraphrase_text_run_through_the_cli(folders, tmp_path):
-    out = tmp_path / "analyses"
-    assert main(["analyze", "--quiet", "--out", str(out), "paraphrase", "--model", str(folders["llada"]),
-                 "--trust-remote-code", "--task", "arith", "--task-param", "n_ops=3", "--n", "6"]) == 0
-    result = load_result(out / "paraphrase")
+    result = _analyze_llada(folders, tmp_path, "paraphrase", 6)
     assert result.meta["n"] == 6 and "Arith" in result.meta["task"]
     assert set(result.tables["solve"].run) == {"plain", "paraphrased"}
 
