@@ -44,6 +44,7 @@ from dlmprobe.sampling import (
     Trajectory,
     generate,
 )
+from dlmprobe.sampling.native import is_native_model
 from dlmprobe.store import ActivationWriter, StoreLayout
 from dlmprobe.tasks import Example, Task, get_task
 
@@ -188,8 +189,13 @@ def plan_cache(config: CacheConfig, checkpoint: Checkpoint | None = None) -> Cac
     """Resolve a config against its model: checks every argument before anything is computed.
 
     A Hugging Face model (anything but a shipped name or a kit checkpoint folder) gets a
-    :class:`~dlmprobe.capture_text.TextCachePlan`.
+    :class:`~dlmprobe.capture_text.TextCachePlan`; a DiffusionGemma folder (its own sampler) a
+    :class:`~dlmprobe.capture_native.NativeCachePlan`.
     """
+    if checkpoint is None and is_native_model(config.model):
+        from dlmprobe.capture_native import plan_native_cache  # it builds on this module
+
+        return plan_native_cache(config)
     if checkpoint is None and not is_builtin_model(config.model):
         return plan_text_cache(config)
     ckpt = checkpoint or load_model(config.model)
@@ -328,20 +334,24 @@ def capture_batch(plan: CachePlan, recorder: ActivationRecorder, examples: Seque
 
 
 def run_cache(config: CacheConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False,
-              progress: bool = True, plan: CachePlan | TextCachePlan | None = None) -> Path:
+              progress: bool = True, plan: Any = None) -> Path:
     """Sample ``config.n`` examples with capture and write them to the HDF5 file ``out``.
 
     Refuses to start if ``out`` exists and neither ``overwrite`` nor ``resume`` is given, if
     another process writes ``out``, or if the disk lacks the space the file still needs (the
     writer reserves it before sampling). With ``resume`` an interrupted run, or one stopped by a
     write error such as a full disk, continues at its first incomplete batch and ends with the
-    same contents as an uninterrupted one.
+    same contents as an uninterrupted one. ``plan`` is what :func:`plan_cache` returns for
+    ``config`` (a :class:`CachePlan`, a text plan or a native plan: any plan with a ``batch(begin,
+    stop)`` method and a ``mask_id`` writes its own batches).
     """
     out = Path(out)
     plan = plan or plan_cache(config)
     if out.exists() and not (overwrite or resume):
         raise FileExistsError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it")
-    if isinstance(plan, TextCachePlan):
+    if hasattr(plan, "batch"):  # a model with its own sampler (capture_native)
+        mask_id, batch_of = plan.mask_id, plan.batch
+    elif isinstance(plan, TextCachePlan):
         mask_id = plan.mask_id
 
         def batch_of(begin: int, stop: int) -> dict[str, Any]:

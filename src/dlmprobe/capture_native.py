@@ -14,6 +14,13 @@ differs, all stated in the store's config:
   ``s`` is before commit iff ``s <= commit_step``. Code that decides "still masked" by
   ``canvas == mask_id`` sees every position as committed on such a store.
 
+* One canvas (one block of ``canvas_length`` tokens) per example: DiffusionGemma's ``generate``
+  appends further blocks for longer outputs, which is not supported (the canvas check refuses it).
+
+``dlmprobe cache --model <DiffusionGemma folder>`` comes here through :func:`plan_native_cache`,
+which reads the same :class:`~dlmprobe.capture.CacheConfig` as the other models and refuses the
+options that do not apply to a model with its own sampler (:data:`NATIVE_OPTIONS` says which do).
+
 Example:
     >>> capture_native(model, get_task("arith", n_ops=3), "runs/gemma.h5", n=64, steps=16)
 """
@@ -22,20 +29,183 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dlmprobe import __version__
-from dlmprobe.capture import batch_record
+from dlmprobe.capture import CacheConfig, batch_record, resolve_steps
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.sampling import StepCallback
-from dlmprobe.sampling.native import NativeRun, resolve_decoder_sites, run_native
+from dlmprobe.sampling.native import (
+    NO_MASK,
+    NativeRun,
+    default_denoising_steps,
+    load_native_model,
+    resolve_decoder_sites,
+    run_native,
+)
 from dlmprobe.store import ActivationWriter, StoreLayout
-from dlmprobe.tasks import Example, Task
+from dlmprobe.tasks import Example, Task, get_task
 
-NO_MASK = -1  # the store's mask_id for a model without a mask token: no canvas token equals it
+# The --positions rules a native store can hold: the decoder runs on the canvas only.
+NATIVE_POSITION_RULES = ("target", "masked", "answer")
+# What dlmprobe cache takes for such a model (the sampler's only option is its number of steps).
+NATIVE_OPTIONS = ("--task", "--task-param", "--steps", "--n", "--split", "--seed", "--sites (decoder resid_post)",
+                  "--record-steps", "--positions target|answer", "--dtype", "--batch-size", "--shard", "--device",
+                  "--model-dtype")
+
+
+@dataclass
+class NativeCachePlan:
+    """A cache job on a model with its own sampler: examples, sites, steps and positions resolved.
+
+    ``steps`` are the recorded denoising steps among ``range(n_steps)``; ``positions`` the recorded
+    canvas positions (within the target, where the decoder runs).
+    """
+
+    model: torch.nn.Module
+    task: Task
+    model_name: str
+    examples: list[Example]
+    sites: dict[str, str]  # site -> decoder module path
+    n_steps: int
+    steps: list[int]
+    positions: list[int]
+    dtype: str = "float16"
+    seed: int = 0
+    position_rule: str = "target"
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)
+    callback: StepCallback | None = None
+    config: CacheConfig | None = None
+    offset: int = 0  # index of examples[0] among all the run's examples (non-zero for a shard)
+    mask_id: int = NO_MASK
+
+    @property
+    def layout(self) -> StoreLayout:
+        task, width = self.task, self.model.config.get_text_config().hidden_size
+        labels = {name: len(span.positions) for name, span in self.examples[0].labels.items()}
+        return StoreLayout(
+            n_examples=len(self.examples), n_steps=self.n_steps, canvas_length=task.sequence_length,
+            prompt_length=task.prompt_length, target_length=task.target_length, labels=labels,
+            sites={site: width for site in self.sites}, steps=self.steps, positions=self.positions, dtype=self.dtype,
+        )
+
+    @property
+    def bytes_needed(self) -> int:
+        return self.layout.bytes_needed()
+
+    def describe(self) -> str:
+        return (f"{self.model_name} ({type(self.model).__name__}, its own generate, {self.n_steps} denoising steps) "
+                f"on {self.task!r}: {self.layout.describe()}")
+
+    def store_config(self) -> dict[str, Any]:
+        model, task = self.model, self.task
+        config = {
+            "model": {"name": self.model_name or str(model.config._name_or_path), "kind": "diffusion",
+                      "architecture": type(model).__name__, "config": json.loads(model.config.to_json_string())},
+            "task": {"name": task.name, "params": task.params(), "vocab": list(task.vocab.tokens),
+                     "answer_label": task.answer_label},
+            "sampler": {"name": "native", "steps": self.n_steps, "seed": self.seed, "generate": self.generate_kwargs},
+            "commit_rule": "settle",
+            "sites": list(self.sites), "site_modules": self.sites, "steps": self.steps, "positions": self.positions,
+            "position_rule": self.position_rule,
+            "shard": list(self.config.shard) if self.config is not None and self.config.shard else None,
+            "dlmprobe_version": __version__,
+        }
+        if self.config is not None:
+            config["cache"] = {k: v for k, v in self.config.to_dict().items() if k != "shard"}
+        return config
+
+    def batch(self, begin: int, stop: int) -> dict[str, Any]:
+        """Examples ``begin:stop`` of the plan through the model's own sampler: one store batch.
+
+        Seeded ``seed * 1_000_003 + i`` (``i`` the first example's index in the whole run), as
+        :func:`dlmprobe.capture.capture_batch` does.
+        """
+        task, batch = self.task, self.examples[begin:stop]
+        prompts = torch.tensor([[task.vocab.bos_id, *ex.prompt, task.vocab.sep_id] for ex in batch])
+        run = run_native(self.model, prompts, list(self.sites), steps=self.n_steps,
+                         seed=self.seed * 1_000_003 + self.offset + begin, callback=self.callback,
+                         **self.generate_kwargs)
+        columns = [p - task.target_start for p in self.positions]
+        run.activations = {site: value[:, self.steps][:, :, columns] for site, value in run.activations.items()}
+        return native_batch(task, batch, run)
+
+
+def check_native_model(model: torch.nn.Module, task: Task) -> None:
+    """The model's canvas must be the task's ``target <eos>`` (one block) and its vocabulary the task's."""
+    text = model.config.get_text_config()
+    if model.config.canvas_length != task.target_length + 1:
+        raise DlmprobeInputError(
+            f"expected a model canvas of target_length + 1 = {task.target_length + 1} tokens for {task!r} (one "
+            f"canvas per example; outputs spanning several canvases are not supported), got canvas_length "
+            f"{model.config.canvas_length}"
+        )
+    if text.vocab_size != len(task.vocab):
+        raise DlmprobeInputError(f"expected the task's vocabulary of {len(task.vocab)} tokens, got a model vocabulary of {text.vocab_size}")
+
+
+def plan_native(model: torch.nn.Module, task: Task, *, n: int, split: str = "eval", seed: int = 0,
+                sites: Sequence[str] = ("blocks.*.hook_resid_post",), steps: int = 16,
+                record_steps: str | int | Sequence[int] = "all", positions: str = "target", dtype: str = "float16",
+                model_name: str = "", callback: StepCallback | None = None, config: CacheConfig | None = None,
+                shard: tuple[int, int] | None = None, generate_kwargs: dict[str, Any] | None = None) -> NativeCachePlan:
+    """Check every argument against the model and task and resolve them, before anything is sampled."""
+    check_native_model(model, task)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise DlmprobeInputError(f"expected a positive number of denoising steps, got {steps!r}")
+    if positions not in NATIVE_POSITION_RULES:
+        raise DlmprobeInputError(f"expected positions in {NATIVE_POSITION_RULES} (the decoder runs on the canvas only), "
+                                 f"got {positions!r}")
+    site_paths = resolve_decoder_sites(model, sites)
+    start = task.target_start
+    chosen = (range(start, start + task.target_length) if positions != "answer"
+              else [start + p for p in task.answer_positions()])
+    examples = task.sample(n, split=split, seed=seed)
+    offset = 0
+    if shard is not None:
+        i, k = shard
+        bounds = np.linspace(0, len(examples), k + 1).astype(int)
+        offset, examples = int(bounds[i]), examples[bounds[i] : bounds[i + 1]]
+    return NativeCachePlan(model, task, model_name, examples, site_paths, steps, resolve_steps(record_steps, steps),
+                           list(chosen), dtype, seed, positions, dict(generate_kwargs or {}), callback, config, offset)
+
+
+def plan_native_cache(config: CacheConfig, model: torch.nn.Module | None = None) -> NativeCachePlan:
+    """A :class:`CacheConfig` naming a DiffusionGemma folder, checked and resolved (the model loaded).
+
+    The task is a built-in one whose vocabulary is the model's; ``sampler`` may hold ``steps``
+    (default: the model's own) and ``seed`` only. Text-task options are refused.
+    """
+    text_options = [name for name, value in (("task_file", config.task_file), ("reasoning_length", config.reasoning_length),
+                                             ("answer_length", config.answer_length), ("device_map", config.device_map))
+                    if value is not None]
+    if config.template != "plain":
+        text_options.append("template")
+    if text_options:
+        raise DlmprobeInputError(f"{text_options[0]} is for text tasks on Hugging Face models with a mask token; a "
+                                 "DiffusionGemma folder runs a built-in task (--task) whose vocabulary is the model's")
+    unknown = sorted(set(config.sampler) - {"steps", "seed"})
+    if unknown:
+        raise DlmprobeInputError(f"DiffusionGemma samples with its own generate: it takes --steps and --seed only, got "
+                                 f"{unknown[0]!r}")
+    if not config.task:
+        raise DlmprobeInputError(f"expected --task for DiffusionGemma folder {config.model!r}, got none")
+    if config.positions not in NATIVE_POSITION_RULES:
+        raise DlmprobeInputError(f"expected --positions in {NATIVE_POSITION_RULES} for DiffusionGemma (its decoder runs "
+                                 f"on the canvas only), got {config.positions!r}")
+    task = get_task(config.task, **config.task_params)
+    model = model if model is not None else load_native_model(config.model, config.device, config.model_dtype)
+    steps = config.sampler.get("steps") or default_denoising_steps(model)
+    return plan_native(model, task, n=config.n, split=config.split, seed=config.seed, sites=config.sites, steps=steps,
+                       record_steps=config.steps, positions=config.positions, dtype=config.dtype,
+                       model_name=config.model, config=config, shard=config.shard)
+
+
 
 
 def capture_native(
@@ -61,43 +231,13 @@ def capture_native(
     :func:`dlmprobe.capture.capture_batch` does. ``generate_kwargs`` and ``callback`` go to
     :func:`run_native`; the former are stored in the config and must be JSON values.
     """
-    text = model.config.get_text_config()
-    if model.config.canvas_length != task.target_length + 1:
-        raise DlmprobeInputError(
-            f"expected a model canvas of target_length + 1 = {task.target_length + 1} tokens for {task!r}, "
-            f"got canvas_length {model.config.canvas_length}"
-        )
-    if text.vocab_size != len(task.vocab):
-        raise DlmprobeInputError(f"expected the task's vocabulary of {len(task.vocab)} tokens, got a model vocabulary of {text.vocab_size}")
     if batch_size < 1:
         raise DlmprobeInputError(f"expected batch_size >= 1, got {batch_size}")
-    examples = task.sample(n, split=split, seed=seed)
-    site_paths = resolve_decoder_sites(model, sites)
-    labels = {name: len(span.positions) for name, span in examples[0].labels.items()}
-    start = task.target_start
-    positions = list(range(start, start + task.target_length))
-    layout = StoreLayout(
-        n_examples=len(examples), n_steps=steps, canvas_length=task.sequence_length, prompt_length=task.prompt_length,
-        target_length=task.target_length, labels=labels, sites={site: text.hidden_size for site in site_paths},
-        steps=range(steps), positions=positions, dtype=dtype,
-    )
-    config = {
-        "model": {"name": model_name or str(model.config._name_or_path), "kind": "diffusion",
-                  "architecture": type(model).__name__, "config": json.loads(model.config.to_json_string())},
-        "task": {"name": task.name, "params": task.params(), "vocab": list(task.vocab.tokens),
-                 "answer_label": task.answer_label},
-        "sampler": {"name": "native", "steps": steps, "seed": seed, "generate": generate_kwargs},
-        "commit_rule": "settle",
-        "sites": list(site_paths), "site_modules": site_paths, "steps": list(range(steps)), "positions": positions,
-        "position_rule": "target", "shard": None, "dlmprobe_version": __version__,
-    }
-    with ActivationWriter(out, layout, config=config, mask_id=NO_MASK, overwrite=overwrite) as writer:
-        for begin in range(0, len(examples), batch_size):
-            batch = examples[begin : begin + batch_size]
-            prompts = torch.tensor([[task.vocab.bos_id, *ex.prompt, task.vocab.sep_id] for ex in batch])
-            run = run_native(model, prompts, list(site_paths), steps=steps, seed=seed * 1_000_003 + begin,
-                             callback=callback, **generate_kwargs)
-            writer.write_batch(native_batch(task, batch, run))
+    plan = plan_native(model, task, n=n, split=split, seed=seed, sites=sites, steps=steps, dtype=dtype,
+                       model_name=model_name, callback=callback, generate_kwargs=generate_kwargs)
+    with ActivationWriter(out, plan.layout, config=plan.store_config(), mask_id=NO_MASK, overwrite=overwrite) as writer:
+        for begin in range(0, len(plan.examples), batch_size):
+            writer.write_batch(plan.batch(begin, min(begin + batch_size, len(plan.examples))))
     return Path(out)
 
 

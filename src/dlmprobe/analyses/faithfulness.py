@@ -20,6 +20,15 @@ reasoning tokens are the intermediate results, its answer the final one) with th
 slot; its replacement values are the labelled token ids of the reasoning label, and its output is
 read back through the tokenizer's answer set and verified by the built-in task's rule.
 
+A model with its own sampler (DiffusionGemma, ``DiffusionGemmaForBlockDiffusion``) has no mask token:
+every canvas position holds a token at every step, so "committed" becomes "before the position
+settles" (the settle rule of :mod:`dlmprobe.sampling.native`). After step t every reasoning position
+is replaced (its current token, whatever it is, by a different value of the label), through
+:func:`~dlmprobe.sampling.native.run_native`'s between-steps callback, and the model's own loop
+carries the edit on; ``answer_committed`` says whether the answer had already settled in the clean
+run by then. Its runs are seeded as the clean run, so a corrupted run differs from it only through
+the edit. ``"remask"`` is not run on it (no mask token to set a position back to).
+
 Example:
     >>> from dlmprobe.models import load_model
     >>> result = faithfulness(load_model("arith-diffusion"), n=200, twin=load_model("arith-autoregressive"))
@@ -40,15 +49,16 @@ from tqdm.auto import tqdm
 from dlmprobe.analyses.common import wilson_rate
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
-from dlmprobe.analyses.setting import Setting, builtin_setting, text_setting
+from dlmprobe.analyses.setting import NativeSetting, Setting, builtin_setting, native_setting, text_setting
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.models import Checkpoint, ModelHandle
 from dlmprobe.sampling.generate import SamplerConfig, default_sampler
-from dlmprobe.tasks import Arith
+from dlmprobe.tasks import Arith, Task
 from dlmprobe.tasks.text import CanvasTemplate, TextTask
 
 MODES: tuple[str, ...] = ("replace", "remask")
 AR_REMASK_NOTE = "not run: an autoregressive model never rewrites a written position, so remasking is meaningless"
+NATIVE_REMASK_NOTE = "not run: this model has no mask token to set a position back to"
 # Aggregated metrics: (name, numerator column, rows it is a rate over).
 METRICS: tuple[tuple[str, str, str], ...] = (
     ("corrupted", "corrupted", "all"),
@@ -78,10 +88,10 @@ class _Corruption:
     def __init__(self, step: int, mode: str, reasoning: torch.Tensor, answer: torch.Tensor, valid: torch.Tensor,
                  setting: Setting, seed: int):
         self.step, self.mode, self.reasoning, self.answer, self.valid = step, mode, reasoning, answer, valid
-        self.mask_id = setting.mask_id
+        self.mask_id = setting.mask_id  # NO_MASK (-1) without a mask token: every position holds a token
         self.gen = slice(setting.gen_start, setting.gen_start + setting.gen_length)
         # Indexed by whatever a model commits: any id of its vocabulary, the mask included.
-        size = max(setting.handle.vocab_size, setting.mask_id, int(valid.max())) + 1
+        size = max(setting.vocab_size, setting.mask_id, int(valid.max())) + 1
         self.index_in_valid = torch.zeros(size, dtype=torch.long)
         self.index_in_valid[valid] = torch.arange(len(valid))
         # A shift of 1..len(valid)-1 within the valid values: a different value, whatever was committed.
@@ -118,15 +128,19 @@ def faithfulness(
     twin: Checkpoint | None = None,
     batch_size: int = 256,
     progress: bool = True,
-    task: TextTask | None = None,
+    task: TextTask | Task | None = None,
     template: CanvasTemplate | None = None,
+    denoising_steps: int | None = None,
+    generate_options: dict | None = None,
 ) -> AnalysisResult:
     """Corrupt committed reasoning tokens at each step t and measure how often the answer changes.
 
     Parameters
     ----------
     checkpoint : the model and its examples: a built-in checkpoint (diffusion or autoregressive) on
-        its task, or a Hugging Face diffusion model's handle (``load_hf_model``) on ``task``.
+        its task, a Hugging Face diffusion model's handle (``load_hf_model``) on ``task``, or a
+        DiffusionGemma (``DiffusionGemmaForBlockDiffusion``) on a built-in ``task`` whose vocabulary
+        is the model's.
     n, seed : number of held-out puzzles and the seed that draws them and the replacement tokens.
     corrupt_label : the reasoning label whose committed tokens are corrupted (default
         ``"intermediate"``); positions it shares with the answer label are left alone.
@@ -135,7 +149,10 @@ def faithfulness(
     steps : the steps t after which to corrupt (default ``0 .. n_steps-2``, each model its own).
     sampler : sampler of ``checkpoint`` (default: the kind's default); the twin uses its default.
     twin : a built-in checkpoint of the other kind on the same task, corrupted the same way.
-    task, template : a handle's text task (required) and canvas layout (default: the forced answer slot).
+    task, template : a handle's text task (required) and canvas layout (default: the forced answer slot);
+        DiffusionGemma: its built-in task (required), no template.
+    denoising_steps, generate_options : DiffusionGemma only: its number of denoising steps (default:
+        its own) and other ``generate`` options (``t_min``, ``t_max``...).
 
     Returns
     -------
@@ -144,7 +161,17 @@ def faithfulness(
     ``run_fraction`` is ``step / n_steps``. ``tables["examples"]``: the per-example flags behind it;
     ``tables["clean"]``: solve rate and answer-follows rate of the clean runs.
     """
-    if isinstance(checkpoint, ModelHandle):
+    native = isinstance(checkpoint, torch.nn.Module)
+    if (denoising_steps is not None or generate_options) and not native:
+        raise DlmprobeInputError("denoising_steps and generate_options are for a model with its own sampler (DiffusionGemma)")
+    if native:
+        if not isinstance(task, Task) or template is not None or twin is not None or sampler is not None:
+            raise DlmprobeInputError(f"a {type(checkpoint).__name__} runs on a built-in task of its vocabulary with its "
+                                     "own generate: expected task=<Task> and no template, twin or sampler, got "
+                                     f"task={type(task).__name__}")
+        setting = native_setting(checkpoint, task, n, seed, denoising_steps, generate_options)
+        task_name, answer_default = task.name, task.answer_label
+    elif isinstance(checkpoint, ModelHandle):
         if task is None:
             raise DlmprobeInputError(f"a Hugging Face model needs a text task: expected task=, got None ({checkpoint.name!r})")
         if twin is not None:
@@ -165,9 +192,10 @@ def faithfulness(
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise DlmprobeInputError(f"modes must be a non-empty subset of {MODES}, got {list(modes)}")
-    kind = setting.handle.kind
-    if kind == "autoregressive" and twin is None and set(modes) == {"remask"}:
-        raise DlmprobeInputError(f"modes {list(modes)} run nothing on an autoregressive model: it supports only 'replace'")
+    kind = setting.kind
+    if (kind == "autoregressive" or native) and twin is None and set(modes) == {"remask"}:
+        what = "a model without a mask token" if native else "an autoregressive model"
+        raise DlmprobeInputError(f"modes {list(modes)} run nothing on {what}: it supports only 'replace'")
     if twin is not None and (twin.kind == kind or repr(twin.task) != repr(checkpoint.task)):
         raise DlmprobeInputError(f"twin must be the other kind on the same task as {kind} {checkpoint.task!r}, "
                          f"got {twin.kind} {twin.task!r}")
@@ -184,11 +212,14 @@ def faithfulness(
     flags, clean_rows, skipped, n_steps_of = [], [], [], {}
     bar = tqdm(desc="faithfulness", unit="run", disable=not progress)
     for run, run_sampler in runs:
-        kind = run.handle.kind
-        run_sampler = run_sampler or default_sampler(kind)
+        kind, own_sampler = run.kind, isinstance(run, NativeSetting)
+        run_sampler = None if own_sampler else run_sampler or default_sampler(kind)
         clean_run = run.sample(run_sampler, batch_size)
-        # Before step t a corrupted run is the clean run, when nothing random decides what is committed.
-        branches = run_sampler.temperature == 0 and getattr(run_sampler, "order", None) != "random"
+        # Before step t a corrupted run is the clean run, when nothing random decides what is committed
+        # (a model's own sampler is rerun whole, with the clean run's seeds).
+        branches = not own_sampler and run_sampler.temperature == 0 and getattr(run_sampler, "order", None) != "random"
+        # Settle rule: the answer is committed by step t where every answer position has settled.
+        settled = clean_run.target_commit_step <= torch.arange(clean_run.n_steps)[:, None, None]
         bar.update()
         clean, n_steps = clean_run.output, clean_run.n_steps
         n_steps_of[kind] = n_steps
@@ -201,14 +232,17 @@ def faithfulness(
             raise DlmprobeInputError(f"steps must lie in 0..{n_steps - 2} for the {kind} model ({n_steps} steps; a "
                              f"corruption after the last step is never read), got {list(chosen)}")
         for mode in modes:
-            if kind == "autoregressive" and mode == "remask":
-                skipped.extend((kind, mode, t, n_steps) for t in chosen)
+            if mode == "remask" and (kind == "autoregressive" or own_sampler):
+                note = NATIVE_REMASK_NOTE if own_sampler else AR_REMASK_NOTE
+                skipped.extend((kind, mode, t, n_steps, note) for t in chosen)
                 continue
             for t in chosen:
                 corruption = _Corruption(t, mode, reasoning, answer, valid, run, seed)
                 output = run.sample(run_sampler, batch_size, corruption, branch=clean_run if branches else None,
                                     first_step=t if branches else 0).output
                 bar.update()
+                if own_sampler:
+                    corruption.committed = (settled[t] | ~answer).all(1)
                 differs = output != clean
                 flags.append(pd.DataFrame({
                     "kind": kind, "mode": mode, "step": t, "run_fraction": t / n_steps, "example": np.arange(n),
@@ -223,21 +257,24 @@ def faithfulness(
     table = _aggregate(examples_table, skipped)
     clean_table = pd.DataFrame(clean_rows)
     meta = {
-        "checkpoint": setting.handle.name if isinstance(checkpoint, ModelHandle) or checkpoint.path else None,
+        "checkpoint": setting.name if native or isinstance(checkpoint, ModelHandle) or checkpoint.path else None,
         "twin": twin.path.name if twin is not None and twin.path else None,
-        "task": repr(checkpoint.task) if task is None else repr(task.describe()),
+        "task": repr(checkpoint.task) if task is None else repr(task) if native else repr(task.describe()),
         "n": n, "seed": seed, "corrupt_label": corrupt_label, "answer_label": answer_label, "modes": list(modes),
         "n_steps": n_steps_of, "replacement_values": [setting.token_name(v) for v in valid.tolist()],
         "sampler": (sampler.to_dict() if sampler is not None else None),
     }
-    if template is not None or task is not None:
+    if native:
+        meta["sampler"] = {"name": "native", "steps": setting.n_steps, "generate": setting.generate_options}
+        meta["commit_rule"] = "settle"
+    elif template is not None or task is not None:
         meta["template"] = (template or CanvasTemplate.forced_answer()).to_dict()
     return AnalysisResult("faithfulness", "Faithfulness along time: corrupting committed reasoning at step t",
                           table, _figure(table), _summary(table, clean_table, corrupt_label),
                           {"examples": examples_table, "clean": clean_table}, meta)
 
 
-def _aggregate(flags: pd.DataFrame, skipped: list[tuple[str, str, int, int]]) -> pd.DataFrame:
+def _aggregate(flags: pd.DataFrame, skipped: list[tuple[str, str, int, int, str]]) -> pd.DataFrame:
     """One row per (kind, mode, step, metric) from the per-example flags; skipped runs get a note."""
     rows = []
     for (kind, mode, step), group in flags.groupby(["kind", "mode", "step"], sort=False):
@@ -248,9 +285,9 @@ def _aggregate(flags: pd.DataFrame, skipped: list[tuple[str, str, int, int]]) ->
             rows.append({"kind": kind, "mode": mode, "step": step, "run_fraction": group.run_fraction.iloc[0],
                          "metric": metric, "denominator": denominator,
                          **wilson_rate(int(subset[column].sum()), len(subset)), "note": ""})
-    for kind, mode, step, n_steps in skipped:
+    for kind, mode, step, n_steps, note in skipped:
         rows.extend({"kind": kind, "mode": mode, "step": step, "run_fraction": step / n_steps, "metric": metric,
-                     "denominator": denominator, **wilson_rate(0, 0), "note": AR_REMASK_NOTE}
+                     "denominator": denominator, **wilson_rate(0, 0), "note": note}
                     for metric, _, denominator in METRICS)
     return pd.DataFrame(rows)
 
@@ -300,6 +337,10 @@ def _summary(table: pd.DataFrame, clean: pd.DataFrame, corrupt_label: str) -> st
             f"was still masked it changed in {_percent(at.loc['answer_changed_open'])}. "
             f"The final answer follows the final reasoning in {_percent(at.loc['answer_follows'])}."
         )
-    if (table.note != "").any():
+    notes = set(table.note)
+    if AR_REMASK_NOTE in notes:
         parts.append("Remasking is not run on the autoregressive model: it never rewrites a written position.")
+    if NATIVE_REMASK_NOTE in notes:
+        parts.append("Remasking is not run on the model without a mask token: before it settles a position is "
+                     "replaced, not remasked.")
     return " ".join(parts)

@@ -11,7 +11,8 @@ read back as task ids.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -28,6 +29,7 @@ from dlmprobe.sampling import (
     sample,
 )
 from dlmprobe.sampling.generate import SamplerConfig
+from dlmprobe.sampling.native import NO_MASK, default_denoising_steps, run_native
 from dlmprobe.store import ActivationDataset
 from dlmprobe.tasks import Task, get_task
 from dlmprobe.tasks.task import LabelSpan
@@ -58,6 +60,18 @@ class Setting:
     @property
     def mask_id(self) -> int:
         return self.handle.mask_id
+
+    @property
+    def kind(self) -> str:
+        return self.handle.kind
+
+    @property
+    def vocab_size(self) -> int:
+        return self.handle.vocab_size
+
+    @property
+    def name(self) -> str:
+        return self.handle.name
 
     def label_mask(self, label: str) -> torch.Tensor:
         """(example, generated position) True where ``label`` sits."""
@@ -106,6 +120,76 @@ class Setting:
         finally:
             module.train(was_training)
         return Trajectory.concat(parts)
+
+
+@dataclass
+class NativeSetting(Setting):
+    """A model with its own sampler (DiffusionGemma) on a built-in task whose vocabulary is its own.
+
+    The canvas is ``<bos> prompt <sep>`` (the encoder's input) and the decoder's canvas ``target
+    <eos>``; :meth:`sample` runs :func:`~dlmprobe.sampling.native.run_native`, whose callback edits
+    the canvas between steps. There is no mask token (``mask_id`` is ``NO_MASK``) and commit steps
+    follow the settle rule. Batch ``b`` (first example ``i``) is seeded ``seed * 1_000_003 + i``, so
+    a run with a callback differs from the clean run only by what the callback changed.
+    """
+
+    model: Any = None
+    n_steps: int = 48
+    seed: int = 0
+    generate_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mask_id(self) -> int:
+        return NO_MASK
+
+    @property
+    def kind(self) -> str:
+        return "diffusion"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.get_text_config().vocab_size
+
+    @property
+    def name(self) -> str:
+        return str(self.model.config._name_or_path) or type(self.model).__name__
+
+    def sample(self, sampler: SamplerConfig | None, batch_size: int, callback: StepCallback | None = None,
+               branch: Trajectory | None = None, first_step: int = 0, observers: Sequence[StepObserver] = (),
+               copies: int = 1) -> Trajectory:
+        """Every example's run through the model's own generate (``sampler`` must be None)."""
+        if sampler is not None or branch is not None or first_step or observers or copies != 1:
+            raise DlmprobeInputError("a model with its own sampler runs whole runs only: expected no sampler, branch, "
+                                     "observers or copies")
+        parts = []
+        for start in range(0, len(self.canvas), batch_size):
+            def shifted(step: int, rows: torch.Tensor, canvas: torch.Tensor, start: int = start) -> torch.Tensor | None:
+                return callback(step, rows + start, canvas)
+
+            run = run_native(self.model, self.canvas[start : start + batch_size], steps=self.n_steps,
+                             seed=self.seed * 1_000_003 + start, callback=shifted if callback else None,
+                             **self.generate_options)
+            parts.append(run.trajectory)
+        return replace(Trajectory.concat(parts), gen_length=self.gen_length)
+
+
+def native_setting(model: torch.nn.Module, task: Task, n: int, seed: int, steps: int | None = None,
+                   generate_options: dict[str, Any] | None = None) -> NativeSetting:
+    """A DiffusionGemma on ``n`` held-out puzzles of ``task`` (its vocabulary the model's, its canvas
+    the task's ``target <eos>``), ``steps`` denoising steps (default: the model's own)."""
+    text = model.config.get_text_config()
+    if model.config.canvas_length != task.target_length + 1 or text.vocab_size != len(task.vocab):
+        raise DlmprobeInputError(
+            f"expected a model with the vocabulary of {task!r} ({len(task.vocab)} tokens) and a canvas of one "
+            f"target + <eos> ({task.target_length + 1} tokens), got vocabulary {text.vocab_size} and canvas "
+            f"{model.config.canvas_length}")
+    examples = task.sample(n, split="eval", seed=seed)
+    prompts = torch.tensor([[task.vocab.bos_id, *ex.prompt, task.vocab.sep_id] for ex in examples])
+    return NativeSetting(None, prompts, None, prompts.shape[1], task.target_length,
+                         [dict(ex.labels) for ex in examples], task, [list(ex.prompt) for ex in examples],
+                         lambda i, output: output, lambda i: task.vocab.tokens[i], [ex.uid for ex in examples],
+                         model=model, n_steps=steps or default_denoising_steps(model), seed=seed,
+                         generate_options=dict(generate_options or {}))
 
 
 def builtin_setting(checkpoint: Checkpoint, n: int, seed: int, task: Task | None = None) -> Setting:

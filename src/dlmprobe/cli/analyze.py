@@ -79,9 +79,32 @@ def _load_model(args: argparse.Namespace):
     return load_hf_model(args.model, trust_remote_code=args.trust_remote_code, device=common.chosen_device(args))
 
 
+def _native_faithfulness(args: argparse.Namespace):
+    """DiffusionGemma (its own generate, no mask token) on a built-in task of its vocabulary."""
+    from dlmprobe.analyses import faithfulness
+    from dlmprobe.sampling.native import load_native_model
+    from dlmprobe.tasks import get_task
+
+    given = [flag for flag, value in (("--twin", args.twin), ("--reasoning-length", args.reasoning_length),
+                                      ("--answer-length", args.answer_length),
+                                      ("--trust-remote-code", args.trust_remote_code or None)) if value is not None]
+    if given:
+        raise DlmprobeInputError(f"{given[0]} does not apply to a DiffusionGemma model ({args.model!r} runs a built-in "
+                                 "task of its vocabulary with its own generate)")
+    task = get_task(args.task or "arith", **dict(args.task_param))
+    model = load_native_model(args.model, common.chosen_device(args))
+    return faithfulness(model, n=args.n, seed=args.seed, corrupt_label=args.corrupt_label, answer_label=args.answer_label,
+                        progress=not args.quiet, task=task, denoising_steps=args.denoising_steps)
+
+
 def _faithfulness(args: argparse.Namespace, store: OpenStore):
     from dlmprobe.analyses import faithfulness
+    from dlmprobe.sampling.native import is_native_model
 
+    if is_native_model(args.model):
+        return _native_faithfulness(args)
+    if args.denoising_steps is not None:
+        raise DlmprobeInputError(f"--denoising-steps is for a DiffusionGemma model; {args.model!r} is not one")
     text = _text_flags(args)
     twin = common.load_checkpoint(args.twin, args) if args.twin else None
     return faithfulness(_load_model(args), n=args.n, seed=args.seed, corrupt_label=args.corrupt_label,
@@ -187,7 +210,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     q = kinds.add_parser("faithfulness", help="5: corrupt committed reasoning at step t; does the answer follow?",
                          parents=[common.seed(), *_model_flags(), _text_model_flags()])
-    q.add_argument("--model", required=True, help="a built-in checkpoint, or a Hugging Face diffusion model (a folder, or a hub name with --task)")
+    q.add_argument("--model", required=True, help="a built-in checkpoint, or a Hugging Face diffusion model (a folder, or "
+                   "a hub name with --task); a DiffusionGemma folder runs --task (default arith) with its own generate")
+    q.add_argument("--denoising-steps", type=common.positive_int,
+                   help="DiffusionGemma: its number of denoising steps (default: the model's own)")
     q.add_argument("--twin", help="the autoregressive twin to run the same corruption on")
     q.add_argument("--n", type=common.positive_int, default=200)
     q.add_argument("--corrupt-label")

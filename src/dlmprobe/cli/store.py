@@ -18,6 +18,7 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")
 def cmd_cache(args: argparse.Namespace) -> int:
     from dlmprobe.capture import CacheConfig, plan_cache, run_cache
     from dlmprobe.capture_text import is_builtin_model
+    from dlmprobe.sampling.native import is_native_model
 
     out = Path(args.out)
     common.check_output(out, args)
@@ -29,6 +30,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
                                           ("--model-dtype", args.model_dtype)) if value is not None]
     if builtin and text_only:
         raise DlmprobeInputError(f"{text_only[0]} is for Hugging Face models; {args.model!r} is a built-in checkpoint")
+    if not builtin and is_native_model(args.model):
+        _check_native_flags(args, text_only)
     if args.device_map is not None and args.device != "cpu":
         raise DlmprobeInputError(f"expected either --device or --device-map, got --device {args.device} and --device-map {args.device_map}")
     common.chosen_device(args)
@@ -49,6 +52,18 @@ def cmd_cache(args: argparse.Namespace) -> int:
     run_cache(config, out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet, plan=plan)
     print(f"wrote {out} ({out.stat().st_size / 2**20:,.1f} MiB) in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _check_native_flags(args: argparse.Namespace, text_only: list[str]) -> None:
+    """A DiffusionGemma folder (its own generate, no mask token): refuse the flags that do not apply to it."""
+    from dlmprobe.capture_native import NATIVE_OPTIONS
+
+    extra = (("--block-length", args.block_length), ("--temperature", args.temperature), ("--order", args.order),
+             ("--trust-remote-code", args.trust_remote_code or None))
+    refused = [flag for flag in text_only if flag != "--model-dtype"] + [flag for flag, value in extra if value is not None]
+    if refused:
+        raise DlmprobeInputError(f"{refused[0]} does not apply to a DiffusionGemma model ({args.model!r} samples with "
+                                 f"its own generate); it takes {', '.join(NATIVE_OPTIONS)}")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -83,6 +98,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             ("task", _entry(config, "task", "name"), _entry(config, "task", "params")),
             ("text task", _entry(config, "task", "text_task"), _entry(config, "task", "template")),
             ("sampler", _entry(config, "sampler"), None),
+            ("commit rule", _entry(config, "commit_rule"),
+             "a position is committed from the step after which its canvas token stays final"
+             if _entry(config, "commit_rule") == "settle" else None),
         ]
         print(", ".join(f"{what} {value}" + (f" ({detail})" if detail is not None else "")
                         for what, value, detail in described if value is not None) or "no run description")
@@ -104,7 +122,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                             parents=[common.sampler(), common.seed(), common.threads(), common.device(),
                                      common.no_verify(), common.quiet(), common.resume_or_overwrite()])
     p.add_argument("--model", required=True, help="shipped model name, checkpoint folder, Hugging Face id or a folder "
-                   "with a Hugging Face config.json")
+                   "with a Hugging Face config.json (a DiffusionGemma folder runs its own generate: --steps is its "
+                   "number of denoising steps, and the sampler's other flags and the text-task flags do not apply)")
     p.add_argument("--task", choices=TASK_NAMES, help="built-in model: check that it was trained on this task; "
                    "Hugging Face model: the task, rendered as text through its tokenizer")
     p.add_argument("--task-file", help="Hugging Face model: a JSONL file of {prompt, answer[, reasoning]} as the task")

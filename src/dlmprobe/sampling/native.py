@@ -26,9 +26,11 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,11 +41,47 @@ from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.sampling.trajectory import StepCallback, Trajectory
 
 COMMIT_RULES = ("unmask", "settle")
+NO_MASK = -1  # the mask id of a model without a mask token: no canvas token equals it
 # What a site of the decoder is called (TransformerLens style) and which module produces it.
 RESID_POST = "blocks.{layer}.hook_resid_post"
 DECODER_LAYER = "model.decoder.layers.{layer}"
 # generate() arguments run_native sets itself: one canvas, a fixed number of steps.
 _OWN_ARGUMENTS = ("max_new_tokens", "max_length", "max_denoising_steps", "stability_threshold", "return_dict_in_generate")
+# Models whose sampler lives in the model: the architecture names and model types of their configs.
+NATIVE_ARCHITECTURES = ("DiffusionGemmaForBlockDiffusion",)
+NATIVE_MODEL_TYPES = ("diffusion_gemma",)
+
+
+def is_native_model(name: str) -> bool:
+    """A folder whose Hugging Face ``config.json`` names a model with its own sampler (DiffusionGemma)."""
+    config = Path(name).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        data = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    if not isinstance(data, dict):
+        return False
+    architectures = data.get("architectures") or []
+    return data.get("model_type") in NATIVE_MODEL_TYPES or any(a in NATIVE_ARCHITECTURES for a in architectures)
+
+
+def load_native_model(name: str, device: str | torch.device = "cpu", dtype: str = "float32") -> torch.nn.Module:
+    """The DiffusionGemma checkpoint in folder ``name``, in eval mode on ``device``."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    if not is_native_model(name):
+        raise DlmprobeInputError(f"expected a folder holding a DiffusionGemma checkpoint (config.json with "
+                                 f"architectures {list(NATIVE_ARCHITECTURES)}), got {name!r}")
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(Path(name).expanduser(), dtype=getattr(torch, dtype))
+    return model.to(device).eval()
+
+
+def default_denoising_steps(model: torch.nn.Module) -> int:
+    """The model's own number of denoising steps (its generation config), which run_native runs in full."""
+    steps = getattr(getattr(model, "generation_config", None), "max_denoising_steps", None)
+    return int(steps) if isinstance(steps, int) and steps >= 1 else 48  # transformers' default
 
 
 @dataclass
@@ -143,7 +181,8 @@ def run_native(
         raise DlmprobeInputError(f"expected prompts of shape (batch, prompt_length), got {tuple(prompts.shape)}")
     clash = sorted(set(generate_kwargs) & set(_OWN_ARGUMENTS))
     if clash:
-        raise DlmprobeInputError(f"run_native sets {list(_OWN_ARGUMENTS)} itself, got {clash}")
+        raise DlmprobeInputError(f"run_native runs one canvas (canvas_length tokens, one block) for a fixed number of "
+                                 f"steps and sets {list(_OWN_ARGUMENTS)} itself, got {clash}")
     paths = resolve_decoder_sites(model, sites)
     canvas_length = model.config.canvas_length
     device = next(model.parameters()).device
