@@ -74,7 +74,15 @@ def load_native_model(name: str, device: str | torch.device = "cpu", dtype: str 
     if not is_native_model(name):
         raise DlmprobeInputError(f"expected a folder holding a DiffusionGemma checkpoint (config.json with "
                                  f"architectures {list(NATIVE_ARCHITECTURES)}), got {name!r}")
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(Path(name).expanduser(), dtype=getattr(torch, dtype))
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per load would come before a one-line error
+    try:
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(Path(name).expanduser(), dtype=getattr(torch, dtype))
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval()
 
 
