@@ -1,10 +1,14 @@
 """A tiny random-weight DiffusionGemma built offline from its transformers config, for tests.
 
-:func:`save_diffusiongemma` writes a folder that loads with
-``DiffusionGemmaForBlockDiffusion.from_pretrained(folder)`` and ``AutoTokenizer.from_pretrained(folder)``.
-Its vocabulary *is* a built-in task's vocabulary (token id ``i`` is ``task.vocab.tokens[i]``), so a
-run on the task's examples needs no id mapping and its store reads back with the task's own words.
-The decoder's canvas is the task's ``target <eos>``: ``canvas_length = target_length + 1``.
+Two kinds, both loading with ``DiffusionGemmaForBlockDiffusion.from_pretrained(folder)`` and
+``AutoTokenizer.from_pretrained(folder)``:
+
+* :func:`build_diffusiongemma` / :func:`save_diffusiongemma`: its vocabulary *is* a built-in task's
+  vocabulary (token id ``i`` is ``task.vocab.tokens[i]``) and its canvas the task's ``target <eos>``
+  (``canvas_length = target_length + 1``): the Python-level runs on the task's own ids.
+* :func:`build_text_diffusiongemma` / :func:`save_text_diffusiongemma`: the vocabulary of a
+  tokenizer the test builds (:func:`hf_fixtures.build_tokenizer`, no mask token) and a canvas of
+  :data:`TEXT_CANVAS` tokens: a real checkpoint's situation, where the CLI renders a task as text.
 
 Attention: the decoder always attends bidirectionally over the prompt's KV cache and the canvas;
 the encoder is causal here. ``use_bidirectional_attention="all"`` (a bidirectional encoder) is not
@@ -17,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from hf_fixtures import HEADS, LAYERS, MLP, WIDTH
+from hf_fixtures import HEADS, LAYERS, MLP, WIDTH, build_tokenizer
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     DiffusionGemmaConfig,
@@ -28,6 +32,9 @@ from transformers import (
 from dlmprobe.tasks import Task, get_task
 
 TASK = {"name": "arith", "n_ops": 3}
+# The text fixture's canvas: arith n_ops=3 (three one-token answer items) with the plain template, or
+# forced-answer with no reasoning ("The answer is" is 3 tokens), widen the answer slot to 7.
+TEXT_CANVAS = 8
 HEAD_DIM = WIDTH // HEADS
 # Gemma 4's vision tower is part of the architecture even for text-only use; keep it minimal.
 VISION = {"model_type": "gemma4_vision", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
@@ -50,14 +57,20 @@ def task_tokenizer(task: Task) -> PreTrainedTokenizerFast:
 def diffusiongemma_config(task: Task, bidirectional_encoder: bool = False) -> DiffusionGemmaConfig:
     """Two layers (one sliding-window, one full attention) of width 32, two experts, top-1 routing."""
     vocab = task.vocab
-    text = {"vocab_size": len(vocab), "hidden_size": WIDTH, "intermediate_size": MLP, "num_hidden_layers": LAYERS,
+    return _config(len(vocab), (vocab.pad_id, vocab.bos_id, vocab.eos_id), task.target_length + 1, bidirectional_encoder)
+
+
+def _config(vocab_size: int, ids: tuple[int, int, int], canvas_length: int,
+            bidirectional_encoder: bool = False) -> DiffusionGemmaConfig:
+    pad, bos, eos = ids
+    text = {"vocab_size": vocab_size, "hidden_size": WIDTH, "intermediate_size": MLP, "num_hidden_layers": LAYERS,
             "num_attention_heads": HEADS, "num_key_value_heads": 1, "head_dim": HEAD_DIM, "global_head_dim": HEAD_DIM,
             "num_experts": 2, "top_k_experts": 1, "moe_intermediate_size": MLP // 2, "max_position_embeddings": 256,
             "sliding_window": 64, "layer_types": ["sliding_attention", "full_attention"],
-            "pad_token_id": vocab.pad_id, "bos_token_id": vocab.bos_id, "eos_token_id": vocab.eos_id}
+            "pad_token_id": pad, "bos_token_id": bos, "eos_token_id": eos}
     if bidirectional_encoder:
         text["use_bidirectional_attention"] = "all"
-    return DiffusionGemmaConfig(text_config=text, vision_config=VISION, canvas_length=task.target_length + 1)
+    return DiffusionGemmaConfig(text_config=text, vision_config=VISION, canvas_length=canvas_length)
 
 
 def build_diffusiongemma(task: Task, seed: int = 0, bidirectional_encoder: bool = False) -> DiffusionGemmaForBlockDiffusion:
@@ -66,8 +79,24 @@ def build_diffusiongemma(task: Task, seed: int = 0, bidirectional_encoder: bool 
 
 
 def save_diffusiongemma(folder: str | Path, seed: int = 0) -> Path:
-    """The tiny DiffusionGemma and its tokenizer, saved in ``folder``."""
+    """The tiny DiffusionGemma of a task's vocabulary and its tokenizer, saved in ``folder``."""
     folder, task = Path(folder), fixture_task()
     build_diffusiongemma(task, seed).save_pretrained(folder)
     task_tokenizer(task).save_pretrained(folder)
+    return folder
+
+
+def build_text_diffusiongemma(tokenizer: PreTrainedTokenizerFast, seed: int = 0,
+                              canvas_length: int = TEXT_CANVAS) -> DiffusionGemmaForBlockDiffusion:
+    """The tiny DiffusionGemma over ``tokenizer``'s vocabulary."""
+    ids = (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    return DiffusionGemmaForBlockDiffusion(_config(len(tokenizer), ids, canvas_length)).eval()
+
+
+def save_text_diffusiongemma(folder: str | Path, seed: int = 0, canvas_length: int = TEXT_CANVAS) -> Path:
+    """The tiny DiffusionGemma with a WordLevel tokenizer over the task texts (no mask token), in ``folder``."""
+    folder, tokenizer = Path(folder), build_tokenizer(mask=False)
+    build_text_diffusiongemma(tokenizer, seed, canvas_length).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder

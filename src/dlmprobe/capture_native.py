@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ import torch
 
 from dlmprobe import __version__
 from dlmprobe.capture import CacheConfig, batch_record, resolve_steps
+from dlmprobe.capture_text import TextCachePlan, _close, _resolve_positions, _rows, _text_batch, template_of, text_task
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.sampling import StepCallback
 from dlmprobe.sampling.native import (
@@ -49,14 +50,17 @@ from dlmprobe.sampling.native import (
     run_native,
 )
 from dlmprobe.store import ActivationWriter, StoreLayout
-from dlmprobe.tasks import Example, Task, get_task
+from dlmprobe.tasks import Example, Task
+from dlmprobe.tasks.text import CanvasTemplate, TextCanvas, TextExample, TextTask, encode
 
 # The --positions rules a native store can hold: the decoder runs on the canvas only.
 NATIVE_POSITION_RULES = ("target", "masked", "answer")
+# The same on a text task (``answer-slot``: the slot and the column before it where that is on the canvas).
+NATIVE_TEXT_POSITION_RULES = ("answer-slot", "target", "masked")
 # What dlmprobe cache takes for such a model (the sampler's only option is its number of steps).
-NATIVE_OPTIONS = ("--task", "--task-param", "--steps", "--n", "--split", "--seed", "--sites (decoder resid_post)",
-                  "--record-steps", "--positions target|answer", "--dtype", "--batch-size", "--shard", "--device",
-                  "--model-dtype")
+NATIVE_OPTIONS = ("--task", "--task-param", "--task-file", "--template", "--reasoning-length", "--answer-length",
+                  "--steps", "--n", "--split", "--seed", "--sites (decoder resid_post)", "--record-steps",
+                  "--positions answer-slot|target", "--dtype", "--batch-size", "--shard", "--device", "--model-dtype")
 
 
 @dataclass
@@ -175,37 +179,138 @@ def plan_native(model: torch.nn.Module, task: Task, *, n: int, split: str = "eva
                            list(chosen), dtype, seed, positions, dict(generate_kwargs or {}), callback, config, offset)
 
 
-def plan_native_cache(config: CacheConfig, model: torch.nn.Module | None = None) -> NativeCachePlan:
-    """A :class:`CacheConfig` naming a DiffusionGemma folder, checked and resolved (the model loaded).
+def plan_native_cache(config: CacheConfig, model: torch.nn.Module | None = None,
+                      tokenizer: Any = None) -> NativeTextCachePlan:
+    """A :class:`CacheConfig` naming a DiffusionGemma folder, checked and resolved (model and tokenizer loaded).
 
-    The task is a built-in one whose vocabulary is the model's; ``sampler`` may hold ``steps``
-    (default: the model's own) and ``seed`` only. Text-task options are refused.
+    The task is a text task, as for every Hugging Face model: a built-in one (``task``, rendered
+    through the model's tokenizer) or a JSONL file (``task_file``), laid out by ``template``. The
+    generated region plus one closing column must fill the model's canvas: without
+    ``answer_length`` the answer slot is widened (EOS-padded) to fill it. ``sampler`` may hold
+    ``steps`` (default: the model's own) and ``seed`` only.
     """
-    text_options = [name for name, value in (("task_file", config.task_file), ("reasoning_length", config.reasoning_length),
-                                             ("answer_length", config.answer_length), ("device_map", config.device_map))
-                    if value is not None]
-    if config.template != "plain":
-        text_options.append("template")
-    if text_options:
-        raise DlmprobeInputError(f"{text_options[0]} is for text tasks on Hugging Face models with a mask token; a "
-                                 "DiffusionGemma folder runs a built-in task (--task) whose vocabulary is the model's")
+    if config.device_map is not None:
+        raise DlmprobeInputError(f"device_map does not apply to a DiffusionGemma folder ({config.model!r}): expected "
+                                 f"--device, got --device-map {config.device_map}")
     unknown = sorted(set(config.sampler) - {"steps", "seed"})
     if unknown:
         raise DlmprobeInputError(f"DiffusionGemma samples with its own generate: it takes --steps and --seed only, got "
                                  f"{unknown[0]!r}")
-    if not config.task:
-        raise DlmprobeInputError(f"expected --task for DiffusionGemma folder {config.model!r}, got none")
-    if config.positions not in NATIVE_POSITION_RULES:
-        raise DlmprobeInputError(f"expected --positions in {NATIVE_POSITION_RULES} for DiffusionGemma (its decoder runs "
-                                 f"on the canvas only), got {config.positions!r}")
-    task = get_task(config.task, **config.task_params)
+    if config.positions not in NATIVE_TEXT_POSITION_RULES:
+        raise DlmprobeInputError(f"expected --positions in {NATIVE_TEXT_POSITION_RULES} for DiffusionGemma (its decoder "
+                                 f"runs on the canvas only), got {config.positions!r}")
+    task = text_task(config)
+    if tokenizer is None:
+        tokenizer = load_native_tokenizer(config.model)
     model = model if model is not None else load_native_model(config.model, config.device, config.model_dtype)
-    steps = config.sampler.get("steps") or default_denoising_steps(model)
-    return plan_native(model, task, n=config.n, split=config.split, seed=config.seed, sites=config.sites, steps=steps,
-                       record_steps=config.steps, positions=config.positions, dtype=config.dtype,
-                       model_name=config.model, config=config, shard=config.shard)
+    examples = task.sample(config.n, split=config.split, seed=config.seed)
+    encoded = encode_for_canvas(task, examples, tokenizer, template_of(config), model.config.canvas_length)
+    if encoded.gen_start < 3:
+        raise DlmprobeInputError(f"expected a prompt of at least 3 tokens before the generated region, got {encoded.gen_start}")
+    n_steps = config.sampler.get("steps") or default_denoising_steps(model)
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise DlmprobeInputError(f"expected a positive number of denoising steps, got {n_steps!r}")
+    site_paths = resolve_decoder_sites(model, config.sites)
+    # The decoder runs from gen_start on: a rule's columns before it (the prompt's) are not stored.
+    positions = [p for p in _resolve_positions(config.positions, encoded, 0) if p >= encoded.gen_start]
+    offset = 0
+    if config.shard is not None:
+        i, k = config.shard
+        bounds = np.linspace(0, len(examples), k + 1).astype(int)
+        offset = int(bounds[i])
+        examples, encoded = examples[bounds[i] : bounds[i + 1]], _rows(encoded, bounds[i], bounds[i + 1])
+    width = model.config.get_text_config().hidden_size
+    return NativeTextCachePlan(config, None, task, None, {site: width for site in site_paths}, n_steps,
+                               resolve_steps(config.steps, n_steps), positions, examples, encoded, NO_MASK, offset,
+                               model=model, tokenizer=tokenizer, site_paths=site_paths, seed=config.seed)
 
 
+def load_native_tokenizer(name: str) -> Any:
+    """The tokenizer saved in a DiffusionGemma folder (a text task is rendered through it)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(Path(name).expanduser())
+    except (OSError, ValueError) as err:
+        raise DlmprobeInputError(f"expected a tokenizer saved in DiffusionGemma folder {name!r} (a text task is rendered "
+                                 f"through it), got none ({str(err).splitlines()[0][:120]})") from None
+
+
+def encode_for_canvas(task: TextTask, examples: Sequence[TextExample], tokenizer: Any, template: CanvasTemplate,
+                      canvas_length: int) -> TextCanvas:
+    """:func:`~dlmprobe.tasks.text.encode` laid out so that the generated region and one closing column
+    are the model's canvas (``canvas_length`` tokens).
+
+    Without ``template.answer_length`` the answer slot (EOS-padded) is widened to fill the canvas;
+    a layout that does not fit, or an explicit one of another size, is refused. The closing column
+    is the decoder's last position: generated, not fixed.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise DlmprobeInputError("expected a tokenizer with a padding or EOS token to fill unused slots, got neither")
+    # The region's placeholder is never read: the model draws its own random canvas.
+    encoded = encode(task, examples, tokenizer, pad, template)
+    region = canvas_length - 1
+    if encoded.gen_length != region:
+        answer = encoded.answer_length + region - encoded.gen_length
+        if template.answer_length is not None or answer < encoded.answer_length:
+            raise DlmprobeInputError(
+                f"expected a generated region of canvas_length - 1 = {region} tokens (the model's canvas), got "
+                f"{encoded.gen_length} ({encoded.answer_start - encoded.gen_start} before the answer slot and "
+                f"{encoded.answer_length} in it); choose --reasoning-length/--answer-length to fit")
+        encoded = encode(task, examples, tokenizer, pad, replace(template, answer_length=answer))
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad
+    closed = _close(encoded, eos)
+    closed.fixed[:, -1] = False
+    return closed
+
+
+@dataclass
+class NativeTextCachePlan(TextCachePlan):
+    """A DiffusionGemma on a text task: the prompt (left-padded) is the encoder's input, the
+    generated region and one closing column the decoder's canvas.
+
+    Template text in the region (a forced answer's ``"The answer is"``) is held through
+    :func:`run_native`'s ``fixed``; everything else starts from the model's random canvas.
+    ``handle`` and ``sampler`` are None (the model samples itself); ``sites`` maps each site to its width.
+    """
+
+    model: torch.nn.Module | None = None
+    tokenizer: Any = None
+    site_paths: dict[str, str] = field(default_factory=dict)
+    seed: int = 0
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)
+    callback: StepCallback | None = None
+
+    def describe(self) -> str:
+        return (f"{self.config.model} ({type(self.model).__name__}, its own generate, {self.n_steps} denoising steps) "
+                f"on text task {self.task.name}: {self.layout.describe()}")
+
+    def store_config(self) -> dict[str, Any]:
+        config = self.text_config()
+        config["canvas"]["closing_eos"] = False  # the decoder's last position, generated
+        return {
+            **config,
+            "model": {"name": self.config.model, "kind": "diffusion", "architecture": type(self.model).__name__,
+                      "config": json.loads(self.model.config.to_json_string()),
+                      "tokenizer": getattr(self.tokenizer, "name_or_path", "")},
+            "shifted_logits": False,
+            "read_offset": 0,
+            "sampler": {"name": "native", "steps": self.n_steps, "seed": self.seed, "generate": self.generate_kwargs},
+            "commit_rule": "settle",
+            "site_modules": self.site_paths,
+        }
+
+    def batch(self, begin: int, stop: int) -> dict[str, Any]:
+        """Examples ``begin:stop`` through the model's own sampler (seeded as :meth:`NativeCachePlan.batch`)."""
+        part, start = _rows(self.encoded, begin, stop), self.gen_start
+        run = run_native(self.model, part.canvas[:, :start], list(self.site_paths), steps=self.n_steps,
+                         seed=self.seed * 1_000_003 + self.offset + begin, callback=self.callback,
+                         fixed=(part.canvas[:, start:], part.fixed[:, start:]),
+                         attention_mask=part.attention_mask[:, :start], **self.generate_kwargs)
+        columns = [p - start for p in self.positions]
+        activations = {site: value[:, self.steps][:, :, columns] for site, value in run.activations.items()}
+        return _text_batch(self, self.examples[begin:stop], part, run.trajectory, activations)
 
 
 def capture_native(

@@ -132,12 +132,11 @@ class TextCachePlan:
         handle = self.handle
         return f"{self.config.model} ({handle.kind}, {handle.backend}) on text task {self.task.name}: {self.layout.describe()}"
 
-    def store_config(self) -> dict[str, Any]:
-        handle, encoded = self.handle, self.encoded
+    def text_config(self) -> dict[str, Any]:
+        """The run config's parts every text run shares, whatever runs the model: task, canvas, selection."""
+        encoded = self.encoded
         return {
             "cache": {k: v for k, v in self.config.to_dict().items() if k != "shard"},
-            "model": {**handle.describe(), "name": self.config.model, "kind": handle.kind,
-                      "tokenizer": getattr(handle.tokenizer, "name_or_path", "")},
             # "text_task", not "name": readers rebuild a built-in task (its vocabulary) from "name".
             "task": {"text_task": self.task.name, "text": self.task.describe(), "answer_label": self.task.answer_label,
                      "answer_set": list(self.task.answer_set), "classes": encoded.classes,
@@ -146,15 +145,23 @@ class TextCachePlan:
                        "answer_length": encoded.answer_length - 1, "closing_eos": True,
                        "prompt_columns": [2, encoded.gen_start]},
             "mask_id": self.mask_id,
-            "shifted_logits": handle.shifted,
-            "read_offset": handle.read_offset,
-            "sampler": self.sampler.to_dict(),
             "sites": list(self.sites),
             "steps": self.steps,
             "positions": self.positions,
             "position_rule": self.config.positions,
             "shard": list(self.config.shard) if self.config.shard else None,
             "dlmprobe_version": __version__,
+        }
+
+    def store_config(self) -> dict[str, Any]:
+        handle = self.handle
+        return {
+            **self.text_config(),
+            "model": {**handle.describe(), "name": self.config.model, "kind": handle.kind,
+                      "tokenizer": getattr(handle.tokenizer, "name_or_path", "")},
+            "shifted_logits": handle.shifted,
+            "read_offset": handle.read_offset,
+            "sampler": self.sampler.to_dict(),
         }
 
 

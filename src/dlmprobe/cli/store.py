@@ -60,7 +60,7 @@ def _check_native_flags(args: argparse.Namespace, text_only: list[str]) -> None:
 
     extra = (("--block-length", args.block_length), ("--temperature", args.temperature), ("--order", args.order),
              ("--trust-remote-code", args.trust_remote_code or None))
-    refused = [flag for flag in text_only if flag != "--model-dtype"] + [flag for flag, value in extra if value is not None]
+    refused = [flag for flag in text_only if flag == "--device-map"] + [flag for flag, value in extra if value is not None]
     if refused:
         raise DlmprobeInputError(f"{refused[0]} does not apply to a DiffusionGemma model ({args.model!r} samples with "
                                  f"its own generate); it takes {', '.join(NATIVE_OPTIONS)}")
@@ -122,8 +122,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                             parents=[common.sampler(), common.seed(), common.threads(), common.device(),
                                      common.no_verify(), common.quiet(), common.resume_or_overwrite()])
     p.add_argument("--model", required=True, help="shipped model name, checkpoint folder, Hugging Face id or a folder "
-                   "with a Hugging Face config.json (a DiffusionGemma folder runs its own generate: --steps is its "
-                   "number of denoising steps, and the sampler's other flags and the text-task flags do not apply)")
+                   "with a Hugging Face config.json (a DiffusionGemma folder runs its own generate on a text task: --steps "
+                   "is its number of denoising steps, the sampler's other flags do not apply)")
     p.add_argument("--task", choices=TASK_NAMES, help="built-in model: check that it was trained on this task; "
                    "Hugging Face model: the task, rendered as text through its tokenizer")
     p.add_argument("--task-file", help="Hugging Face model: a JSONL file of {prompt, answer[, reasoning]} as the task")

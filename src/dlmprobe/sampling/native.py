@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from dlmprobe.errors import DlmprobeInputError
@@ -157,6 +157,7 @@ def run_native(
     steps: int,
     seed: int = 0,
     callback: StepCallback | None = None,
+    fixed: tuple[Int[Tensor, "batch canvas"], Bool[Tensor, "batch canvas"]] | None = None,
     **generate_kwargs: Any,
 ) -> NativeRun:
     """Generate one canvas with the model's own ``generate`` and record every denoising step.
@@ -175,6 +176,11 @@ def run_native(
             replaces the canvas in place, so the model's own loop carries the edit on (its accept
             and renoise logic read the same tensor). The prompt cannot be edited: it lives in the
             encoder's KV cache.
+        fixed: ``(tokens, where)``, both ``(batch, canvas_length)``: canvas positions held at
+            ``tokens`` wherever ``where`` is True (template text such as a forced answer prefix).
+            They are written into the canvas before every step, the first included (after the
+            callback), and into the output, which is otherwise the model's argmax there; so they
+            never change and never settle (``NOT_COMMITTED``).
         generate_kwargs: other ``generate`` options (``t_min``, ``t_max``, ``sampler_config``,
             ``decoder_input_ids``, ``attention_mask``...).
 
@@ -195,6 +201,13 @@ def run_native(
     canvas_length = model.config.canvas_length
     device = next(model.parameters()).device
     prompts = prompts.to(device)
+    generate_kwargs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in generate_kwargs.items()}
+    if fixed is not None:
+        tokens, where = fixed
+        if tokens.shape != (prompts.shape[0], canvas_length) or where.shape != tokens.shape:
+            raise DlmprobeInputError(f"expected fixed tokens and positions of shape {(prompts.shape[0], canvas_length)} "
+                                     f"(batch, canvas_length), got {tuple(tokens.shape)} and {tuple(where.shape)}")
+        fixed = (tokens.to(device), where.to(device, torch.bool))
     gen_start = prompts.shape[1]
     options = {"max_new_tokens": canvas_length, "max_denoising_steps": steps, "return_dict_in_generate": True,
                # Stability compares the argmax with the last `threshold` ones, -1 before any step:
@@ -211,6 +224,8 @@ def run_native(
                 canvas = envoy.model.decoder.inputs[1]["decoder_input_ids"]
                 if callback is not None and step > 0:
                     _edit_in_place(callback, step, prompts, canvas)
+                if fixed is not None:
+                    canvas.copy_(torch.where(fixed[1], fixed[0], canvas))
                 canvases.append(canvas.clone().save())
                 for site, path in paths.items():
                     recorded[site].append(_module(envoy, path).output.float().cpu().save())
@@ -222,7 +237,10 @@ def run_native(
     cap = getattr(model, "final_logit_softcapping", None)
     capped = torch.tanh(raw / cap) * cap if cap else raw
     confidence, prediction = capped.softmax(-1).max(-1)
-    trajectory = _trajectory(prompts, torch.stack(canvases, dim=1), result.sequences, prediction, confidence, gen_start)
+    final = result.sequences
+    if fixed is not None:
+        final = torch.cat([final[:, :gen_start], torch.where(fixed[1], fixed[0], final[:, gen_start:])], dim=1)
+    trajectory = _trajectory(prompts, torch.stack(canvases, dim=1), final, prediction, confidence, gen_start)
     return NativeRun(trajectory, {site: torch.stack(values, dim=1) for site, values in recorded.items()})
 
 
