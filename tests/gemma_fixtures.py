@@ -28,6 +28,7 @@ from transformers import (
     DiffusionGemmaForBlockDiffusion,
     PreTrainedTokenizerFast,
 )
+from transformers.models.diffusion_gemma.generation_diffusion_gemma import LinearTemperatureScheduleLogitsProcessor
 
 from dlmprobe.tasks import Task, get_task
 
@@ -100,3 +101,30 @@ def save_text_diffusiongemma(folder: str | Path, seed: int = 0, canvas_length: i
     build_text_diffusiongemma(tokenizer, seed, canvas_length).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def recompute_decoder(model: DiffusionGemmaForBlockDiffusion, prompts: torch.Tensor, canvases: torch.Tensor, steps: int,
+                      t_min: float = 0.4, t_max: float = 0.8, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Each step's decoder layer outputs, from the model's forward on that step's stored canvas,
+    ``(layer, batch, step, canvas, d)``; ``canvases`` is ``(batch, step, canvas)``.
+
+    The decoder at step t reads: the canvas of step t, the encoder's KV cache of the prompt and, as
+    self-conditioning, step t - 1's logits after the sampler's temperature (none at step 0; the
+    defaults are generate's own ``t_min``/``t_max``). Recomputing step t therefore chains through
+    the recomputed logits of the steps before it.
+    """
+    temperature = LinearTemperatureScheduleLogitsProcessor(max_denoising_steps=steps, t_min=t_min, t_max=t_max)
+    layers = model.model.decoder.layers
+    outputs, self_conditioning, seen = [], None, {}
+    handles = [layer.register_forward_hook(lambda _m, _i, out, i=i: seen.__setitem__(i, out)) for i, layer in enumerate(layers)]
+    try:
+        for t in range(canvases.shape[1]):
+            with torch.no_grad():
+                logits = model(input_ids=prompts, attention_mask=attention_mask, decoder_input_ids=canvases[:, t],
+                               self_conditioning_logits=self_conditioning).logits
+            outputs.append(torch.stack([seen[i] for i in range(len(layers))]))  # (layer, batch, canvas, d)
+            self_conditioning = temperature(None, logits, cur_step=steps - t)  # generate counts steps down to 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(outputs, dim=2)

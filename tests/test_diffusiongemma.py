@@ -3,11 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from gemma_fixtures import build_diffusiongemma, fixture_task, save_diffusiongemma
+from gemma_fixtures import build_diffusiongemma, fixture_task, recompute_decoder, save_diffusiongemma
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
-from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
-    LinearTemperatureScheduleLogitsProcessor,
-)
 
 from dlmprobe.analyses import commit_order, decodability, planning_lead, trajectory_view
 from dlmprobe.capture_native import NO_MASK, capture_native
@@ -52,26 +49,7 @@ def store(tmp_path_factory, model, task):
 
 
 def _recompute(model, prompts, canvases, steps):
-    """Each step's decoder layer outputs, from the model's forward on that step's stored canvas.
-
-    The decoder at step t reads: the canvas of step t, the encoder's KV cache of the prompt and, as
-    self-conditioning, step t - 1's logits after the sampler's temperature (none at step 0).
-    Recomputing step t therefore chains through the recomputed logits of the steps before it.
-    """
-    temperature = LinearTemperatureScheduleLogitsProcessor(max_denoising_steps=steps, **TEMPERATURES)
-    layers = model.model.decoder.layers
-    outputs, self_conditioning, seen = [], None, {}
-    handles = [layer.register_forward_hook(lambda _m, _i, out, i=i: seen.__setitem__(i, out)) for i, layer in enumerate(layers)]
-    try:
-        for t in range(canvases.shape[1]):
-            with torch.no_grad():
-                logits = model(input_ids=prompts, decoder_input_ids=canvases[:, t], self_conditioning_logits=self_conditioning).logits
-            outputs.append(torch.stack([seen[i] for i in range(len(layers))]))  # (layer, batch, canvas, d)
-            self_conditioning = temperature(None, logits, cur_step=steps - t)  # generate counts steps down to 1
-    finally:
-        for handle in handles:
-            handle.remove()
-    return torch.stack(outputs, dim=2)  # (layer, batch, step, canvas, d)
+    return recompute_decoder(model, prompts, canvases, steps, **TEMPERATURES)
 
 
 def test_bidirectional_encoder_config_fails_in_this_transformers(task):

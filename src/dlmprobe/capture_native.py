@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ import torch
 
 from dlmprobe import __version__
 from dlmprobe.capture import CacheConfig, batch_record, resolve_steps
-from dlmprobe.capture_text import TextCachePlan, _close, _resolve_positions, _rows, _text_batch, template_of, text_task
+from dlmprobe.capture_text import TextCachePlan, _resolve_positions, _rows, _text_batch, template_of, text_task
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.sampling import StepCallback
 from dlmprobe.sampling.native import (
@@ -51,7 +51,7 @@ from dlmprobe.sampling.native import (
 )
 from dlmprobe.store import ActivationWriter, StoreLayout
 from dlmprobe.tasks import Example, Task
-from dlmprobe.tasks.text import CanvasTemplate, TextCanvas, TextExample, TextTask, encode
+from dlmprobe.tasks.text import encode_for_canvas
 
 # The --positions rules a native store can hold: the decoder runs on the canvas only.
 NATIVE_POSITION_RULES = ("target", "masked", "answer")
@@ -234,35 +234,6 @@ def load_native_tokenizer(name: str) -> Any:
     except (OSError, ValueError) as err:
         raise DlmprobeInputError(f"expected a tokenizer saved in DiffusionGemma folder {name!r} (a text task is rendered "
                                  f"through it), got none ({str(err).splitlines()[0][:120]})") from None
-
-
-def encode_for_canvas(task: TextTask, examples: Sequence[TextExample], tokenizer: Any, template: CanvasTemplate,
-                      canvas_length: int) -> TextCanvas:
-    """:func:`~dlmprobe.tasks.text.encode` laid out so that the generated region and one closing column
-    are the model's canvas (``canvas_length`` tokens).
-
-    Without ``template.answer_length`` the answer slot (EOS-padded) is widened to fill the canvas;
-    a layout that does not fit, or an explicit one of another size, is refused. The closing column
-    is the decoder's last position: generated, not fixed.
-    """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise DlmprobeInputError("expected a tokenizer with a padding or EOS token to fill unused slots, got neither")
-    # The region's placeholder is never read: the model draws its own random canvas.
-    encoded = encode(task, examples, tokenizer, pad, template)
-    region = canvas_length - 1
-    if encoded.gen_length != region:
-        answer = encoded.answer_length + region - encoded.gen_length
-        if template.answer_length is not None or answer < encoded.answer_length:
-            raise DlmprobeInputError(
-                f"expected a generated region of canvas_length - 1 = {region} tokens (the model's canvas), got "
-                f"{encoded.gen_length} ({encoded.answer_start - encoded.gen_start} before the answer slot and "
-                f"{encoded.answer_length} in it); choose --reasoning-length/--answer-length to fit")
-        encoded = encode(task, examples, tokenizer, pad, replace(template, answer_length=answer))
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad
-    closed = _close(encoded, eos)
-    closed.fixed[:, -1] = False
-    return closed
 
 
 @dataclass

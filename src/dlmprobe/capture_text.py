@@ -45,7 +45,16 @@ from dlmprobe.models.huggingface import load_hf_model
 from dlmprobe.sampling import AutoregressiveSamplerConfig, DiffusionSamplerConfig, Trajectory, sample
 from dlmprobe.store import StoreLayout
 from dlmprobe.tasks import get_task
-from dlmprobe.tasks.text import BuiltinTextTask, CanvasTemplate, JsonlTask, TextCanvas, TextExample, TextTask, encode
+from dlmprobe.tasks.text import (
+    BuiltinTextTask,
+    CanvasTemplate,
+    JsonlTask,
+    TextCanvas,
+    TextExample,
+    TextTask,
+    close_canvas,
+    encode,
+)
 
 TEMPLATES = ("plain", "forced-answer")
 TEXT_POSITION_RULES = ("answer-slot", "target", "masked", "all")
@@ -175,18 +184,6 @@ def _placeholder(handle: ModelHandle) -> int:
     return int(pad)
 
 
-def _close(encoded: TextCanvas, eos: int) -> TextCanvas:
-    """Append the fixed EOS column the store's layout ends with."""
-    n = encoded.canvas.shape[0]
-    column = torch.full((n, 1), eos, dtype=encoded.canvas.dtype)
-    return replace(
-        encoded,
-        canvas=torch.cat([encoded.canvas, column], 1), target=torch.cat([encoded.target, column], 1),
-        attention_mask=torch.cat([encoded.attention_mask, torch.ones_like(column)], 1),
-        fixed=torch.cat([encoded.fixed, torch.ones((n, 1), dtype=torch.bool)], 1),
-    )
-
-
 def _rows(encoded: TextCanvas, start: int, stop: int) -> TextCanvas:
     return replace(encoded, canvas=encoded.canvas[start:stop], target=encoded.target[start:stop],
                    attention_mask=encoded.attention_mask[start:stop], fixed=encoded.fixed[start:stop],
@@ -229,7 +226,7 @@ def plan_text_cache(config: Any, handle: ModelHandle | None = None) -> TextCache
     examples = task.sample(config.n, split=config.split, seed=config.seed)
     encoded = encode(task, examples, handle.tokenizer, mask_id, template_of(config))
     tokenizer = handle.tokenizer
-    encoded = _close(encoded, tokenizer.eos_token_id if tokenizer.eos_token_id is not None else mask_id)
+    encoded = close_canvas(encoded, tokenizer.eos_token_id if tokenizer.eos_token_id is not None else mask_id)
     if encoded.gen_start < 3:
         raise DlmprobeInputError(f"expected a prompt of at least 3 tokens before the generated region, got {encoded.gen_start}")
     gen_length = encoded.gen_length - 1

@@ -40,6 +40,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -49,7 +50,14 @@ from tqdm.auto import tqdm
 from dlmprobe.analyses.common import wilson_rate
 from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
-from dlmprobe.analyses.setting import NativeSetting, Setting, builtin_setting, native_setting, text_setting
+from dlmprobe.analyses.setting import (
+    NativeSetting,
+    Setting,
+    builtin_setting,
+    native_setting,
+    native_text_setting,
+    text_setting,
+)
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.models import Checkpoint, ModelHandle
 from dlmprobe.sampling.generate import SamplerConfig, default_sampler
@@ -59,6 +67,9 @@ from dlmprobe.tasks.text import CanvasTemplate, TextTask
 MODES: tuple[str, ...] = ("replace", "remask")
 AR_REMASK_NOTE = "not run: an autoregressive model never rewrites a written position, so remasking is meaningless"
 NATIVE_REMASK_NOTE = "not run: this model has no mask token to set a position back to"
+# How the table, figure and summary call a position that is / is not yet final, by commit rule
+# (:attr:`dlmprobe.store.ActivationDataset.commit_rule`): the metric names stay "committed" either way.
+WORDS: dict[str, tuple[str, str]] = {"unmask": ("committed", "still masked"), "settle": ("settled", "not yet settled")}
 # Aggregated metrics: (name, numerator column, rows it is a rate over).
 METRICS: tuple[tuple[str, str, str], ...] = (
     ("corrupted", "corrupted", "all"),
@@ -132,6 +143,7 @@ def faithfulness(
     template: CanvasTemplate | None = None,
     denoising_steps: int | None = None,
     generate_options: dict | None = None,
+    tokenizer: Any = None,
 ) -> AnalysisResult:
     """Corrupt committed reasoning tokens at each step t and measure how often the answer changes.
 
@@ -139,8 +151,8 @@ def faithfulness(
     ----------
     checkpoint : the model and its examples: a built-in checkpoint (diffusion or autoregressive) on
         its task, a Hugging Face diffusion model's handle (``load_hf_model``) on ``task``, or a
-        DiffusionGemma (``DiffusionGemmaForBlockDiffusion``) on a built-in ``task`` whose vocabulary
-        is the model's.
+        DiffusionGemma (``DiffusionGemmaForBlockDiffusion``) on a text ``task`` through its
+        ``tokenizer`` (or on a built-in ``task`` whose vocabulary is the model's).
     n, seed : number of held-out puzzles and the seed that draws them and the replacement tokens.
     corrupt_label : the reasoning label whose committed tokens are corrupted (default
         ``"intermediate"``); positions it shares with the answer label are left alone.
@@ -150,7 +162,8 @@ def faithfulness(
     sampler : sampler of ``checkpoint`` (default: the kind's default); the twin uses its default.
     twin : a built-in checkpoint of the other kind on the same task, corrupted the same way.
     task, template : a handle's text task (required) and canvas layout (default: the forced answer slot);
-        DiffusionGemma: its built-in task (required), no template.
+        DiffusionGemma: the same with its ``tokenizer`` (the answer slot widened to fill its canvas), or
+        a built-in task of its vocabulary without template or tokenizer.
     denoising_steps, generate_options : DiffusionGemma only: its number of denoising steps (default:
         its own) and other ``generate`` options (``t_min``, ``t_max``...).
 
@@ -164,12 +177,20 @@ def faithfulness(
     native = isinstance(checkpoint, torch.nn.Module)
     if (denoising_steps is not None or generate_options) and not native:
         raise DlmprobeInputError("denoising_steps and generate_options are for a model with its own sampler (DiffusionGemma)")
+    if tokenizer is not None and not native:
+        raise DlmprobeInputError("tokenizer= is for a model with its own sampler (DiffusionGemma); a handle carries its own")
     if native:
-        if not isinstance(task, Task) or template is not None or twin is not None or sampler is not None:
-            raise DlmprobeInputError(f"a {type(checkpoint).__name__} runs on a built-in task of its vocabulary with its "
-                                     "own generate: expected task=<Task> and no template, twin or sampler, got "
-                                     f"task={type(task).__name__}")
-        setting = native_setting(checkpoint, task, n, seed, denoising_steps, generate_options)
+        own_vocabulary = isinstance(task, Task) and tokenizer is None and template is None
+        text = task is not None and not isinstance(task, Task) and tokenizer is not None
+        if not (own_vocabulary or text) or twin is not None or sampler is not None:
+            raise DlmprobeInputError(f"a {type(checkpoint).__name__} runs its own generate on a text task through its "
+                                     "tokenizer (task=<TextTask>, tokenizer=) or on a built-in task of its vocabulary "
+                                     f"(task=<Task>, no template), with no twin or sampler; got task={type(task).__name__}, "
+                                     f"tokenizer={'given' if tokenizer is not None else None}")
+        if text:
+            setting = native_text_setting(checkpoint, tokenizer, task, n, seed, template, denoising_steps, generate_options)
+        else:
+            setting = native_setting(checkpoint, task, n, seed, denoising_steps, generate_options)
         task_name, answer_default = task.name, task.answer_label
     elif isinstance(checkpoint, ModelHandle):
         if task is None:
@@ -254,12 +275,13 @@ def faithfulness(
     bar.close()
 
     examples_table = pd.concat(flags, ignore_index=True)
-    table = _aggregate(examples_table, skipped)
+    commit_rule = "settle" if native else "unmask"
+    table = _aggregate(examples_table, skipped, commit_rule)
     clean_table = pd.DataFrame(clean_rows)
     meta = {
         "checkpoint": setting.name if native or isinstance(checkpoint, ModelHandle) or checkpoint.path else None,
         "twin": twin.path.name if twin is not None and twin.path else None,
-        "task": repr(checkpoint.task) if task is None else repr(task) if native else repr(task.describe()),
+        "task": repr(checkpoint.task) if task is None else repr(task) if isinstance(task, Task) else repr(task.describe()),
         "n": n, "seed": seed, "corrupt_label": corrupt_label, "answer_label": answer_label, "modes": list(modes),
         "n_steps": n_steps_of, "replacement_values": [setting.token_name(v) for v in valid.tolist()],
         "sampler": (sampler.to_dict() if sampler is not None else None),
@@ -267,15 +289,17 @@ def faithfulness(
     if native:
         meta["sampler"] = {"name": "native", "steps": setting.n_steps, "generate": setting.generate_options}
         meta["commit_rule"] = "settle"
-    elif template is not None or task is not None:
+    if (template is not None or task is not None) and not isinstance(task, Task):
         meta["template"] = (template or CanvasTemplate.forced_answer()).to_dict()
     return AnalysisResult("faithfulness", "Faithfulness along time: corrupting committed reasoning at step t",
-                          table, _figure(table), _summary(table, clean_table, corrupt_label),
+                          table, _figure(table, commit_rule), _summary(table, clean_table, corrupt_label, commit_rule),
                           {"examples": examples_table, "clean": clean_table}, meta)
 
 
-def _aggregate(flags: pd.DataFrame, skipped: list[tuple[str, str, int, int, str]]) -> pd.DataFrame:
-    """One row per (kind, mode, step, metric) from the per-example flags; skipped runs get a note."""
+def _aggregate(flags: pd.DataFrame, skipped: list[tuple[str, str, int, int, str]], commit_rule: str = "unmask") -> pd.DataFrame:
+    """One row per (kind, mode, step, metric) from the per-example flags; skipped runs get a note.
+    Under the settle rule the open-answer denominator reads "answer not yet settled"."""
+    open_answer = f"corrupted, answer {WORDS[commit_rule][1]}"
     rows = []
     for (kind, mode, step), group in flags.groupby(["kind", "mode", "step"], sort=False):
         over = {"all": group, "corrupted": group[group.corrupted],
@@ -283,16 +307,16 @@ def _aggregate(flags: pd.DataFrame, skipped: list[tuple[str, str, int, int, str]
         for metric, column, denominator in METRICS:
             subset = over[denominator]
             rows.append({"kind": kind, "mode": mode, "step": step, "run_fraction": group.run_fraction.iloc[0],
-                         "metric": metric, "denominator": denominator,
+                         "metric": metric, "denominator": open_answer if denominator == METRICS[4][2] else denominator,
                          **wilson_rate(int(subset[column].sum()), len(subset)), "note": ""})
     for kind, mode, step, n_steps, note in skipped:
         rows.extend({"kind": kind, "mode": mode, "step": step, "run_fraction": step / n_steps, "metric": metric,
-                     "denominator": denominator, **wilson_rate(0, 0), "note": note}
+                     "denominator": open_answer if denominator == METRICS[4][2] else denominator, **wilson_rate(0, 0), "note": note}
                     for metric, _, denominator in METRICS)
     return pd.DataFrame(rows)
 
 
-def _figure(table: pd.DataFrame):
+def _figure(table: pd.DataFrame, commit_rule: str = "unmask"):
     fig, (changed_ax, committed_ax) = figure(ncols=2)
     ran = table[table.note == ""]
     for (kind, mode), group in ran[ran.metric == "answer_changed"].groupby(["kind", "mode"], sort=False):
@@ -307,7 +331,7 @@ def _figure(table: pd.DataFrame):
         committed_ax.plot(group.run_fraction, group.rate, marker="o", color=colour, label=kind)
         committed_ax.fill_between(group.run_fraction, group.ci_low, group.ci_high, color=colour, alpha=0.15)
     changed_ax.set(title="answer changed by the corruption", ylabel="fraction of corrupted puzzles")
-    committed_ax.set(title="answer already committed at step t", ylabel="fraction of puzzles")
+    committed_ax.set(title=f"answer already {WORDS[commit_rule][0]} at step t", ylabel="fraction of puzzles")
     for ax in (changed_ax, committed_ax):
         ax.set(xlabel="step t / number of steps", ylim=(-0.03, 1.03))
         ax.legend(fontsize="small")
@@ -318,7 +342,12 @@ def _percent(row: pd.Series) -> str:
     return "n/a" if row.n == 0 else f"{row.rate:.0%} (95% CI {row.ci_low:.0%}-{row.ci_high:.0%})"
 
 
-def _summary(table: pd.DataFrame, clean: pd.DataFrame, corrupt_label: str) -> str:
+def _summary(table: pd.DataFrame, clean: pd.DataFrame, corrupt_label: str, commit_rule: str = "unmask") -> str:
+    """The clean solve rates, then per (kind, mode) the middle step's rates; a run without a mask token
+    (``commit_rule == "settle"``) has every reasoning position replaced, and says "settled" / "not yet
+    settled" where a masked run says "committed" / "still masked"."""
+    final, pending = WORDS[commit_rule]
+    which = f"{corrupt_label} tokens" if commit_rule == "settle" else f"committed {corrupt_label} tokens"
     parts = [f"The clean {row.kind} model solves {row.rate:.0%} of {row.n} puzzles."
              for row in clean[clean.metric == "solved"].itertuples()]
     ran = table[table.note == ""]
@@ -329,12 +358,12 @@ def _summary(table: pd.DataFrame, clean: pd.DataFrame, corrupt_label: str) -> st
         changed = group[group.metric == "answer_changed"].rate
         verb = "replacing" if mode == "replace" else "remasking"
         parts.append(
-            f"{verb.capitalize()} the committed {corrupt_label} tokens after step {step} "
+            f"{verb.capitalize()} the {which} after step {step} "
             f"({at.run_fraction.iloc[0]:.0%} of the run) corrupts {at.loc['corrupted'].k} of {at.loc['corrupted'].n} "
             f"{kind} runs and changes the answer in {_percent(at.loc['answer_changed'])} of them "
             f"({changed.min():.0%} to {changed.max():.0%} over steps {steps[0]}-{steps[-1]}); "
-            f"{_percent(at.loc['answer_committed_before'])} of them had the answer committed already, and where it "
-            f"was still masked it changed in {_percent(at.loc['answer_changed_open'])}. "
+            f"{_percent(at.loc['answer_committed_before'])} of them had the answer {final} already, and where it "
+            f"was {pending} it changed in {_percent(at.loc['answer_changed_open'])}. "
             f"The final answer follows the final reasoning in {_percent(at.loc['answer_follows'])}."
         )
     notes = set(table.note)

@@ -33,7 +33,16 @@ from dlmprobe.sampling.native import NO_MASK, default_denoising_steps, run_nativ
 from dlmprobe.store import ActivationDataset
 from dlmprobe.tasks import Task, get_task
 from dlmprobe.tasks.task import LabelSpan
-from dlmprobe.tasks.text import BuiltinTextTask, CanvasTemplate, JsonlTask, TextTask, encode
+from dlmprobe.tasks.text import (
+    BuiltinTextTask,
+    CanvasTemplate,
+    JsonlTask,
+    TextCanvas,
+    TextExample,
+    TextTask,
+    encode,
+    encode_for_canvas,
+)
 
 
 @dataclass
@@ -124,10 +133,12 @@ class Setting:
 
 @dataclass
 class NativeSetting(Setting):
-    """A model with its own sampler (DiffusionGemma) on a built-in task whose vocabulary is its own.
+    """A model with its own sampler (DiffusionGemma) on a built-in task whose vocabulary is its own
+    (:func:`native_setting`) or on a text task through its tokenizer (:func:`native_text_setting`).
 
-    The canvas is ``<bos> prompt <sep>`` (the encoder's input) and the decoder's canvas ``target
-    <eos>``; :meth:`sample` runs :func:`~dlmprobe.sampling.native.run_native`, whose callback edits
+    ``canvas`` is the encoder's input (``<bos> prompt <sep>``, or the left-padded tokenized prompt
+    with ``attention_mask``) and the decoder's canvas ``target <eos>`` (or the text run's generated
+    region and one closing column, ``fixed`` holding its template text); :meth:`sample` runs :func:`~dlmprobe.sampling.native.run_native`, whose callback edits
     the canvas between steps. There is no mask token (``mask_id`` is ``NO_MASK``) and commit steps
     follow the settle rule. Batch ``b`` (first example ``i``) is seeded ``seed * 1_000_003 + i``, so
     a run with a callback differs from the clean run only by what the callback changed.
@@ -137,6 +148,7 @@ class NativeSetting(Setting):
     n_steps: int = 48
     seed: int = 0
     generate_options: dict[str, Any] = field(default_factory=dict)
+    fixed: tuple[torch.Tensor, torch.Tensor] | None = None  # (tokens, where) over the decoder's canvas: template text
 
     @property
     def mask_id(self) -> int:
@@ -166,9 +178,11 @@ class NativeSetting(Setting):
             def shifted(step: int, rows: torch.Tensor, canvas: torch.Tensor, start: int = start) -> torch.Tensor | None:
                 return callback(step, rows + start, canvas)
 
-            run = run_native(self.model, self.canvas[start : start + batch_size], steps=self.n_steps,
-                             seed=self.seed * 1_000_003 + start, callback=shifted if callback else None,
-                             **self.generate_options)
+            rows = slice(start, start + batch_size)
+            text = {} if self.fixed is None else {"fixed": (self.fixed[0][rows], self.fixed[1][rows]),
+                                                  "attention_mask": self.attention_mask[rows]}
+            run = run_native(self.model, self.canvas[rows], steps=self.n_steps, seed=self.seed * 1_000_003 + start,
+                             callback=shifted if callback else None, **text, **self.generate_options)
             parts.append(run.trajectory)
         return replace(Trajectory.concat(parts), gen_length=self.gen_length)
 
@@ -211,6 +225,34 @@ def text_setting(handle: ModelHandle, task: TextTask, n: int, seed: int, templat
         raise DlmprobeInputError(f"{handle.name!r} has no mask token: expected a diffusion model for a text run")
     examples = task.sample(n, split="eval", seed=seed)
     encoded = encode(task, examples, handle.tokenizer, handle.mask_id, template or CanvasTemplate.forced_answer())
+    spans, builtin, prompts, decode = _text_reading(task, examples, encoded, encoded.gen_length, n, seed)
+    return Setting(handle, encoded.canvas, encoded.attention_mask, encoded.gen_start, encoded.gen_length, spans, builtin,
+                   prompts, decode, lambda i: handle.tokenizer.convert_ids_to_tokens(int(i)),
+                   [ex.uid for ex in examples])
+
+
+def native_text_setting(model: torch.nn.Module, tokenizer: Any, task: TextTask, n: int, seed: int,
+                        template: CanvasTemplate | None = None, steps: int | None = None,
+                        generate_options: dict[str, Any] | None = None) -> NativeSetting:
+    """A DiffusionGemma on ``n`` held-out examples of a text task rendered through its ``tokenizer``:
+    the prompt is the encoder's input, the generated region (``template``, default the forced answer
+    slot, widened to fill the canvas) and one closing column the decoder's canvas, template text held."""
+    examples = task.sample(n, split="eval", seed=seed)
+    encoded = encode_for_canvas(task, examples, tokenizer, template or CanvasTemplate.forced_answer(),
+                                model.config.canvas_length)
+    start, length = encoded.gen_start, encoded.gen_length - 1  # the closing column is not read back
+    spans, builtin, prompts, decode = _text_reading(task, examples, encoded, length, n, seed)
+    return NativeSetting(None, encoded.canvas[:, :start], encoded.attention_mask[:, :start], start, length, spans,
+                         builtin, prompts, decode, lambda i: tokenizer.convert_ids_to_tokens(int(i)),
+                         [ex.uid for ex in examples], model=model, n_steps=steps or default_denoising_steps(model),
+                         seed=seed, generate_options=dict(generate_options or {}),
+                         fixed=(encoded.canvas[:, start:], encoded.fixed[:, start:]))
+
+
+def _text_reading(task: TextTask, examples: Sequence[TextExample], encoded: TextCanvas, gen_length: int, n: int,
+                  seed: int) -> tuple[list[dict[str, LabelSpan]], Task | None, list[list[int]], Callable]:
+    """What an analysis reads off a text run: label spans in the generated region, the built-in task
+    behind the examples, their prompts as task ids and the decoder of a generated region."""
     start = encoded.gen_start
     spans = [{name: LabelSpan(tuple(p - start for p in span.positions), span.values) for name, span in labels.items()}
              for labels in encoded.labels]
@@ -230,13 +272,11 @@ def text_setting(handle: ModelHandle, task: TextTask, n: int, seed: int, templat
             return [id_of_token[output[c]] for c in items]
     else:
         builtin, prompts = None, [[] for _ in examples]
-        reference = encoded.target[:, start:]
+        reference = encoded.target[:, start : start + gen_length]
 
         def decode(i: int, output: list[int]) -> list[int] | None:
             return output if output == reference[i].tolist() else None
-    return Setting(handle, encoded.canvas, encoded.attention_mask, start, encoded.gen_length, spans, builtin,
-                    prompts, decode, lambda i: handle.tokenizer.convert_ids_to_tokens(int(i)),
-                    [ex.uid for ex in examples])
+    return spans, builtin, prompts, decode
 
 
 def store_setting(model: Checkpoint | ModelHandle, data: ActivationDataset, n: int, seed: int) -> Setting:

@@ -80,21 +80,21 @@ def _load_model(args: argparse.Namespace):
 
 
 def _native_faithfulness(args: argparse.Namespace):
-    """DiffusionGemma (its own generate, no mask token) on a built-in task of its vocabulary."""
+    """DiffusionGemma (its own generate, no mask token) on a built-in task rendered as text through its tokenizer."""
     from dlmprobe.analyses import faithfulness
+    from dlmprobe.capture_native import load_native_tokenizer
     from dlmprobe.sampling.native import load_native_model
-    from dlmprobe.tasks import get_task
 
-    given = [flag for flag, value in (("--twin", args.twin), ("--reasoning-length", args.reasoning_length),
-                                      ("--answer-length", args.answer_length),
-                                      ("--trust-remote-code", args.trust_remote_code or None)) if value is not None]
+    given = [flag for flag, value in (("--twin", args.twin), ("--trust-remote-code", args.trust_remote_code or None))
+             if value is not None]
     if given:
-        raise DlmprobeInputError(f"{given[0]} does not apply to a DiffusionGemma model ({args.model!r} runs a built-in "
-                                 "task of its vocabulary with its own generate)")
-    task = get_task(args.task or "arith", **dict(args.task_param))
+        raise DlmprobeInputError(f"{given[0]} does not apply to a DiffusionGemma model ({args.model!r} runs a text task "
+                                 "with its own generate)")
+    text = _text_flags(args)
+    tokenizer = load_native_tokenizer(args.model)
     model = load_native_model(args.model, common.chosen_device(args))
     return faithfulness(model, n=args.n, seed=args.seed, corrupt_label=args.corrupt_label, answer_label=args.answer_label,
-                        progress=not args.quiet, task=task, denoising_steps=args.denoising_steps)
+                        progress=not args.quiet, denoising_steps=args.denoising_steps, tokenizer=tokenizer, **text)
 
 
 def _faithfulness(args: argparse.Namespace, store: OpenStore):

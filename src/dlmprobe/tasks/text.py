@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -300,3 +300,44 @@ def encode(
         classes,
         template,
     )
+
+
+def close_canvas(encoded: TextCanvas, eos: int) -> TextCanvas:
+    """Append one fixed ``eos`` column: the store's layout ends with it (``<bos> prompt <sep> target <eos>``)."""
+    n = encoded.canvas.shape[0]
+    column = torch.full((n, 1), eos, dtype=encoded.canvas.dtype)
+    return replace(
+        encoded,
+        canvas=torch.cat([encoded.canvas, column], 1), target=torch.cat([encoded.target, column], 1),
+        attention_mask=torch.cat([encoded.attention_mask, torch.ones_like(column)], 1),
+        fixed=torch.cat([encoded.fixed, torch.ones((n, 1), dtype=torch.bool)], 1),
+    )
+
+
+def encode_for_canvas(task: TextTask, examples: Sequence[TextExample], tokenizer: Any, template: CanvasTemplate,
+                      canvas_length: int) -> TextCanvas:
+    """:func:`~dlmprobe.tasks.text.encode` laid out so that the generated region and one closing column
+    are a model's fixed-size canvas (``canvas_length`` tokens; DiffusionGemma's decoder canvas).
+
+    Without ``template.answer_length`` the answer slot (EOS-padded) is widened to fill the canvas;
+    a layout that does not fit, or an explicit one of another size, is refused. The closing column
+    is the decoder's last position: generated, not fixed.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise DlmprobeInputError("expected a tokenizer with a padding or EOS token to fill unused slots, got neither")
+    # The region's placeholder is never read: the model draws its own random canvas.
+    encoded = encode(task, examples, tokenizer, pad, template)
+    region = canvas_length - 1
+    if encoded.gen_length != region:
+        answer = encoded.answer_length + region - encoded.gen_length
+        if template.answer_length is not None or answer < encoded.answer_length:
+            raise DlmprobeInputError(
+                f"expected a generated region of canvas_length - 1 = {region} tokens (the model's canvas), got "
+                f"{encoded.gen_length} ({encoded.answer_start - encoded.gen_start} before the answer slot and "
+                f"{encoded.answer_length} in it); choose --reasoning-length/--answer-length to fit")
+        encoded = encode(task, examples, tokenizer, pad, replace(template, answer_length=answer))
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad
+    closed = close_canvas(encoded, eos)
+    closed.fixed[:, -1] = False
+    return closed
