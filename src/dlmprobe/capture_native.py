@@ -2,24 +2,30 @@
 
 The counterpart of :mod:`dlmprobe.capture` for models whose sampler lives in the model: batches go
 through :func:`dlmprobe.sampling.native.run_native` and are written with the same
-:class:`ActivationWriter`, so the probes and analyses read the file as any other store. What
-differs, all stated in the store's config:
+:class:`ActivationWriter`, so the probes and analyses read the file as any other store. Two ways in:
 
-* The canvas is ``<bos> prompt <sep>`` (the encoder's input, never changed) followed by the
-  decoder's canvas, ``target <eos>`` long: the model's ``canvas_length`` must be the task's
-  ``target_length + 1``, and its vocabulary the task's (token id ``i`` is ``task.vocab.tokens[i]``).
-* Activations exist only where the decoder runs; the target positions are stored.
+* **A text task** (:func:`plan_native_cache`, what ``dlmprobe cache --model <DiffusionGemma folder>``
+  runs): the task is rendered through the folder's tokenizer exactly as for the other Hugging Face
+  models (:mod:`dlmprobe.capture_text`'s task, template, positions, labels and store config are
+  reused: :class:`NativeTextCachePlan` is a :class:`~dlmprobe.capture_text.TextCachePlan`). The
+  tokenized prompt (left-padded, with its attention mask) is the encoder's input; the generated
+  region plus one closing column is the decoder's canvas, ``canvas_length`` tokens (the answer slot
+  is widened to fill it: :func:`~dlmprobe.tasks.text.encode_for_canvas`); template text is held
+  (``run_native``'s ``fixed``). :data:`NATIVE_OPTIONS` lists what it takes.
+* **A built-in task of the model's own vocabulary** (:func:`capture_native`, Python only): the
+  canvas is ``<bos> prompt <sep>`` (the encoder's input) followed by the decoder's canvas,
+  ``target <eos>`` long: ``canvas_length`` must be the task's ``target_length + 1``, and token id
+  ``i`` is ``task.vocab.tokens[i]``.
+
+What differs from other stores, stated in the store's config either way:
+
+* Activations exist only where the decoder runs (the canvas); prompt positions are never stored.
 * There is no mask token: the file's ``mask_id`` attribute is :data:`NO_MASK` (no token equals it)
   and ``commit_step`` follows the settle rule (``"commit_rule": "settle"`` in the config): step
   ``s`` is before commit iff ``s <= commit_step``. Code that decides "still masked" by
   ``canvas == mask_id`` sees every position as committed on such a store.
-
 * One canvas (one block of ``canvas_length`` tokens) per example: DiffusionGemma's ``generate``
-  appends further blocks for longer outputs, which is not supported (the canvas check refuses it).
-
-``dlmprobe cache --model <DiffusionGemma folder>`` comes here through :func:`plan_native_cache`,
-which reads the same :class:`~dlmprobe.capture.CacheConfig` as the other models and refuses the
-options that do not apply to a model with its own sampler (:data:`NATIVE_OPTIONS` says which do).
+  appends further blocks for longer outputs, which is not run.
 
 Example:
     >>> capture_native(model, get_task("arith", n_ops=3), "runs/gemma.h5", n=64, steps=16)
