@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from dlmprobe.analyses import seed_spread
 from dlmprobe.analyses.lead import first_stable_step
 from dlmprobe.analyses.nulls import (
     displacement,
@@ -25,6 +26,7 @@ from dlmprobe.models import (
     save_checkpoint,
     to_bridge,
 )
+from dlmprobe.probes import ProbeGrid
 from dlmprobe.probes.baselines import (
     accuracy_by_stratum,
     baseline_table,
@@ -45,10 +47,11 @@ from dlmprobe.tasks.sudoku import SudokuChoice, count_solutions
 SUDOKU = get_task("sudoku", size=4)
 
 
-def _task_store(path, task, examples, label, values=None, d=8):
+def _task_store(path, task, examples, label, values=None, d=8, plant=0.0):
     """A store of real puzzles, every target masked at step 0, noise activations.
 
-    ``values`` replaces the label's values (a label that owes nothing to the input).
+    ``values`` replaces the label's values (a label that owes nothing to the input); ``plant``
+    adds that much of a one-hot of each label position's value to its activations.
     """
     n, vocab = len(examples), task.vocab
     k = len(examples[0].labels[label].positions)
@@ -62,10 +65,11 @@ def _task_store(path, task, examples, label, values=None, d=8):
     positions = list(range(task.target_start, task.target_start + task.target_length))
     site = "blocks.0.hook_resid_post"
     acts = np.random.default_rng(1).normal(size=(n, 1, len(positions), d))
+    acts[np.arange(n)[:, None], 0, slots, truth % d] += plant
     layout = StoreLayout(n_examples=n, n_steps=1, canvas_length=final.shape[1], prompt_length=task.prompt_length,
                          target_length=task.target_length, labels={label: k}, sites={site: d}, steps=[0],
                          positions=positions, dtype="float32")
-    with ActivationWriter(path, layout, config={"task": {"answer_label": label}}, mask_id=vocab.mask_id) as writer:
+    with ActivationWriter(path, layout, config={"task": {"answer_label": label}, "model": {"kind": "diffusion"}}, mask_id=vocab.mask_id) as writer:
         writer.write_batch({
             "uid": [ex.uid for ex in examples], "prompt": np.array([ex.prompt for ex in examples]),
             "target": np.array([ex.target for ex in examples]), "output": final[:, task.target_start : -1],
@@ -224,6 +228,32 @@ def test_position_baseline_reads_a_label_that_is_a_function_of_position(tmp_path
     table, _ = baseline_table(input_baselines(data, rows), rows["truth"].to_numpy(), rows["example"].to_numpy())
     accuracy = table.set_index("baseline")["accuracy"]
     assert accuracy["position"] > 0.99 and accuracy["majority"] < 0.4
+
+
+def test_seed_spread_tells_seeds_that_agree_from_seeds_that_differ(tmp_path, sudoku_examples):
+    """Two seeds that both carry the digit (planted) agree; a seed without it pulls the spread apart."""
+    planted = [_task_store(tmp_path / f"planted{i}.h5", SUDOKU, sudoku_examples, "blank", plant=4.0) for i in range(2)]
+    noise = _task_store(tmp_path / "noise.h5", SUDOKU, sudoku_examples, "blank")
+    agree = seed_spread({0: planted[0], 1: planted[1]}, label="blank", target="truth", bootstrap=50)
+    differ = seed_spread({0: planted[0], 1: noise}, label="blank", target="truth", bootstrap=50)
+    probe = agree.tables["spread"].set_index("reader").loc["probe"]
+    assert probe["mean"] > 0.95 and probe["sd"] < 0.02 and probe["n_seeds"] == 2
+    per_seed = differ.table[differ.table["reader"] == "probe"].set_index("seed")["accuracy"]
+    assert per_seed[0] > 0.95 and per_seed[1] < 0.5  # four digits: chance 0.25, the givens are not in the noise
+    spread = differ.tables["spread"].set_index("reader").loc["probe"]
+    assert spread["mean"] == pytest.approx(per_seed.mean()) and spread["sd"] == pytest.approx(per_seed.std(ddof=1))
+    assert spread["low"] == pytest.approx(per_seed.min()) and spread["high"] == pytest.approx(per_seed.max())
+    # The same numbers as a probe grid run on its own, and the input bar beside them.
+    own = ProbeGrid(label="blank", target="truth", sites=["blocks.0.hook_resid_post"], steps=[0], control=False,
+                    random_baseline=False, bootstrap=50).run(noise, progress=False).iloc[0]
+    assert per_seed[1] == pytest.approx(own["accuracy"])
+    baseline = differ.table[differ.table["reader"] == "strongest input baseline"].set_index("seed")["accuracy"]
+    assert baseline[1] == pytest.approx(own["strongest_baseline_accuracy"])
+    assert "probe minus strongest input baseline" in differ.summary
+    with pytest.raises(DlmprobeInputError, match="at least 2 seeds"):
+        seed_spread({0: noise})
+    with pytest.raises(DlmprobeInputError, match="step 3 is not stored"):
+        seed_spread({0: noise, 1: noise}, step=3)
 
 
 # -- logit lens -----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Each returns an :class:`AnalysisResult`: a tidy table, a figure and a summary co
 6. :func:`paraphrase_run` — meaning-preserving rewrites of the canvas after every step.
 7. :func:`causal_check` — ablate or steer the probe subspace during sampling.
 8. :func:`trajectory_view` — one example, token x step.
+9. :func:`seed_spread` — the step-0 headline numbers over several training seeds of one model.
 """
 
 from dlmprobe.analyses.causal import causal_check
@@ -20,6 +21,7 @@ from dlmprobe.analyses.lead import planning_lead
 from dlmprobe.analyses.order import commit_order
 from dlmprobe.analyses.paraphrase import paraphrase_run
 from dlmprobe.analyses.result import AnalysisResult, load_result
+from dlmprobe.analyses.seeds import seed_spread
 from dlmprobe.analyses.trajectory import trajectory_view
 
 __all__ = [
@@ -32,5 +34,6 @@ __all__ = [
     "load_result",
     "paraphrase_run",
     "planning_lead",
+    "seed_spread",
     "trajectory_view",
 ]
