@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from dlmprobe.models import ModelConfig, build_native, load_model, random_model, save_checkpoint
+from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.models import ModelConfig, build_native, load_model, random_model, save_checkpoint, store_half
 
 
 def test_twins_share_architecture_and_parameter_count(tiny_config):
@@ -47,6 +48,22 @@ def test_checkpoint_round_trip_is_safetensors_and_json(tiny_config, tmp_path):
         assert torch.allclose(native(tokens), loaded.model(tokens), atol=1e-5)
     assert loaded.info == {"note": "test"}
     assert len(loaded.weights_sha256) == 64
+
+
+def test_float16_storage_halves_the_file_and_loads_the_rounded_weights(tiny_config, tmp_path):
+    module = build_native(tiny_config)
+    save_checkpoint(module, tiny_config, tmp_path / "m")
+    trained = load_model(tmp_path / "m")
+    trained_sha256 = trained.weights_sha256
+    size = (tmp_path / "m" / "model.safetensors").stat().st_size
+    store_half(tmp_path / "m")
+    half = load_model(tmp_path / "m")  # verified against the new sha256 recorded in config.json
+    assert (tmp_path / "m" / "model.safetensors").stat().st_size < 0.55 * size
+    assert half.info["stored_dtype"] == "float16" and half.info["trained_weights_sha256"] == trained_sha256
+    for (name, a), (_, b) in zip(trained.model.named_parameters(), half.model.named_parameters(), strict=True):
+        assert b.dtype == torch.float32 and torch.equal(b, a.half().float()), name
+    with pytest.raises(DlmprobeInputError, match="already stored as float16"):
+        store_half(tmp_path / "m")
 
 
 def test_bad_checkpoints_are_clear_errors(tiny_config, tmp_path):

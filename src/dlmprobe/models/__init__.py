@@ -11,6 +11,7 @@ from dlmprobe.models.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
     shipped_checkpoints,
+    store_half,
     to_bridge,
 )
 from dlmprobe.models.config import KINDS, ModelConfig
@@ -32,5 +33,6 @@ __all__ = [
     "resolve_checkpoint",
     "save_checkpoint",
     "shipped_checkpoints",
+    "store_half",
     "to_bridge",
 ]

@@ -145,6 +145,26 @@ def write_checkpoint(path: str | Path, weights: bytes, config: ModelConfig, info
     return path
 
 
+def store_half(name_or_path: str | Path) -> Path:
+    """Rewrite a checkpoint's weights as float16 (half the bytes); it still loads into a float32 model.
+
+    The trained float32 weights' sha256 stays in ``info["trained_weights_sha256"]`` and
+    ``info["stored_dtype"]`` says ``"float16"``; ``config.json`` records the new file's sha256, so
+    loading verifies the stored weights. A checkpoint already stored as float16 is refused.
+    """
+    path = resolve_checkpoint(name_or_path)
+    config, info, recorded = read_config(path)
+    if info.get("stored_dtype") == "float16":
+        raise DlmprobeInputError(f"{path} is already stored as float16")
+    state = read_weights(path / WEIGHTS_FILE, recorded)
+    if any(t.dtype != torch.float32 for t in state.values()):
+        raise DlmprobeInputError(f"{path}: expected float32 weights to halve, found {sorted({str(t.dtype) for t in state.values()})}")
+    half = save({k: v.to(torch.float16).contiguous() for k, v in state.items()})
+    info = {**info, "stored_dtype": "float16",
+            "trained_weights_sha256": recorded or hashlib.sha256((path / WEIGHTS_FILE).read_bytes()).hexdigest()}
+    return write_checkpoint(path, half, config, info)
+
+
 def shipped_checkpoints() -> list[str]:
     """Names of the checkpoints shipped with dlmprobe (``<task>-<kind>``)."""
     if not CHECKPOINT_DIR.is_dir():
