@@ -13,7 +13,8 @@ with what the model itself says at the same rows:
 Both leave out the mask token, as the sampler does. Rows are those of
 :func:`dlmprobe.probes.baselines.label_rows`. A :class:`~dlmprobe.probes.ProbeGrid` puts both beside
 every probe, on the probe's own rows and features, with :class:`ModelReaders` from
-:func:`readers_of` (a model) or :func:`store_readers` (the model a store names, built-in or Hugging Face).
+:func:`readers_of` (a model) or :func:`store_readers` (the model a store names, built-in, Hugging Face
+or DiffusionGemma).
 
 Example:
     >>> readout = readout_of(from_checkpoint(load_model("sudoku-diffusion")))
@@ -201,7 +202,8 @@ def store_readers(data: ActivationDataset, handle: ModelHandle | None = None) ->
 
     A built-in checkpoint is used only if its weights match the store's recorded sha256; a Hugging
     Face model is loaded as the store recorded it (:func:`~dlmprobe.probes.features.store_handle`;
-    ``handle``, if given, instead). Otherwise (a moved or retrained checkpoint, a model that no
+    ``handle``, if given, instead); a DiffusionGemma run (its own sampler) from the folder it names
+    (:func:`native_readers`). Otherwise (a moved or retrained checkpoint, a model that no
     longer loads, a hand-built store) the readers are empty and ``note`` says why: pass
     :func:`readers_of` of the right model instead.
     """
