@@ -10,6 +10,10 @@ Two kinds, both loading with ``DiffusionGemmaForBlockDiffusion.from_pretrained(f
   tokenizer the test builds (:func:`hf_fixtures.build_tokenizer`, no mask token) and a canvas of
   :data:`TEXT_CANVAS` tokens: a real checkpoint's situation, where the CLI renders a task as text.
 
+:func:`save_gemma_causal` saves the causal LM to put beside it: a tiny ``Gemma3ForCausalLM`` (Gemma's
+``1 + weight`` RMS norms, scaled embeddings, sliding and full attention layers) with the very same
+tokenizer, as DiffusionGemma would be compared with a Gemma of its tokenizer.
+
 Attention: the decoder always attends bidirectionally over the prompt's KV cache and the canvas;
 the encoder is causal here. ``use_bidirectional_attention="all"`` (a bidirectional encoder) is not
 used: in transformers 5.24 its forward raises ``TypeError: ... got multiple values for keyword
@@ -26,6 +30,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     DiffusionGemmaConfig,
     DiffusionGemmaForBlockDiffusion,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     PreTrainedTokenizerFast,
 )
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import LinearTemperatureScheduleLogitsProcessor
@@ -103,6 +109,29 @@ def save_text_diffusiongemma(folder: str | Path, seed: int = 0, canvas_length: i
     return folder
 
 
+def save_gemma_causal(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny random-weight ``Gemma3ForCausalLM`` with the text DiffusionGemma's tokenizer, in ``folder``.
+
+    Two layers (sliding, then full attention) of width 32; its final norm weight is drawn away from
+    zero so that Gemma's ``1 + weight`` scale differs from a plain ``weight`` one (a logit lens that
+    read it as Llama's would be wrong).
+    """
+    folder, tokenizer = Path(folder), build_tokenizer(mask=False)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=MLP,
+                              num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=1,
+                              head_dim=HEAD_DIM, max_position_embeddings=256, sliding_window=64,
+                              layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=None,
+                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        model.model.norm.weight.normal_(0.0, 0.5)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def recompute_decoder(model: DiffusionGemmaForBlockDiffusion, prompts: torch.Tensor, canvases: torch.Tensor, steps: int,
                       t_min: float = 0.4, t_max: float = 0.8, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Each step's decoder layer outputs, from the model's forward on that step's stored canvas,
@@ -111,9 +140,14 @@ def recompute_decoder(model: DiffusionGemmaForBlockDiffusion, prompts: torch.Ten
     The decoder at step t reads: the canvas of step t, the encoder's KV cache of the prompt and, as
     self-conditioning, step t - 1's logits after the sampler's temperature (none at step 0; the
     defaults are generate's own ``t_min``/``t_max``). Recomputing step t therefore chains through
-    the recomputed logits of the steps before it.
+    the recomputed logits of the steps before it. ``attention_mask`` (0 on a left-padded prompt's pads)
+    masks the pads for the encoder and, extended over the canvas, for the decoder.
     """
     temperature = LinearTemperatureScheduleLogitsProcessor(max_denoising_steps=steps, t_min=t_min, t_max=t_max)
+    # With padding the decoder needs its own mask over prompt + canvas (forward does not extend the
+    # encoder's): without it the canvas attends to the pads' keys. generate builds the same one.
+    decoder_mask = None if attention_mask is None else \
+        torch.nn.functional.pad(attention_mask.bool(), (0, canvases.shape[2]), value=True)
     layers = model.model.decoder.layers
     outputs, self_conditioning, seen = [], None, {}
     handles = [layer.register_forward_hook(lambda _m, _i, out, i=i: seen.__setitem__(i, out)) for i, layer in enumerate(layers)]
@@ -121,7 +155,7 @@ def recompute_decoder(model: DiffusionGemmaForBlockDiffusion, prompts: torch.Ten
         for t in range(canvases.shape[1]):
             with torch.no_grad():
                 logits = model(input_ids=prompts, attention_mask=attention_mask, decoder_input_ids=canvases[:, t],
-                               self_conditioning_logits=self_conditioning).logits
+                               decoder_attention_mask=decoder_mask, self_conditioning_logits=self_conditioning).logits
             outputs.append(torch.stack([seen[i] for i in range(len(layers))]))  # (layer, batch, canvas, d)
             self_conditioning = temperature(None, logits, cur_step=steps - t)  # generate counts steps down to 1
     finally:

@@ -30,6 +30,22 @@ def is_text_run(data: ActivationDataset) -> bool:
     return "text_task" in (data.config.get("task") or {})
 
 
+def check_slot_read_on_canvas(name: str, data: ActivationDataset) -> None:
+    """Refuse a run through a model's own sampler (DiffusionGemma) whose like-for-like read, the
+    column before its answer slot, is a prompt token: its encoder reads the prompt once, and only
+    its decoder's canvas is run (and stored) at every step. With ``--template forced-answer`` that
+    column is the last token of the held "The answer is", on the canvas."""
+    canvas = data.config.get("canvas") or {}
+    if not (is_text_run(data) and (data.config.get("sampler") or {}).get("name") == "native"):
+        return
+    if int(canvas["answer_start"]) <= int(canvas["gen_start"]):
+        raise DlmprobeInputError(
+            f"run {name!r} ({data.path.name}) cannot be read like for like: the column before its answer slot is the "
+            f"prompt's last token, in DiffusionGemma's encoder, where no denoising step runs; expected a store cached "
+            f"with --template forced-answer (that column is then the held \"The answer is\" on the decoder's canvas), "
+            f"got the answer slot at the canvas start (column {canvas['gen_start']})")
+
+
 def task_of(data: ActivationDataset) -> Task:
     """The built-in task (with its options) a store was recorded on; a text run has none (see :func:`builtin_task`)."""
     spec = data.config.get("task")

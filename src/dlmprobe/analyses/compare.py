@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from dlmprobe.analyses.common import (
+    check_slot_read_on_canvas,
     deepest_site,
     default_label,
     describe_run,
@@ -169,6 +170,7 @@ def compare_runs(
     if not sites:
         raise DlmprobeInputError(f"the runs share no site: {[d.sites for d in runs.values()]}")
     for name, data in runs.items():
+        check_slot_read_on_canvas(name, data)  # DiffusionGemma with the plain template: that column is in its encoder
         if not reads_of(data):
             where = ("the column before its answer slot; record it with --positions answer-slot" if is_text_run(data)
                      else "the <sep> position; record it with positions='sep+target'")

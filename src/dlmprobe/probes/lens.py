@@ -13,7 +13,8 @@ with what the model itself says at the same rows:
 Both leave out the mask token, as the sampler does. Rows are those of
 :func:`dlmprobe.probes.baselines.label_rows`. A :class:`~dlmprobe.probes.ProbeGrid` puts both beside
 every probe, on the probe's own rows and features, with :class:`ModelReaders` from
-:func:`readers_of` (a model) or :func:`store_readers` (the model a store names, built-in or Hugging Face).
+:func:`readers_of` (a model) or :func:`store_readers` (the model a store names, built-in, Hugging Face
+or DiffusionGemma).
 
 Example:
     >>> readout = readout_of(from_checkpoint(load_model("sudoku-diffusion")))
@@ -22,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -36,6 +38,7 @@ from dlmprobe.hooks import layer_of
 from dlmprobe.models import ModelHandle, from_checkpoint, load_model
 from dlmprobe.probes.baselines import label_rows
 from dlmprobe.probes.features import is_hf_store, store_handle
+from dlmprobe.sampling.native import load_native_model
 from dlmprobe.store import ActivationDataset
 
 NormKind = Literal["layernorm", "rmsnorm", "none"]
@@ -107,8 +110,18 @@ def _norm_readout(norm: torch.nn.Module, W_U: np.ndarray, b_U: np.ndarray | None
         eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
         if eps is None:
             raise DlmprobeInputError(f"cannot find the epsilon of final norm {type(norm).__name__}")
-        return Readout(W_U, b_U, "rmsnorm", _array(getattr(norm, "weight", None)), None, float(eps))
+        return Readout(W_U, b_U, "rmsnorm", _rms_scale(norm, W_U.shape[0], float(eps)), None, float(eps))
     raise DlmprobeInputError(f"expected a LayerNorm or RMSNorm final norm, got {type(norm).__name__}")
+
+
+def _rms_scale(norm: torch.nn.Module, width: int, eps: float) -> np.ndarray:
+    """An RMS norm's per-dimension scale, read off the module itself: Llama's multiplies by its weight,
+    Gemma 1-3's by ``1 + weight`` (its weight starts at zero), some by nothing. A vector of ones has
+    a root mean square of 1, so the norm returns its scale divided by ``sqrt(1 + eps)``. Run on a
+    float32 CPU copy (a bfloat16 output would round the scale)."""
+    with torch.no_grad():
+        out = copy.deepcopy(norm).float().cpu()(torch.ones(1, width))
+    return _array(out[0]) * np.sqrt(1.0 + eps)
 
 
 def _hf_final_norm(handle: ModelHandle) -> torch.nn.Module:
@@ -174,16 +187,35 @@ def readers_of(handle: ModelHandle) -> ModelReaders:
     return ModelReaders(readout, _array(weight), _array(position), "; ".join(notes))
 
 
+def native_readers(model: torch.nn.Module) -> ModelReaders:
+    """DiffusionGemma's decoder read-out and token embedding: its logits are ``lm_head(decoder.norm(last
+    decoder layer))`` (then a softcap, which keeps the argmax), its decoder's input the token embedding
+    times its scale."""
+    decoder, lm_head = model.model.decoder, model.lm_head
+    readout = _norm_readout(decoder.norm, _array(lm_head.weight).T, _array(lm_head.bias))
+    embed = decoder.embed_tokens
+    return ModelReaders(readout, _array(embed.weight) * float(getattr(embed, "scalar_embed_scale", 1.0)))
+
+
 def store_readers(data: ActivationDataset, handle: ModelHandle | None = None) -> ModelReaders:
     """The readers of the model a store was recorded from, loaded by the name it stored.
 
     A built-in checkpoint is used only if its weights match the store's recorded sha256; a Hugging
     Face model is loaded as the store recorded it (:func:`~dlmprobe.probes.features.store_handle`;
-    ``handle``, if given, instead). Otherwise (a moved or retrained checkpoint, a model that no
+    ``handle``, if given, instead); a DiffusionGemma run (its own sampler) from the folder it names
+    (:func:`native_readers`). Otherwise (a moved or retrained checkpoint, a model that no
     longer loads, a hand-built store) the readers are empty and ``note`` says why: pass
     :func:`readers_of` of the right model instead.
     """
     model = data.config.get("model") or {}
+    if handle is None and (data.config.get("sampler") or {}).get("name") == "native":
+        cache = data.config.get("cache") or {}
+        try:
+            native = load_native_model(str(model.get("name")), cache.get("device") or "cpu",
+                                       cache.get("model_dtype") or "float32")
+        except DlmprobeInputError as err:
+            return ModelReaders(note=f"no logit lens or embedding baseline: {err}")
+        return native_readers(native)
     if handle is not None or is_hf_store(data):
         try:
             return readers_of(handle or store_handle(data))
