@@ -114,20 +114,29 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, ov
         worker = context.Process(target=_worker, name="dlmprobe-demo-worker", daemon=True,
                                  args=(out, config, overwrite, ready, answers, clock.epoch, torch.get_num_threads()))
         worker.start()
+        answered: list[dict] = []
+
+        def check_worker() -> None:
+            """Before each stage of this process: stop here if the worker has failed."""
+            if not answered:
+                try:
+                    answered.append(answers.get_nowait())
+                except queue.Empty:
+                    return
+            _raise_error(answered[0])
+
+        clock.before_stage = check_worker
         try:
             runs = _main_part(out, config, overwrite, clock, ready)
+            clock.before_stage = None
             clock.log("waiting for the worker process")
-            answer = _answer_of(worker, answers)
+            answer = answered[0] if answered else _answer_of(worker, answers)
+            _raise_error(answer)
         except BaseException:
             if worker.is_alive():
                 worker.terminate()
             raise
         worker.join()
-        if answer["error"] is not None:
-            kind, message = answer["error"]
-            if kind == "DlmprobeInputError":
-                raise DlmprobeInputError(message)
-            raise RuntimeError(f"the demo's worker process failed: {message}")
         runs.update({name: ActivationDataset(path) for name, path in answer["runs"].items()})
         worker_clock = answer["clock"]
 
@@ -139,6 +148,14 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, ov
     clock.log(f"report written: {report}")
     clock.finish(results_dir / "timings.json", worker_clock)
     return report
+
+
+def _raise_error(answer: dict) -> None:
+    if answer["error"] is not None:
+        kind, message = answer["error"]
+        if kind == "DlmprobeInputError":
+            raise DlmprobeInputError(message)
+        raise RuntimeError(f"the demo's worker process failed: {message}")
 
 
 def _answer_of(worker: multiprocessing.process.BaseProcess, answers: multiprocessing.queues.Queue) -> dict:
@@ -272,12 +289,15 @@ class StageClock:
         self._cpu_started = time.process_time()
         self._load_start = os.getloadavg()
         self.stages: list[dict[str, float | str]] = []
+        self.before_stage: Callable[[], None] | None = None  # e.g. stop if another process failed
 
     def log(self, text: str) -> None:
         self._log(f"[{time.time() - self.epoch:6.0f} s] {self._prefix}{text}")
 
     @contextmanager
     def stage(self, name: str, text: str | None = None) -> Iterator[None]:
+        if self.before_stage is not None:
+            self.before_stage()
         self.log(text or name)
         wall, cpu = time.perf_counter(), time.process_time()
         yield
