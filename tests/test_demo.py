@@ -12,7 +12,7 @@ from dlmprobe.report import ORDER
 
 @pytest.mark.slow
 def test_demo_runs_the_whole_chain(tmp_path):
-    config = DemoConfig(n=48, n_model=16, n_causal=10, record_every=12)
+    config = DemoConfig(n=48, n_model=16, n_paraphrase=16, n_causal=10, record_every=12)
     lines = []
     report = run_demo(tmp_path / "demo", config, log=lines.append)
     page = report.read_text()
