@@ -51,7 +51,7 @@ from dlmprobe.store import ActivationDataset
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo; the defaults take a few minutes on 2 CPU cores.
+    """Sizes of the demo; the defaults aim at two minutes on 2 idle CPU cores (two processes).
 
     ``record_every``: record every k-th of sudoku's 36 denoising steps (probes are fitted per
     stored step). ``n``: puzzles per activation dataset; ``n_model``: puzzles for faithfulness;
