@@ -132,6 +132,15 @@ def test_compare_reads_ahead_and_refuses_a_store_without_sep(stores):
     assert set(ahead["target"]) == {"output", "truth"}
     assert result.summary.index("Like for like") < result.summary.index("Not like for like")
     assert "lacks the `<sep>` position" in result.summary and "`diffusion`" in result.summary
+    # Every run its own colour, the same in every panel.
+    colours = {}
+    for axis in result.figure.axes:
+        for line in axis.get_lines():
+            run = next((r for r in sorted(runs, key=len, reverse=True) if line.get_label().startswith(r)), None)
+            if run is not None and line.get_linestyle() == "-":
+                colours.setdefault(run, set()).add(line.get_color())
+    assert set(colours) == set(runs) and all(len(c) == 1 for c in colours.values())
+    assert len({next(iter(c)) for c in colours.values()}) == len(runs)
     with pytest.raises(ValueError, match="sep"):
         compare_runs({"autoregressive": ActivationDataset(stores["autoregressive"].path),
                       "bad": _ar_target_only(stores)}, progress=False)
@@ -200,3 +209,13 @@ def test_analyze_and_report_commands(stores, tmp_path, capsys):
     assert main(["report", str(out)]) == 2  # report.html exists now
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("dlmprobe ") for line in err)
+
+
+def test_run_colours_are_distinct_and_keep_a_condition_colour():
+    from dlmprobe.analyses.plotting import CONDITION_COLOURS, run_colours
+
+    colours = run_colours(["diffusion", "Dream-7B", "Qwen2.5-7B", "diffusion, random order"])
+    assert colours["diffusion"] == CONDITION_COLOURS["diffusion"] and len(set(colours.values())) == 4
+    many = run_colours([f"run {i}" for i in range(12)])
+    assert len(set(many.values())) == 12
+

@@ -51,7 +51,7 @@ from dlmprobe.analyses.common import (
     wilson_rate,
     with_interval,
 )
-from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
+from dlmprobe.analyses.plotting import figure, run_colours
 from dlmprobe.analyses.result import AnalysisResult
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.hooks import layer_of
@@ -272,12 +272,14 @@ def _label(run: str, read: str) -> str:
 
 def _plot(table: pd.DataFrame, by_distance: pd.DataFrame):
     fig, axes = figure(ncols=3, width=4.6)
+    # One colour per run, the same in every panel (a run without a colour of its own gets a spare one).
+    colour_of = run_colours(list(table["run"].unique()) + (list(by_distance["run"].unique()) if len(by_distance) else []))
     if len(by_distance):
         axis = axes[0]
         site = deepest_site(by_distance["site"])
         shown = by_distance[(by_distance["site"] == site) & (by_distance["target"] == by_distance["target"].iloc[0])]
         for run, group in shown.groupby("run", sort=False):
-            colour = CONDITION_COLOURS.get(run)
+            colour = colour_of[run]
             axis.plot(group["distance"], group["accuracy"], marker=".", color=colour, label=f"{run}: probe")
             axis.fill_between(group["distance"], group["ci_low"], group["ci_high"], color=colour, alpha=0.15)
             if "readout_accuracy" in group:
@@ -295,7 +297,7 @@ def _plot(table: pd.DataFrame, by_distance: pd.DataFrame):
         for run, group in part.groupby("run", sort=False):
             site = group.groupby("site")["accuracy"].mean().idxmax()
             group = group[group["site"] == site].sort_values("step")
-            colour = CONDITION_COLOURS.get(run)
+            colour = colour_of[run]
             axis.plot(group["committed_fraction"], group["accuracy"], color=colour,
                       label=f"{_label(run, read)}, layer {group['layer'].iloc[0]}")
             axis.fill_between(group["committed_fraction"], group["ci_low"], group["ci_high"], color=colour, alpha=0.15)
