@@ -19,6 +19,7 @@ import multiprocessing.process
 import multiprocessing.queues
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -38,12 +39,14 @@ from dlmprobe.analyses import (
     faithfulness,
     paraphrase_run,
     planning_lead,
+    seed_spread,
     trajectory_view,
 )
 from dlmprobe.analyses.result import AnalysisResult
 from dlmprobe.capture import CacheConfig, run_cache
 from dlmprobe.errors import DlmprobeInputError
-from dlmprobe.models import load_model
+from dlmprobe.models import load_model, resolve_checkpoint, shipped_checkpoints
+from dlmprobe.models.checkpoint import read_config
 from dlmprobe.probes import ProbeGrid
 from dlmprobe.report import write_report
 from dlmprobe.store import ActivationDataset
@@ -125,7 +128,7 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, ov
             """Before each stage of this process: stop here if the worker has failed."""
             if not answered:
                 try:
-                    answered.append(answers.get_nowait())
+                    answered.append(json.loads(answers.get_nowait()))
                 except queue.Empty:
                     return
             _raise_error(answered[0])
@@ -167,7 +170,7 @@ def _answer_of(worker: multiprocessing.process.BaseProcess, answers: multiproces
     """The worker's answer; an error if it died without one."""
     while True:
         try:
-            return answers.get(timeout=1.0)
+            return json.loads(answers.get(timeout=1.0))  # plain JSON text: nothing but data crosses
         except queue.Empty:
             if not worker.is_alive():
                 return {"error": ("RuntimeError", f"it exited with code {worker.exitcode} and no answer"),
@@ -183,14 +186,15 @@ def _worker(out: Path, config: DemoConfig, overwrite: bool, ready, answers, epoc
                          "cpu_s": round(time.process_time(), 2)})
     try:
         runs = _worker_part(out, config, overwrite, clock, ready)
-        answers.put({"error": None, "runs": {name: str(d.path) for name, d in runs.items()}, "clock": clock.totals()})
+        answers.put(json.dumps({"error": None, "runs": {name: str(d.path) for name, d in runs.items()},
+                                "clock": clock.totals()}))
     except BaseException as err:  # noqa: BLE001 - handed to the main process, which raises it
-        answers.put({"error": (type(err).__name__, f"{type(err).__name__}: {err}"), "runs": {}, "clock": None})
+        answers.put(json.dumps({"error": (type(err).__name__, f"{type(err).__name__}: {err}"), "runs": {}, "clock": None}))
 
 
 def _cache(out: Path, config: DemoConfig, overwrite: bool, clock: StageClock, name: str, model: str, positions: str,
            sampler: dict | None = None, sites: list[str] | None = None, n: int | None = None,
-           every: int | None = None) -> ActivationDataset:
+           every: int | list[int] | None = None) -> ActivationDataset:
     path = out / "data" / f"{name}.h5"
     cache_config = CacheConfig(model=model, n=n or config.n, seed=config.seed, sites=sites or config.sites,
                                steps=every or config.record_every, positions=positions, sampler=sampler or {})
@@ -232,11 +236,32 @@ def _main_part(out: Path, config: DemoConfig, overwrite: bool, clock: StageClock
     with clock.stage("8 trajectory view"):
         keep(trajectory_view(sudoku, example=config.example,
                              probe=_spread(predicted, sudoku, config.example, "blank")))
+    _seeds(out, config, overwrite, clock, keep, "sudoku-diffusion")
     with clock.stage("7 causal check", "7 causal check of the probe direction"):
         # Layer 1: at the last layer an erasure removes what the unembedding reads, which proves little.
         keep(causal_check(load_model("sudoku-diffusion"), sudoku, config.causal_site, label="blank", n=config.n_causal,
                           seed=config.seed + 1, start_steps=list(config.causal_start_steps), progress=False))
     return {"sudoku-diffusion": sudoku, "sudoku-diffusion-left-to-right": left_to_right}
+
+
+def _seeds(out: Path, config: DemoConfig, overwrite: bool, clock: StageClock, keep: Callable, base: str) -> None:
+    """The step-0 headline numbers over every shipped training seed of ``base`` (9, seed spread).
+
+    Step 0's activations depend only on the step-0 canvas (prompt and masks), not on the sampler's
+    later steps, so each seed's dataset samples one step; the probes decode the correct digit, the
+    label every seed shares (the committed one where a seed solves the puzzle)."""
+    names = [n for n in shipped_checkpoints() if re.fullmatch(rf"{re.escape(base)}(-seed\d+)?", n)]
+    models = {read_config(resolve_checkpoint(n))[0].seed: n for n in names}
+    if len(models) < 2:
+        clock.log(f"9 seed spread skipped: only {len(models)} training seed of {base} is shipped")
+        return
+    runs = {seed: _cache(out, config, overwrite, clock, f"{name}-step0", name, "target", {"steps": 1},
+                         sites=[config.probe_site], every=[0]) for seed, name in sorted(models.items())}
+    with clock.stage("9 seed spread", f"9 the step-0 numbers over {len(runs)} training seeds of {base}"):
+        keep(seed_spread(runs, label="blank", target="truth", site=config.probe_site, step=0, note=(
+            "Each seed's dataset holds step 0 only (its activations depend on the step-0 canvas alone, not on "
+            "the sampler's later steps); the probes decode the correct digit, which is the committed one "
+            "wherever a seed solves the puzzle (see MODELS.md for each seed's exact-solve rate).")), "seeds")
 
 
 def _compared(config: DemoConfig) -> dict:

@@ -43,6 +43,7 @@ def seed_spread(
     folds: int = 5,
     bootstrap: int = 200,
     progress: bool = False,
+    note: str = "",
 ) -> AnalysisResult:
     """Probe, read-out, strongest input baseline and strata at (``site``, ``step``) for every seed.
 
@@ -52,6 +53,7 @@ def seed_spread(
         label, target: what the probes decode (see :class:`~dlmprobe.probes.ProbeGrid`).
         site: the probed site (default: each store's deepest stored site).
         step: the stored step read (step 0: nothing committed yet).
+        note: a sentence appended to the summary (e.g. how the stores were made).
     """
     if len(runs) < 2:
         raise DlmprobeInputError(f"a seed spread needs stores of at least 2 seeds, got {len(runs)}")
@@ -89,7 +91,7 @@ def seed_spread(
                                           ["stratum", "stratum_name", "stratum_reader"])
     return AnalysisResult(
         name="seeds", title=f"Seed spread at step {step}: {label} ({target}) before commit",
-        table=table, figure=_plot(table, tables.get("strata")), summary=_summary(table, tables, label, target, step, folds),
+        table=table, figure=_plot(table, tables.get("strata")), summary=_summary(table, tables, label, target, step, folds) + (f"\n\n{note}" if note else ""),
         tables=tables, meta={"runs": {str(s): describe_run(d) for s, d in stores.items()}, "grid": grids},
     )
 
