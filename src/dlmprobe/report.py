@@ -23,7 +23,7 @@ from dlmprobe.analyses.result import load_result
 from dlmprobe.files import atomic_write_text
 
 # The order the page tells the story in; other analyses follow alphabetically.
-ORDER = ("decodability", "lead", "compare", "compare-pathstar", "order", "order-arith", "faithfulness", "paraphrase", "causal", "trajectory")
+ORDER = ("decodability", "seeds", "lead", "compare", "compare-pathstar", "order", "order-arith", "faithfulness", "paraphrase", "causal", "trajectory")
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, Helvetica, Arial, sans-serif; max-width: 1200px;
