@@ -236,7 +236,7 @@ def _main_part(out: Path, config: DemoConfig, overwrite: bool, clock: StageClock
     with clock.stage("8 trajectory view"):
         keep(trajectory_view(sudoku, example=config.example,
                              probe=_spread(predicted, sudoku, config.example, "blank")))
-    _seeds(out, config, overwrite, clock, keep, "sudoku-diffusion")
+    _seeds(out, config, overwrite, clock, keep, "sudoku-diffusion", recorded=sudoku)
     with clock.stage("7 causal check", "7 causal check of the probe direction"):
         # Layer 1: at the last layer an erasure removes what the unembedding reads, which proves little.
         keep(causal_check(load_model("sudoku-diffusion"), sudoku, config.causal_site, label="blank", n=config.n_causal,
@@ -244,19 +244,22 @@ def _main_part(out: Path, config: DemoConfig, overwrite: bool, clock: StageClock
     return {"sudoku-diffusion": sudoku, "sudoku-diffusion-left-to-right": left_to_right}
 
 
-def _seeds(out: Path, config: DemoConfig, overwrite: bool, clock: StageClock, keep: Callable, base: str) -> None:
+def _seeds(out: Path, config: DemoConfig, overwrite: bool, clock: StageClock, keep: Callable, base: str,
+           recorded: ActivationDataset) -> None:
     """The step-0 headline numbers over every shipped training seed of ``base`` (9, seed spread).
 
     Step 0's activations depend only on the step-0 canvas (prompt and masks), not on the sampler's
-    later steps, so each seed's dataset samples one step; the probes decode the correct digit, the
-    label every seed shares (the committed one where a seed solves the puzzle)."""
+    later steps, so each other seed's dataset samples one step (``base`` itself is read from
+    ``recorded``, its full run on the same puzzles); the probes decode the correct digit, the label
+    every seed shares (the committed one where a seed solves the puzzle)."""
     names = [n for n in shipped_checkpoints() if re.fullmatch(rf"{re.escape(base)}(-seed\d+)?", n)]
     models = {read_config(resolve_checkpoint(n))[0].seed: n for n in names}
     if len(models) < 2:
         clock.log(f"9 seed spread skipped: only {len(models)} training seed of {base} is shipped")
         return
-    runs = {seed: _cache(out, config, overwrite, clock, f"{name}-step0", name, "target", {"steps": 1},
-                         sites=[config.probe_site], every=[0]) for seed, name in sorted(models.items())}
+    runs = {seed: recorded if name == base else _cache(out, config, overwrite, clock, f"{name}-step0", name, "target",
+                                                       {"steps": 1}, sites=[config.probe_site], every=[0])
+            for seed, name in sorted(models.items())}
     with clock.stage("9 seed spread", f"9 the step-0 numbers over {len(runs)} training seeds of {base}"):
         keep(seed_spread(runs, label="blank", target="truth", site=config.probe_site, step=0, note=(
             "Each seed's dataset holds step 0 only (its activations depend on the step-0 canvas alone, not on "
