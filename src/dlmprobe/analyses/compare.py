@@ -57,7 +57,7 @@ from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.hooks import layer_of
 from dlmprobe.probes import ProbeGrid
 from dlmprobe.probes.lens import ModelReaders, store_readers
-from dlmprobe.probes.stats import ExampleBootstrap, readers_beside_probe
+from dlmprobe.probes.stats import ExampleBootstrap, readers_beside_probe, shared_fits
 from dlmprobe.store import ActivationDataset
 
 ROW_COLUMNS = ("example", "slot", "position")
@@ -183,19 +183,22 @@ def compare_runs(
                 "control": False, "random_baseline": False, "baselines": ("position", "embedding", "givens")}
     frontier = {name: data for name, data in runs.items() if "frontier" in reads_of(data)}
     rows, cells, notes, skipped = [], [], {}, []
-    for target in targets:
-        if any(_single_class(data, label, target) for data in frontier.values()):
-            skipped.append(f"`{label}` ({target}) read like for like: one run has a single class there")
-            continue
-        for name, grid in _frontier_grids(frontier, target, steps, settings).items():
-            rows.append(_run_rows(grid, frontier[name], name, progress, readers.get(name), cells, notes))
-    for name, data in runs.items():
-        if "own" in reads_of(data):
-            if _single_class(data, label, "output"):
-                skipped.append(f"`{name}` at its own positions: it commits a single class there")
+    # The grids fit many identical cells (e.g. every run's baselines at step 0 on the same puzzles,
+    # a run's output and truth where they agree): each distinct one is fitted once.
+    with shared_fits():
+        for target in targets:
+            if any(_single_class(data, label, target) for data in frontier.values()):
+                skipped.append(f"`{label}` ({target}) read like for like: one run has a single class there")
                 continue
-            rows.append(_run_rows(ProbeGrid(target="output", read="own", steps=steps, **settings), data, name, progress,
-                                  readers.get(name), cells, notes))
+            for name, grid in _frontier_grids(frontier, target, steps, settings).items():
+                rows.append(_run_rows(grid, frontier[name], name, progress, readers.get(name), cells, notes))
+        for name, data in runs.items():
+            if "own" in reads_of(data):
+                if _single_class(data, label, "output"):
+                    skipped.append(f"`{name}` at its own positions: it commits a single class there")
+                    continue
+                rows.append(_run_rows(ProbeGrid(target="output", read="own", steps=steps, **settings), data, name,
+                                      progress, readers.get(name), cells, notes))
     if not rows:
         raise DlmprobeInputError(f"nothing to compare: {'; '.join(skipped)}")
     rows = pd.concat(rows, ignore_index=True)
