@@ -352,6 +352,40 @@ def test_out_of_fold_reuses_what_run_fitted(tmp_path, monkeypatch):
     assert len(fits) > fitted
 
 
+def test_shared_fits_fits_each_distinct_cell_once_with_the_same_predictions(monkeypatch):
+    import dlmprobe.probes.stats as stats_module
+
+    rng = np.random.default_rng(3)
+    examples = np.repeat(np.arange(30), 2)
+    fold_of = np.arange(30) % 3
+    classes = np.array([4, 7, 9])
+    X = [rng.standard_normal((60, 5)).astype(np.float32) for _ in range(2)]
+    y = [classes[(x[:, 0] > 0).astype(int) + (x[:, 1] > 1)] for x in X]
+    relabelled = classes[rng.integers(0, 3, 60)]
+    fitted = []
+    original = stats_module.fit_logistic
+
+    def counting(*args, **kwargs):
+        fitted.append(args[0].shape[0])  # cells in this fit
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(stats_module, "fit_logistic", counting)
+    alone = stats_module.cross_validate([X[1], X[0], X[0]], [[y[1], y[0], relabelled]], [examples] * 3, fold_of,
+                                        classes, 1.0, 100)[0]
+    assert fitted == [3]
+    with stats_module.shared_fits():
+        stats_module.cross_validate(X, [y], [examples] * 2, fold_of, classes, 1.0, 100)
+        with stats_module.shared_fits():  # nested: the same fits
+            shared = stats_module.cross_validate([X[1], X[0], X[0], X[1]], [[y[1], y[0], relabelled, y[1]]],
+                                                 [examples] * 4, fold_of, classes, 1.0, 100)[0]
+    assert fitted == [3, 2, 1]  # only the relabelled cell is new, and it is fitted once
+    for got, expected in zip(shared, [*alone, alone[0]]):
+        np.testing.assert_array_equal(got, expected)
+    assert stats_module._shared is None  # the scope's fits are dropped with it
+    stats_module.cross_validate(X, [y], [examples] * 2, fold_of, classes, 1.0, 100)
+    assert fitted[-1] == 2
+
+
 def test_random_weights_features_run_one_forward_pass_per_step(tiny_config, tmp_path):
     from dlmprobe.capture import CacheConfig, run_cache
     from dlmprobe.models import build_native, save_checkpoint

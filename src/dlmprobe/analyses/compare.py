@@ -56,8 +56,8 @@ from dlmprobe.analyses.result import AnalysisResult
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.hooks import layer_of
 from dlmprobe.probes import ProbeGrid
-from dlmprobe.probes.lens import ModelReaders
-from dlmprobe.probes.stats import ExampleBootstrap, readers_beside_probe
+from dlmprobe.probes.lens import ModelReaders, store_readers
+from dlmprobe.probes.stats import ExampleBootstrap, readers_beside_probe, shared_fits
 from dlmprobe.store import ActivationDataset
 
 ROW_COLUMNS = ("example", "slot", "position")
@@ -175,26 +175,30 @@ def compare_runs(
             where = ("the column before its answer slot; record it with --positions answer-slot" if is_text_run(data)
                      else "the <sep> position; record it with positions='sep+target'")
             raise DlmprobeInputError(f"run {name!r} ({data.path.name}) is autoregressive but does not store {where}")
-    readers = readers or {}
+    readers = _ReadersOnce(runs, readers or {})
     # The prompt one-hot is left out: as wide as prompt x vocabulary, it is the costliest baseline
     # to fit per (step, distance) cell (4x the probes' time on sudoku); decodability fits it per step.
-    settings = {"label": label, "sites": sites, "folds": folds, "bootstrap": bootstrap,
+    # No per-cell intervals: only the pooled rows are read (``_pool`` resamples them), not the grids' tables.
+    settings = {"label": label, "sites": sites, "folds": folds, "bootstrap": 0,
                 "control": False, "random_baseline": False, "baselines": ("position", "embedding", "givens")}
     frontier = {name: data for name, data in runs.items() if "frontier" in reads_of(data)}
     rows, cells, notes, skipped = [], [], {}, []
-    for target in targets:
-        if any(_single_class(data, label, target) for data in frontier.values()):
-            skipped.append(f"`{label}` ({target}) read like for like: one run has a single class there")
-            continue
-        for name, grid in _frontier_grids(frontier, target, steps, settings).items():
-            rows.append(_run_rows(grid, frontier[name], name, progress, readers.get(name), cells, notes))
-    for name, data in runs.items():
-        if "own" in reads_of(data):
-            if _single_class(data, label, "output"):
-                skipped.append(f"`{name}` at its own positions: it commits a single class there")
+    # The grids fit many identical cells (e.g. every run's baselines at step 0 on the same puzzles,
+    # a run's output and truth where they agree): each distinct one is fitted once.
+    with shared_fits():
+        for target in targets:
+            if any(_single_class(data, label, target) for data in frontier.values()):
+                skipped.append(f"`{label}` ({target}) read like for like: one run has a single class there")
                 continue
-            rows.append(_run_rows(ProbeGrid(target="output", read="own", steps=steps, **settings), data, name, progress,
-                                  readers.get(name), cells, notes))
+            for name, grid in _frontier_grids(frontier, target, steps, settings).items():
+                rows.append(_run_rows(grid, frontier[name], name, progress, readers.get(name), cells, notes))
+        for name, data in runs.items():
+            if "own" in reads_of(data):
+                if _single_class(data, label, "output"):
+                    skipped.append(f"`{name}` at its own positions: it commits a single class there")
+                    continue
+                rows.append(_run_rows(ProbeGrid(target="output", read="own", steps=steps, **settings), data, name,
+                                      progress, readers.get(name), cells, notes))
     if not rows:
         raise DlmprobeInputError(f"nothing to compare: {'; '.join(skipped)}")
     rows = pd.concat(rows, ignore_index=True)
@@ -219,6 +223,19 @@ def compare_runs(
               "like_for_like_runs": list(frontier), "targets": list(targets), "readers_left_out": notes,
               "shared_init": shared_init, "left_out": skipped},
     )
+
+
+class _ReadersOnce:
+    """Each run's model readers (read-out and embeddings), loaded at most once for all its grids:
+    the ones given, else the store's own model's (:func:`~dlmprobe.probes.lens.store_readers`)."""
+
+    def __init__(self, runs: Mapping[str, ActivationDataset], given: Mapping[str, ModelReaders]):
+        self._runs, self._readers = runs, dict(given)
+
+    def get(self, name: str) -> ModelReaders:
+        if name not in self._readers:
+            self._readers[name] = store_readers(self._runs[name])
+        return self._readers[name]
 
 
 def _models_summary(models: pd.DataFrame, shared_init: bool | None, skipped: list[str]) -> str:

@@ -196,15 +196,21 @@ class _Batch:
             self._set_curvature(measured)
         return f, grad
 
-    def precondition(self, g: Tensor) -> Tensor:
+    def precondition(self, g: Tensor, cells: Tensor | None = None) -> Tensor:
         """``(c Corr + lambda I)^-1`` on the weights and ``1 / c`` on the intercepts, ``c`` the
-        curvature of each class (``1 / K`` at the start)."""
-        cells, P, K, d = self.cells, self.problems, self.K, self.d
-        self.products[(cells, P * K, d, d)] += 2
-        z = torch.bmm(g[..., :d].reshape(cells, P * K, d), self.Q).view(cells, P, K, d) / self.denominator
+        curvature of each class (``1 / K`` at the start). ``cells``: the indices of the cells ``g``
+        holds (default: all)."""
+        Q, denominator, bias = self.Q, self.denominator, self.bias_curvature
+        if cells is not None:
+            # Q keeps its layout (column-major per cell, as eigh gives it), so every product is the same.
+            Q = Q.transpose(1, 2).index_select(0, cells).transpose(1, 2)
+            denominator, bias = denominator.index_select(0, cells), bias.index_select(0, cells)
+        n, P, K, d = g.shape[0], self.problems, self.K, self.d
+        self.products[(n, P * K, d, d)] += 2
+        z = torch.bmm(g[..., :d].reshape(n, P * K, d), Q).view(n, P, K, d) / denominator
         out = torch.empty_like(g)
-        out[..., :d] = torch.bmm(z.view(cells, P * K, d), self.Q.transpose(1, 2)).view(cells, P, K, d)
-        out[..., d] = g[..., d] / self.bias_curvature
+        out[..., :d] = torch.bmm(z.view(n, P * K, d), Q.transpose(1, 2)).view(n, P, K, d)
+        out[..., d] = g[..., d] / bias
         return out
 
 
@@ -239,14 +245,24 @@ def _lbfgs(batch: _Batch, max_iter: int, tol: float, history: int,
     passes = 0
     while active.any():
         if fresh.any():
-            new = _direction(batch, g, S, Y, rho)
-            new_slope = _dot(g, new)
+            # Directions only in the cells with a problem at a new point: the others keep theirs.
+            some = fresh.any(1)
+            cut = None if bool(some.all()) else some.nonzero().squeeze(1)
+
+            def part(v: Tensor, cut: Tensor | None = cut) -> Tensor:
+                return v if cut is None else v.index_select(0, cut)
+
+            g_part, fresh_part = part(g), part(fresh)
+            new = _direction(batch, g_part, [part(s) for s in S], [part(v) for v in Y], [part(r) for r in rho], cut)
+            new_slope = _dot(g_part, new)
             uphill = new_slope >= 0
-            if (uphill & fresh).any():  # numerically lost: restart from the preconditioned gradient
-                new = torch.where(per_problem(uphill), -batch.precondition(g), new)
-                new_slope = _dot(g, new)
-            direction = torch.where(per_problem(fresh), new, direction)
-            slope = torch.where(fresh, new_slope, slope)
+            if (uphill & fresh_part).any():  # numerically lost: restart from the preconditioned gradient
+                new = torch.where(uphill.view(-1, P, 1, 1), -batch.precondition(g_part, cut), new)
+                new_slope = _dot(g_part, new)
+            new = torch.where(fresh_part.view(-1, P, 1, 1), new, part(direction))
+            new_slope = torch.where(fresh_part, new_slope, part(slope))
+            direction = new if cut is None else direction.index_copy(0, cut, new)
+            slope = new_slope if cut is None else slope.index_copy(0, cut, new_slope)
             step = torch.where(fresh, 1.0, step)
             halvings = torch.where(fresh, 0, halvings)
         passes += 1
@@ -283,21 +299,23 @@ def _grad_max(g: Tensor) -> Tensor:
     return g.abs().amax((2, 3))
 
 
-def _direction(batch: _Batch, g: Tensor, S: list[Tensor], Y: list[Tensor], rho: list[Tensor]) -> Tensor:
-    """``-H g`` by the two-loop recursion, ``H`` the L-BFGS inverse Hessian from the preconditioner."""
-    cells, P = batch.cells, batch.problems
+def _direction(batch: _Batch, g: Tensor, S: list[Tensor], Y: list[Tensor], rho: list[Tensor],
+               cells: Tensor | None = None) -> Tensor:
+    """``-H g`` by the two-loop recursion, ``H`` the L-BFGS inverse Hessian from the preconditioner;
+    ``cells``: the indices of the cells ``g`` and the history hold (default: all)."""
+    n, P = g.shape[0], batch.problems
     q = g.clone()
     alphas = []
     for s, yy, r in zip(reversed(S), reversed(Y), reversed(rho)):
         a = r * _dot(s, q)
-        q -= a.view(cells, P, 1, 1) * yy
+        q -= a.view(n, P, 1, 1) * yy
         alphas.append(a)
-    z = batch.precondition(q)
+    z = batch.precondition(q, cells)
     if S:
-        gamma = torch.where(rho[-1] > 0, 1.0 / (rho[-1] * _dot(Y[-1], batch.precondition(Y[-1]))), 1.0)
-        z *= gamma.view(cells, P, 1, 1)
+        gamma = torch.where(rho[-1] > 0, 1.0 / (rho[-1] * _dot(Y[-1], batch.precondition(Y[-1], cells))), 1.0)
+        z *= gamma.view(n, P, 1, 1)
     for s, yy, r, a in zip(S, Y, rho, reversed(alphas)):
-        z += (a - r * _dot(yy, z)).view(cells, P, 1, 1) * s
+        z += (a - r * _dot(yy, z)).view(n, P, 1, 1) * s
     return z.neg_()
 
 

@@ -1,7 +1,8 @@
 """The statistics around a probe's accuracy: chance levels, control labels, intervals, code length.
 
 * :func:`cross_validate`: out-of-fold predictions of many cells and label sets in one batched fit,
-  the trainer every probe and every input-only baseline of a grid shares;
+  the trainer every probe and every input-only baseline of a grid shares; inside
+  :func:`shared_fits` a cell identical to one already fitted there is not fitted again;
 * :func:`bootstrap_by_example`: a 95% interval of accuracy that resamples examples, not rows (the
   rows of one example are near duplicates), built on :func:`cluster_bootstrap`, the one cluster
   bootstrap of the kit: any rate that sums hits and counts over resampled clusters;
@@ -17,9 +18,11 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -153,6 +156,41 @@ def online_code_length(X: np.ndarray, y: np.ndarray, examples: np.ndarray, n_cla
     return bits, float(len(y) * math.log2(n_classes))
 
 
+_shared: dict[bytes, list[np.ndarray]] | None = None  # the open shared_fits() scope's fits, by cell
+
+
+@contextmanager
+def shared_fits() -> Iterator[None]:
+    """A scope in which :func:`cross_validate` fits every distinct cell once.
+
+    A cell (its features, every label set, examples, folds, classes and trainer settings, compared
+    by content) already fitted in the scope gets the same predictions back without a fit: e.g. the
+    input-only baselines of grids that probe the same rows of the same puzzles (runs of one model
+    under different samplers at step 0, or a run's ``output`` and ``truth`` targets where the two
+    agree). A cell's fit does not depend on the other cells fitted beside it, so the results are
+    those of fitting it again. Nested scopes share the outermost one's fits; they are dropped
+    when it closes.
+    """
+    global _shared
+    if _shared is not None:
+        yield
+        return
+    _shared = {}
+    try:
+        yield
+    finally:
+        _shared = None
+
+
+def _cell_key(arrays: list[np.ndarray], settings: tuple) -> bytes:
+    digest = hashlib.blake2b(repr(settings).encode(), digest_size=20)
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(repr((array.dtype.str, array.shape)).encode())
+        digest.update(array.data)
+    return digest.digest()
+
+
 def cross_validate(Xs: list[np.ndarray], label_sets: list[list[np.ndarray]], examples: list[np.ndarray],
                    fold_of: np.ndarray, classes: np.ndarray, C: float, max_iter: int,
                    device: str = "cpu") -> list[list[np.ndarray]]:
@@ -163,8 +201,26 @@ def cross_validate(Xs: list[np.ndarray], label_sets: list[list[np.ndarray]], exa
     ``examples[i]`` the example of each row, whose fold is ``fold_of[example]``. Every (label set,
     cell, fold) is one problem of a single batched :func:`fit_logistic`: the features of a cell are
     shared by its label sets; folds differ in which rows are trained on. Returns
-    ``predicted[s][i]``, (rows,) class values.
+    ``predicted[s][i]``, (rows,) class values. Inside :func:`shared_fits` a cell fitted there
+    before is not fitted again.
     """
+    if _shared is None:
+        return _cross_validate(Xs, label_sets, examples, fold_of, classes, C, max_iter, device)
+    settings = (len(label_sets), float(C), int(max_iter), str(device))
+    keys = [_cell_key([Xs[i], *(labels[i] for labels in label_sets), examples[i], fold_of, classes], settings)
+            for i in range(len(Xs))]
+    todo = sorted({key: i for i, key in reversed(list(enumerate(keys))) if key not in _shared}.values())
+    if todo:
+        fitted = _cross_validate([Xs[i] for i in todo], [[labels[i] for i in todo] for labels in label_sets],
+                                 [examples[i] for i in todo], fold_of, classes, C, max_iter, device)
+        for j, i in enumerate(todo):
+            _shared[keys[i]] = [predicted[j] for predicted in fitted]
+    return [[_shared[key][s].copy() for key in keys] for s in range(len(label_sets))]
+
+
+def _cross_validate(Xs: list[np.ndarray], label_sets: list[list[np.ndarray]], examples: list[np.ndarray],
+                    fold_of: np.ndarray, classes: np.ndarray, C: float, max_iter: int,
+                    device: str) -> list[list[np.ndarray]]:
     folds = int(fold_of.max()) + 1
     X, valid = _pad(Xs, device)  # (cells, rows, d)
     rows = X.shape[1]
