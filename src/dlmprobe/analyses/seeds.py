@@ -25,6 +25,7 @@ from dlmprobe.analyses.plotting import CONDITION_COLOURS, figure
 from dlmprobe.analyses.result import AnalysisResult
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.probes import ProbeGrid
+from dlmprobe.probes.stats import shared_fits
 from dlmprobe.store import ActivationDataset
 
 # Reader columns of a probe-grid row -> their name in this analysis.
@@ -60,29 +61,12 @@ def seed_spread(
     stores = dict(sorted(runs.items()))
     first = next(iter(stores.values()))
     label = default_label(first, label)
-    rows, strata_parts, grids = [], [], {}
-    for seed, data in stores.items():
-        if data.config.get("task") != first.config.get("task"):
-            raise DlmprobeInputError(f"seed {seed}'s store {data.path} is of task {data.config.get('task')}, "
-                                     f"expected the task of {first.path}: {first.config.get('task')}")
-        where = site or data.sites[-1]
-        if where not in data.sites:
-            raise DlmprobeInputError(f"site {where!r} is not stored in {data.path}; it holds {data.sites}")
-        if step not in set(data.steps.tolist()):
-            raise DlmprobeInputError(f"step {step} is not stored in {data.path}; it holds steps {data.steps.tolist()}")
-        grid = ProbeGrid(label=label, target=target, read="own", phase="before_commit", sites=[where], steps=[step],
-                         folds=folds, control=False, random_baseline=False, bootstrap=bootstrap)
-        table = grid.run(data, progress=progress)
-        if not len(table):
-            raise DlmprobeInputError(f"no {label!r} rows before commit at step {step} in {data.path}")
-        row = table.iloc[0]
-        rows.append(_seed_row(seed, data, row))
-        strata = strata_table(data, grid.rows_, n_boot=bootstrap, seed=grid.seed)
-        if len(strata):  # the probe, the model's argmax and this seed's strongest input baseline
-            keep = {"probe", "readout", f"baseline_{row.get('strongest_baseline')}"}
-            strata_parts.append(strata[strata["reader"].isin(keep)].assign(seed=seed))
-        grids[seed] = grid.settings()
-    table = pd.concat(rows, ignore_index=True)
+    with shared_fits():  # the input-only baselines on the seeds' shared rows are fitted once
+        fits = {seed: _one_seed(seed, data, first, label, target, site, step, folds, bootstrap, progress)
+                for seed, data in stores.items()}
+    table = pd.concat([rows for rows, _, _ in fits.values()], ignore_index=True)
+    strata_parts = [strata for _, strata, _ in fits.values() if strata is not None]
+    grids = {seed: settings for seed, (_, _, settings) in fits.items()}
     tables = {"spread": _spread(table, ["reader"])}
     if strata_parts:
         strata = pd.concat(strata_parts, ignore_index=True)
@@ -91,9 +75,35 @@ def seed_spread(
                                           ["stratum", "stratum_name", "stratum_reader"])
     return AnalysisResult(
         name="seeds", title=f"Seed spread at step {step}: {label} ({target}) before commit",
-        table=table, figure=_plot(table, tables.get("strata")), summary=_summary(table, tables, label, target, step, folds) + (f"\n\n{note}" if note else ""),
+        table=table, figure=_plot(table, tables.get("strata")),
+        summary=_summary(table, tables, label, target, step, folds) + (f"\n\n{note}" if note else ""),
         tables=tables, meta={"runs": {str(s): describe_run(d) for s, d in stores.items()}, "grid": grids},
     )
+
+
+def _one_seed(seed: int, data: ActivationDataset, first: ActivationDataset, label: str, target: str, site: str | None,
+              step: int, folds: int, bootstrap: int, progress: bool) -> tuple[pd.DataFrame, pd.DataFrame | None, dict]:
+    """One seed's probe grid at (site, step): its readers' rows, its strata (None if the task has
+    none) and the grid's settings."""
+    if data.config.get("task") != first.config.get("task"):
+        raise DlmprobeInputError(f"seed {seed}'s store {data.path} is of task {data.config.get('task')}, "
+                                 f"expected the task of {first.path}: {first.config.get('task')}")
+    where = site or data.sites[-1]
+    if where not in data.sites:
+        raise DlmprobeInputError(f"site {where!r} is not stored in {data.path}; it holds {data.sites}")
+    if step not in set(data.steps.tolist()):
+        raise DlmprobeInputError(f"step {step} is not stored in {data.path}; it holds steps {data.steps.tolist()}")
+    grid = ProbeGrid(label=label, target=target, read="own", phase="before_commit", sites=[where], steps=[step],
+                     folds=folds, control=False, random_baseline=False, bootstrap=bootstrap)
+    table = grid.run(data, progress=progress)
+    if not len(table):
+        raise DlmprobeInputError(f"no {label!r} rows before commit at step {step} in {data.path}")
+    row = table.iloc[0]
+    strata = strata_table(data, grid.rows_, n_boot=bootstrap, seed=grid.seed)
+    if len(strata):  # the probe, the model's argmax and this seed's strongest input baseline
+        keep = {"probe", "readout", f"baseline_{row.get('strongest_baseline')}"}
+        strata = strata[strata["reader"].isin(keep)].assign(seed=seed)
+    return _seed_row(seed, data, row), strata if len(strata) else None, grid.settings()
 
 
 def _seed_row(seed: int, data: ActivationDataset, row: pd.Series) -> pd.DataFrame:
