@@ -60,12 +60,14 @@ class DemoConfig:
     stored step). ``n``: puzzles per activation dataset; ``n_model``: puzzles for faithfulness;
     ``n_paraphrase``: for paraphrase (three sampling runs: plain, relabelled, remasked);
     ``n_causal``: fresh puzzles for the causal check, which samples them once per condition (11
-    conditions and the clean run). The last two are smaller than ``n`` so that the demo fits in two
-    minutes on two cores: sampling is most of its time, and their effects are large beside their
-    intervals (the causal check's label-specific effects are tens of points, its intervals a few). ``compare_every``: the like-for-like
-    comparison fits one probe per (step, distance ahead, site), so it reads every k-th stored
-    step, at ``probe_site`` only. ``processes``: 2 runs the stages in two processes (about half
-    the wall time on two free cores), 1 in this one.
+    conditions and the clean run); ``n_compare``: puzzles of the twin's and the two sampler
+    controls' datasets, which only compare reads (it uses the same number of rows from every run,
+    the smallest). These are smaller than ``n`` so that the demo fits in two minutes on two cores:
+    sampling is most of its time, and the effects they measure are large beside their intervals
+    (the causal check's label-specific effects are tens of points). ``compare_every``: the
+    like-for-like comparison fits one probe per (step, distance ahead, site), so it reads every
+    k-th stored step, at ``probe_site`` only. ``processes``: 2 runs the stages in two processes
+    (about half the wall time on two free cores), 1 in this one.
     """
 
     n: int = 128
@@ -76,15 +78,16 @@ class DemoConfig:
     sites: list[str] = field(default_factory=lambda: ["blocks.*.hook_resid_post"])
     probe_site: str = "blocks.3.hook_resid_post"
     causal_site: str = "blocks.1.hook_resid_post"
-    n_paraphrase: int = 64
-    n_causal: int = 40
+    n_paraphrase: int = 48
+    n_causal: int = 24
+    n_compare: int = 64
     # From step 0 only by default: a later start re-samples every condition from there (minutes here).
     causal_start_steps: tuple[int, ...] = (0,)
     example: int = 0
     processes: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("n", "n_model", "n_paraphrase", "n_causal", "record_every", "compare_every"):
+        for name in ("n", "n_model", "n_paraphrase", "n_causal", "n_compare", "record_every", "compare_every"):
             if getattr(self, name) < 1:
                 raise DlmprobeInputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.processes not in (1, 2):
@@ -98,11 +101,11 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, ov
     """Run the whole chain into ``out`` and return the path of the report.
 
     With ``config.processes == 2`` the stages run in two processes (this one and a spawned worker,
-    each with this process's torch threads): this one records the sudoku denoiser's datasets (its
-    default order and left-to-right) and runs decodability, planning lead, commit order, the
-    trajectory view and the causal check; the worker records the other datasets and runs compare,
-    faithfulness and paraphrase, starting compare once this process has written both sudoku
-    datasets. If the worker fails, this process stops at its next stage with the worker's error.
+    each with this process's torch threads): this one records the sudoku denoiser's main dataset
+    and runs decodability, planning lead, commit order, the trajectory view, the seed spread,
+    faithfulness and the causal check; the worker records the other datasets and runs compare and
+    paraphrase, starting compare once this process has written the sudoku dataset. If the worker
+    fails, this process stops at its next stage with the worker's error.
     """
     config = config or DemoConfig()
     out = Path(out)
@@ -215,15 +218,13 @@ def _keeper(out: Path, clock: StageClock) -> Callable[..., AnalysisResult]:
 
 def _main_part(out: Path, config: DemoConfig, overwrite: bool, clock: StageClock,
                ready: threading.Event) -> dict[str, ActivationDataset]:
-    """The sudoku denoiser's datasets and the analyses of its own alone: decodability, lead, commit
-    order, trajectory view, and the causal check (which samples fresh puzzles)."""
+    """The sudoku denoiser's main dataset and the analyses of it alone (decodability, lead, commit
+    order, trajectory view), the seed spread, faithfulness (arith) and the causal check (which
+    samples fresh puzzles)."""
     keep = _keeper(out, clock)
     # Every compared run stores <sep>, so that all can be read where a twin is: at the last written token.
     sudoku = _cache(out, config, overwrite, clock, "sudoku-diffusion", "sudoku-diffusion", "sep+target")
-    # A sampler control, read by the worker's compare alone (here to even out the two processes' work).
-    left_to_right = _cache(out, config, overwrite, clock, "sudoku-diffusion-left-to-right", "sudoku-diffusion",
-                           "sep+target", {"block_length": 1}, **_compared(config))
-    ready.set()  # the worker's compare reads both
+    ready.set()  # the worker's compare reads it
     with clock.stage("1 decodability", "1 decodability over time (probe grid beside the logit lens, input baselines, "
                                        "strata, clock)"):
         grid = ProbeGrid(label="blank", bootstrap=200)  # decodability's settings
@@ -237,11 +238,14 @@ def _main_part(out: Path, config: DemoConfig, overwrite: bool, clock: StageClock
         keep(trajectory_view(sudoku, example=config.example,
                              probe=_spread(predicted, sudoku, config.example, "blank")))
     _seeds(out, config, overwrite, clock, keep, "sudoku-diffusion", recorded=sudoku)
+    with clock.stage("5 faithfulness", "5 faithfulness along time (arith, diffusion and its twin)"):
+        keep(faithfulness(load_model("arith-diffusion"), n=config.n_model, seed=config.seed,
+                          twin=load_model("arith-autoregressive"), progress=False))
     with clock.stage("7 causal check", "7 causal check of the probe direction"):
         # Layer 1: at the last layer an erasure removes what the unembedding reads, which proves little.
         keep(causal_check(load_model("sudoku-diffusion"), sudoku, config.causal_site, label="blank", n=config.n_causal,
                           seed=config.seed + 1, start_steps=list(config.causal_start_steps), progress=False))
-    return {"sudoku-diffusion": sudoku, "sudoku-diffusion-left-to-right": left_to_right}
+    return {"sudoku-diffusion": sudoku}
 
 
 def _seeds(out: Path, config: DemoConfig, overwrite: bool, clock: StageClock, keep: Callable, base: str,
@@ -268,18 +272,21 @@ def _seeds(out: Path, config: DemoConfig, overwrite: bool, clock: StageClock, ke
 
 
 def _compared(config: DemoConfig) -> dict:
-    """The sampler controls and the twin are read by compare alone: at the probed site, at its steps."""
-    return {"sites": [config.probe_site], "every": config.record_every * config.compare_every}
+    """The sampler controls and the twin are read by compare alone: at the probed site, at its steps,
+    ``n_compare`` puzzles (the first of the main dataset's: the same seed)."""
+    return {"sites": [config.probe_site], "every": config.record_every * config.compare_every, "n": config.n_compare}
 
 
 def _worker_part(out: Path, config: DemoConfig, overwrite: bool, clock: StageClock,
                  ready: threading.Event) -> dict[str, ActivationDataset]:
-    """The other datasets and the analyses that compare runs or sample the models themselves."""
+    """The other datasets, compare (both tasks), the arith commit order and paraphrase."""
     keep = _keeper(out, clock)
     compared = _compared(config)
     twin = _cache(out, config, overwrite, clock, "sudoku-autoregressive", "sudoku-autoregressive", "sep+target", **compared)
     random_order = _cache(out, config, overwrite, clock, "sudoku-diffusion-random-order", "sudoku-diffusion",
                           "sep+target", {"order": "random"}, **compared)
+    left_to_right = _cache(out, config, overwrite, clock, "sudoku-diffusion-left-to-right", "sudoku-diffusion",
+                           "sep+target", {"block_length": 1}, **compared)
     arith = _cache(out, config, overwrite, clock, "arith-diffusion", "arith-diffusion", "target",
                    sites=[config.probe_site], n=256, every=1)
     paths = _cache(out, config, overwrite, clock, "pathstar-diffusion", "pathstar-diffusion", "sep+target", every=1)
@@ -293,21 +300,18 @@ def _worker_part(out: Path, config: DemoConfig, overwrite: bool, clock: StageClo
         if not ready.wait(timeout=3600):
             raise RuntimeError("the sudoku-diffusion cache was not written within an hour")
         sudoku = ActivationDataset(out / "data" / "sudoku-diffusion.h5")
-        left_to_right = ActivationDataset(out / "data" / "sudoku-diffusion-left-to-right.h5")
         keep(compare_runs({"diffusion": sudoku, "autoregressive": twin, "diffusion, left-to-right": left_to_right,
                            "diffusion, random order": random_order},
                           label="blank", sites=[config.probe_site], steps=sudoku.steps[::config.compare_every].tolist(),
                           progress=False))
     with clock.stage("4 commit order (arith)"):
         keep(commit_order(arith, answer="answer", reasoning="intermediate"), "order-arith")
-    with clock.stage("5 faithfulness", "5 faithfulness along time (arith, diffusion and its twin)"):
-        keep(faithfulness(load_model("arith-diffusion"), n=config.n_model, seed=config.seed,
-                          twin=load_model("arith-autoregressive"), progress=False))
     with clock.stage("6 paraphrase", "6 paraphrase between steps (sudoku digit relabelling)"):
         keep(paraphrase_run(load_model("sudoku-diffusion"), n=config.n_paraphrase, seed=config.seed,
                             probe_site=config.probe_site, label="blank", paraphrases=("tokens", "commits"),
                             progress=False))
-    return {"sudoku-autoregressive": twin, "sudoku-diffusion-random-order": random_order, "arith-diffusion": arith, "pathstar-diffusion": paths,
+    return {"sudoku-autoregressive": twin, "sudoku-diffusion-random-order": random_order,
+            "sudoku-diffusion-left-to-right": left_to_right, "arith-diffusion": arith, "pathstar-diffusion": paths,
             "pathstar-autoregressive": paths_twin}
 
 
@@ -397,6 +401,7 @@ def _intro(config: DemoConfig, runs: dict[str, ActivationDataset]) -> str:
         "Activation datasets behind the probes:\n\n" + "\n".join(lines) + "\n\n"
         f"Probes are 5-fold by puzzle with bootstrap 95% intervals over puzzles. Faithfulness samples "
         f"{config.n_model} held-out puzzles, paraphrase {config.n_paraphrase} (three runs of each), the causal check "
-        f"{config.n_causal} fresh ones (once per condition): fewer than the datasets' to keep the demo within two "
+        f"{config.n_causal} fresh ones (once per condition), and the twin's and the sampler controls' datasets hold "
+        f"{config.n_compare} (compare reads as many rows from every run): fewer than the datasets' to keep the demo within two "
         f"minutes, enough for intervals far narrower than the effects they measure (see each summary)."
     )

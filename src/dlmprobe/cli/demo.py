@@ -14,7 +14,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     common.set_threads(args.threads)
     # Only the sizes given on the command line; DemoConfig holds the defaults.
-    sizes = {name: getattr(args, name) for name in ("n", "n_model", "n_paraphrase", "n_causal", "record_every", "processes")
+    sizes = {name: getattr(args, name) for name in ("n", "n_model", "n_paraphrase", "n_causal", "n_compare", "record_every",
+                                                     "processes")
              if getattr(args, name) is not None}
     config = DemoConfig(seed=args.seed, **sizes)
     report = run_demo(args.out, config)
@@ -40,8 +41,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/demo", help="folder for the datasets, results and report.html (replaced)")
     p.add_argument("--n", type=common.positive_int, help="held-out puzzles per activation dataset (default 128)")
     p.add_argument("--n-model", type=common.positive_int, help="puzzles for faithfulness (default 128)")
-    p.add_argument("--n-paraphrase", type=common.positive_int, help="puzzles for paraphrase (default 64)")
-    p.add_argument("--n-causal", type=common.positive_int, help="fresh puzzles for the causal check (default 40)")
+    p.add_argument("--n-paraphrase", type=common.positive_int, help="puzzles for paraphrase (default 48)")
+    p.add_argument("--n-causal", type=common.positive_int, help="fresh puzzles for the causal check (default 24)")
+    p.add_argument("--n-compare", type=common.positive_int,
+                   help="puzzles of the twin's and the sampler controls' datasets, read by compare alone (default 64)")
     p.add_argument("--record-every", type=int, help="record every k-th denoising step (default 4)")
     p.add_argument("--processes", type=int, help="processes the stages run in: 2 (default; each with --threads "
                                                  "torch threads) or 1")
