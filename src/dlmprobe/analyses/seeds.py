@@ -146,16 +146,19 @@ def _plot(table: pd.DataFrame, strata: pd.DataFrame | None):
     ax.grid(alpha=0.3, axis="y")
     if strata is not None:
         ax = axes[1]
-        names = strata.drop_duplicates("stratum").sort_values("stratum")["stratum_name"].tolist()
+        probe_rows = strata[strata["reader"] == "probe"]
+        counts = probe_rows.groupby("stratum")["n_rows"].mean()
+        names = [f"{name}\n{counts[stratum]:.0f} cells" for stratum, name in
+                 probe_rows.drop_duplicates("stratum").sort_values("stratum")[["stratum", "stratum_name"]].itertuples(index=False)]
         for reader, colour, shift in (("probe", COLOURS["probe"], -0.15), ("baseline", COLOURS["strongest input baseline"], 0.15)):
             rows = strata[strata["reader"].eq("probe") if reader == "probe" else strata["reader"].str.startswith("baseline_")]
             for seed, off in zip(seeds, offsets / 3, strict=True):
                 r = rows[rows["seed"] == seed].sort_values("stratum")
                 ax.plot(np.arange(len(r)) + shift + off, r["accuracy"], "o", color=colour, alpha=0.8,
                         label=f"{reader}" if seed == seeds[0] else None)
-        ax.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=7)
         ax.set_ylim(0, 1.02)
-        ax.set_title("per difficulty stratum, every seed")
+        ax.set_title("per difficulty stratum, every seed (cells per seed)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, axis="y")
     return fig
