@@ -73,13 +73,13 @@ class DemoConfig:
     n: int = 128
     n_model: int = 128
     record_every: int = 4
-    compare_every: int = 2
+    compare_every: int = 3
     seed: int = 0
     sites: list[str] = field(default_factory=lambda: ["blocks.*.hook_resid_post"])
     probe_site: str = "blocks.3.hook_resid_post"
     causal_site: str = "blocks.1.hook_resid_post"
     n_paraphrase: int = 48
-    n_causal: int = 24
+    n_causal: int = 20
     n_compare: int = 64
     # From step 0 only by default: a later start re-samples every condition from there (minutes here).
     causal_start_steps: tuple[int, ...] = (0,)
@@ -102,8 +102,8 @@ def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None, ov
 
     With ``config.processes == 2`` the stages run in two processes (this one and a spawned worker,
     each with this process's torch threads): this one records the sudoku denoiser's main dataset
-    and runs decodability, planning lead, commit order, the trajectory view, the seed spread,
-    faithfulness and the causal check; the worker records the other datasets and runs compare and
+    and runs decodability, planning lead, commit order, the trajectory view, faithfulness and the
+    causal check; the worker records the other datasets and runs compare, the seed spread and
     paraphrase, starting compare once this process has written the sudoku dataset. If the worker
     fails, this process stops at its next stage with the worker's error.
     """
@@ -219,12 +219,12 @@ def _keeper(out: Path, clock: StageClock) -> Callable[..., AnalysisResult]:
 def _main_part(out: Path, config: DemoConfig, overwrite: bool, clock: StageClock,
                ready: threading.Event) -> dict[str, ActivationDataset]:
     """The sudoku denoiser's main dataset and the analyses of it alone (decodability, lead, commit
-    order, trajectory view), the seed spread, faithfulness (arith) and the causal check (which
-    samples fresh puzzles)."""
+    order, trajectory view), faithfulness (arith) and the causal check (which samples fresh
+    puzzles)."""
     keep = _keeper(out, clock)
     # Every compared run stores <sep>, so that all can be read where a twin is: at the last written token.
     sudoku = _cache(out, config, overwrite, clock, "sudoku-diffusion", "sudoku-diffusion", "sep+target")
-    ready.set()  # the worker's compare reads it
+    ready.set()  # the worker's compare and seed spread read it
     with clock.stage("1 decodability", "1 decodability over time (probe grid beside the logit lens, input baselines, "
                                        "strata, clock)"):
         grid = ProbeGrid(label="blank", bootstrap=200)  # decodability's settings
@@ -237,7 +237,6 @@ def _main_part(out: Path, config: DemoConfig, overwrite: bool, clock: StageClock
     with clock.stage("8 trajectory view"):
         keep(trajectory_view(sudoku, example=config.example,
                              probe=_spread(predicted, sudoku, config.example, "blank")))
-    _seeds(out, config, overwrite, clock, keep, "sudoku-diffusion", recorded=sudoku)
     with clock.stage("5 faithfulness", "5 faithfulness along time (arith, diffusion and its twin)"):
         keep(faithfulness(load_model("arith-diffusion"), n=config.n_model, seed=config.seed,
                           twin=load_model("arith-autoregressive"), progress=False))
@@ -279,7 +278,7 @@ def _compared(config: DemoConfig) -> dict:
 
 def _worker_part(out: Path, config: DemoConfig, overwrite: bool, clock: StageClock,
                  ready: threading.Event) -> dict[str, ActivationDataset]:
-    """The other datasets, compare (both tasks), the arith commit order and paraphrase."""
+    """The other datasets, compare (both tasks), the seed spread, the arith commit order and paraphrase."""
     keep = _keeper(out, clock)
     compared = _compared(config)
     twin = _cache(out, config, overwrite, clock, "sudoku-autoregressive", "sudoku-autoregressive", "sep+target", **compared)
@@ -304,6 +303,7 @@ def _worker_part(out: Path, config: DemoConfig, overwrite: bool, clock: StageClo
                            "diffusion, random order": random_order},
                           label="blank", sites=[config.probe_site], steps=sudoku.steps[::config.compare_every].tolist(),
                           progress=False))
+    _seeds(out, config, overwrite, clock, keep, "sudoku-diffusion", recorded=sudoku)
     with clock.stage("4 commit order (arith)"):
         keep(commit_order(arith, answer="answer", reasoning="intermediate"), "order-arith")
     with clock.stage("6 paraphrase", "6 paraphrase between steps (sudoku digit relabelling)"):

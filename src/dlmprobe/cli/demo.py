@@ -42,7 +42,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=common.positive_int, help="held-out puzzles per activation dataset (default 128)")
     p.add_argument("--n-model", type=common.positive_int, help="puzzles for faithfulness (default 128)")
     p.add_argument("--n-paraphrase", type=common.positive_int, help="puzzles for paraphrase (default 48)")
-    p.add_argument("--n-causal", type=common.positive_int, help="fresh puzzles for the causal check (default 24)")
+    p.add_argument("--n-causal", type=common.positive_int, help="fresh puzzles for the causal check (default 20)")
     p.add_argument("--n-compare", type=common.positive_int,
                    help="puzzles of the twin's and the sampler controls' datasets, read by compare alone (default 64)")
     p.add_argument("--record-every", type=int, help="record every k-th denoising step (default 4)")
