@@ -4,6 +4,7 @@ Re-measured on a fresh sample of held-out puzzles (a different seed from the car
 """
 
 import json
+import math
 
 import pytest
 
@@ -32,7 +33,11 @@ def test_recorded_accuracy_reproduces(card):
     ckpt = load_model(card["name"])
     assert ckpt.weights_sha256 == card["weights_sha256"], "weights changed since the card was written"
     accuracy = evaluate(ckpt.model, ckpt.task, ckpt.kind, n=N_FRESH, seed=card["eval_seed"] + 1)
-    assert abs(accuracy - card["accuracy"]) <= TOLERANCE, (accuracy, card["accuracy"])
+    # Two independent samples of one rate: allow 3 standard errors of their difference (at least TOLERANCE),
+    # so a ~50% model measured on 1000 + 1000 puzzles is not failed by sampling noise alone.
+    p = card["accuracy"]
+    noise = 3 * math.sqrt(p * (1 - p) * (1 / card["n_eval"] + 1 / N_FRESH))
+    assert abs(accuracy - p) <= max(TOLERANCE, noise), (accuracy, p, noise)
 
 
 TARGETS = {"sudoku": 0.90, "pathstar": 0.95, "arith": 0.95}
