@@ -44,7 +44,7 @@ import torch
 
 from dlmprobe import __version__
 from dlmprobe.capture import CacheConfig, batch_record, resolve_steps
-from dlmprobe.capture_text import TextCachePlan, _resolve_positions, _rows, _text_batch, template_of, text_task
+from dlmprobe.capture_text import TextCachePlan, _resolve_positions, _rows, _shard, _text_batch, template_of, text_task
 from dlmprobe.errors import DlmprobeInputError
 from dlmprobe.sampling import StepCallback
 from dlmprobe.sampling.native import (
@@ -219,12 +219,7 @@ def plan_native_cache(config: CacheConfig, model: torch.nn.Module | None = None,
     site_paths = resolve_decoder_sites(model, config.sites)
     # The decoder runs from gen_start on: a rule's columns before it (the prompt's) are not stored.
     positions = [p for p in _resolve_positions(config.positions, encoded, 0) if p >= encoded.gen_start]
-    offset = 0
-    if config.shard is not None:
-        i, k = config.shard
-        bounds = np.linspace(0, len(examples), k + 1).astype(int)
-        offset = int(bounds[i])
-        examples, encoded = examples[bounds[i] : bounds[i + 1]], _rows(encoded, bounds[i], bounds[i + 1])
+    examples, encoded, offset = _shard(config.shard, examples, encoded)
     width = model.config.get_text_config().hidden_size
     return NativeTextCachePlan(config, None, task, None, {site: width for site in site_paths}, n_steps,
                                resolve_steps(config.steps, n_steps), positions, examples, encoded, NO_MASK, offset,

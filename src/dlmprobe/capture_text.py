@@ -25,7 +25,6 @@ final sequence is recorded and spread over the step axis (NaN where not yet comp
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,6 +37,7 @@ from torch import Tensor
 
 from dlmprobe import __version__
 from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.files import peek_json_object
 from dlmprobe.hooks import firing_hook_names, resolve_sites
 from dlmprobe.models.checkpoint import CHECKPOINT_DIR, CONFIG_FILE
 from dlmprobe.models.handle import ModelHandle
@@ -60,18 +60,22 @@ TEMPLATES = ("plain", "forced-answer")
 TEXT_POSITION_RULES = ("answer-slot", "target", "masked", "all")
 
 
+def _shard(shard: tuple[int, int] | None, examples: list, encoded: TextCanvas) -> tuple[list, TextCanvas, int]:
+    """The i-th of n contiguous slices of the examples and their encoded rows, and its first index."""
+    if shard is None:
+        return examples, encoded, 0
+    i, k = shard
+    bounds = np.linspace(0, len(examples), k + 1).astype(int)
+    return examples[bounds[i] : bounds[i + 1]], _rows(encoded, bounds[i], bounds[i + 1]), int(bounds[i])
+
+
 def is_builtin_model(name: str) -> bool:
     """A shipped model's name or a kit checkpoint folder (its config.json has a ``model`` entry)."""
     config = Path(name).expanduser() / CONFIG_FILE
     if not Path(name).is_absolute() and (CHECKPOINT_DIR / name / CONFIG_FILE).is_file():
         return True
-    if not config.is_file():
-        return False
-    try:
-        data = json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(data, dict) and isinstance(data.get("model"), dict) and "architectures" not in data
+    data = peek_json_object(config)
+    return data is not None and isinstance(data.get("model"), dict) and "architectures" not in data
 
 
 def load_handle(config: Any) -> ModelHandle:
@@ -246,12 +250,7 @@ def plan_text_cache(config: Any, handle: ModelHandle | None = None) -> TextCache
     sites = _site_widths(handle, resolve_sites(config.sites, available), mask_id)
     steps = resolve_steps(config.steps, n_steps)
     positions = _resolve_positions(config.positions, encoded, handle.read_offset)
-    offset = 0
-    if config.shard is not None:
-        i, k = config.shard
-        bounds = np.linspace(0, len(examples), k + 1).astype(int)
-        offset = int(bounds[i])
-        examples, encoded = examples[bounds[i] : bounds[i + 1]], _rows(encoded, bounds[i], bounds[i + 1])
+    examples, encoded, offset = _shard(config.shard, examples, encoded)
     return TextCachePlan(config, handle, task, sampler, sites, n_steps, steps, positions, examples, encoded, mask_id, offset)
 
 

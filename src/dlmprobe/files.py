@@ -209,3 +209,16 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     _fsync_dir(path.parent)
+
+
+def peek_json_object(path: str | Path) -> dict | None:
+    """The JSON object in ``path``, or None where the file is missing, unreadable or not an object
+    (for guessing what a folder holds, never for loading it)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from dlmprobe.errors import DlmprobeInputError
+from dlmprobe.files import peek_json_object
 from dlmprobe.sampling.trajectory import StepCallback, Trajectory
 
 COMMIT_RULES = ("unmask", "settle")
@@ -54,14 +54,8 @@ NATIVE_MODEL_TYPES = ("diffusion_gemma",)
 
 def is_native_model(name: str) -> bool:
     """A folder whose Hugging Face ``config.json`` names a model with its own sampler (DiffusionGemma)."""
-    config = Path(name).expanduser() / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        data = json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    if not isinstance(data, dict):
+    data = peek_json_object(Path(name).expanduser() / "config.json")
+    if data is None:
         return False
     architectures = data.get("architectures") or []
     return data.get("model_type") in NATIVE_MODEL_TYPES or any(a in NATIVE_ARCHITECTURES for a in architectures)
