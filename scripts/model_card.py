@@ -77,6 +77,7 @@ def measure(name: str, n: int) -> dict:
         "trained_weights_sha256": info.get("trained_weights_sha256", ""),
         "size_bytes": (ckpt.path / "model.safetensors").stat().st_size,
         "curve": [(r["step"], r["eval_accuracy"]) for r in log],
+        "curve_n": log[-1].get("eval_n") if log else None,
     }
 
 
@@ -153,7 +154,8 @@ def render(cards: list[dict]) -> str:
     lines += ["", "## Diffusion vs its autoregressive twin", ""]
     by_task: dict[str, dict[str, dict]] = {}
     for c in cards:
-        by_task.setdefault(c["task"], {})[c["kind"]] = c
+        if not c.get("seed"):  # seed 0: the models the README's findings use
+            by_task.setdefault(c["task"], {})[c["kind"]] = c
     for task, kinds in by_task.items():
         if {"diffusion", "autoregressive"} <= set(kinds):
             d, a = kinds["diffusion"], kinds["autoregressive"]
@@ -179,10 +181,10 @@ def render(cards: list[dict]) -> str:
         command = c["command"] + (f"\npython scripts/store_float16.py {c['command'].split('--out ')[1].split()[0]}" if halved else "")
         lines += [f"`{c['name']}` (sha256 of weights `{c['weights_sha256'][:16]}…`, {c['size_bytes'] / 1e6:.1f} MB{start}{stored}):",
                   "", "```", command, "```", ""]
-    lines += ["## Training curves (held-out exact-solve during training, 200 puzzles each)", ""]
+    lines += ["## Training curves (held-out exact-solve during training; puzzles per evaluation in brackets)", ""]
     for c in cards:
         curve = ", ".join(f"{step}: {acc:.0%}" for step, acc in c["curve"])
-        lines.append(f"- `{c['name']}`: {curve}")
+        lines.append(f"- `{c['name']}` ({c.get('curve_n') or 200}): {curve}")
     return "\n".join(lines) + "\n"
 
 
