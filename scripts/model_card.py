@@ -20,6 +20,7 @@ import torch
 
 from dlmprobe.models import CHECKPOINT_DIR, load_model, shipped_checkpoints
 from dlmprobe.sampling import evaluate
+from dlmprobe.training import PLATEAU_SPAN, PLATEAU_TOLERANCE, plateau_verdict, recent_gain
 
 ROOT = Path(__file__).resolve().parent.parent
 CARD_SEED = 0
@@ -182,10 +183,16 @@ def render(cards: list[dict]) -> str:
         command = c["command"] + (f"\npython scripts/store_float16.py {c['command'].split('--out ')[1].split()[0]}" if halved else "")
         lines += [f"`{c['name']}` (sha256 of weights `{c['weights_sha256'][:16]}…`, {c['size_bytes'] / 1e6:.1f} MB{start}{stored}):",
                   "", "```", command, "```", ""]
-    lines += ["## Training curves (held-out exact-solve during training; puzzles per evaluation in brackets)", ""]
+    lines += ["## Training curves (held-out exact-solve during training; puzzles per evaluation in brackets)", "",
+              f"Each curve ends with its gain over the last {PLATEAU_SPAN} steps (last evaluation minus the one "
+              f"{PLATEAU_SPAN} steps before, on the same puzzles). A model counts as trained to its plateau when that",
+              f"gain is at most {PLATEAU_TOLERANCE * 100:.0f} points (10 of the sudoku twins' 500 puzzles) or its last "
+              "evaluation is within that of 100% (`dlmprobe.training.plateau_verdict`; `dlmprobe train` prints it).", ""]
     for c in cards:
         curve = ", ".join(f"{step}: {acc:.0%}" for step, acc in c["curve"])
-        lines.append(f"- `{c['name']}` ({c.get('curve_n') or 200}): {curve}")
+        gain = recent_gain(c["curve"])
+        tail = "" if gain is None else f"; last {PLATEAU_SPAN} steps {gain * 100:+.1f} points ({plateau_verdict(c['curve'])})"
+        lines.append(f"- `{c['name']}` ({c.get('curve_n') or 200}): {curve}{tail}")
     return "\n".join(lines) + "\n"
 
 

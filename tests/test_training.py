@@ -4,8 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dlmprobe.cli import main
 from dlmprobe.models import build_native
-from dlmprobe.training import TrainConfig, diffusion_loss, train
+from dlmprobe.training import TrainConfig, diffusion_loss, plateau_verdict, read_curve, recent_gain, train
 
 
 def test_diffusion_loss_only_counts_masked_target_positions(tiny_config):
@@ -133,3 +134,37 @@ def test_starting_weights_must_match_the_architecture(tiny_config, tmp_path):
                           init_from=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(missing, tmp_path / "run", progress=False)
+
+
+
+@pytest.mark.parametrize(("curve", "verdict"), [
+    ([(500, 0.30), (1000, 0.50), (1500, 0.70)], "still rising"),  # +40 points over the last 1000 steps
+    ([(1000, 0.80), (1500, 0.83), (2000, 0.822)], "still rising"),  # +2.2: just over the 2-point tolerance
+    ([(1000, 0.80), (1500, 0.81), (2000, 0.82)], "level"),  # exactly the tolerance
+    ([(1000, 0.90), (1500, 0.86), (2000, 0.85)], "level"),  # falling counts as level
+    ([(2000, 0.85), (1000, 0.80), (1500, 0.86)], "still rising"),  # order of the records does not matter
+    ([(500, 0.40), (1000, 0.99)], "at the ceiling"),
+    ([(500, 0.40), (1000, 0.60)], "too short to tell"),  # nothing 1000 steps back
+    ([], "too short to tell"),
+])
+def test_plateau_verdict_reads_the_last_1000_steps(curve, verdict):
+    assert plateau_verdict(curve) == verdict
+
+
+def test_the_curve_is_read_from_the_training_log(tiny_config, tmp_path):
+    config = TrainConfig(tiny_config, steps=6, batch_size=4, lr=1e-3, warmup=1, eval_every=2, eval_n=4)
+    train(config, tmp_path / "run", progress=False)
+    curve = read_curve(tmp_path / "run")
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert curve == [(r["step"], r["eval_accuracy"]) for r in log] and [step for step, _ in curve] == [2, 4, 6]
+    assert recent_gain(curve, span=4) == pytest.approx(curve[-1][1] - curve[0][1])
+    assert recent_gain(curve) is None  # a 6-step run has nothing 1000 steps back
+
+
+def test_dlmprobe_train_says_whether_the_curve_levelled_off(tmp_path, capsys):
+    args = ["train", "--task", "arith", "--task-param", "n_ops=3", "--kind", "diffusion", "--n-layers", "1",
+            "--d-model", "16", "--n-heads", "2", "--d-mlp", "32", "--batch-size", "4", "--warmup", "1",
+            "--eval-every", "2", "--eval-n", "4", "--train-steps", "4", "--out", str(tmp_path / "model")]
+    assert main(args) == 0
+    accuracy = read_curve(tmp_path / "model")[-1][1]
+    assert f"held-out exact-solve {accuracy:.1%} at step 4: too short to tell" in capsys.readouterr().out

@@ -14,7 +14,7 @@ from dlmprobe.errors import DlmprobeInputError
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dlmprobe.models import ModelConfig
-    from dlmprobe.training import TrainConfig, train
+    from dlmprobe.training import PLATEAU_SPAN, TrainConfig, plateau_verdict, read_curve, recent_gain, train
     from dlmprobe.training.trainer import command_line
 
     out = Path(args.out or f"runs/{args.task}-{args.kind}")
@@ -30,6 +30,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                          seed=args.seed, init_from=args.init_from or "", command=command_line())
     train(config, out, resume=args.resume, overwrite=args.overwrite, verify=not args.no_verify)
     print(f"checkpoint written to {out}")
+    curve = read_curve(out)
+    gain, verdict = recent_gain(curve), plateau_verdict(curve)
+    if curve:
+        change = "" if gain is None else f", {gain * 100:+.1f} points over the last {PLATEAU_SPAN} steps"
+        print(f"held-out exact-solve {curve[-1][1]:.1%} at step {curve[-1][0]}{change}: {verdict}"
+              + (" (a longer --train-steps may still help)" if verdict == "still rising" else ""))
     return 0
 
 
