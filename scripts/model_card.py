@@ -129,15 +129,19 @@ def _seeds_section(cards: list[dict]) -> list[str]:
 
 
 def render(cards: list[dict]) -> str:
+    twins = sorted((c for c in cards if c["task"] == "sudoku" and c["kind"] == "autoregressive"), key=lambda c: c["seed"])
+    twin_steps = ", ".join(f"seed {c['seed']} on {c['train_steps']} steps" for c in twins)
     lines = [
         "# Model card: dlmprobe's shipped models",
         "",
         "Every task has a masked-diffusion denoiser (bidirectional attention) and an autoregressive twin",
         "(causal attention) with the same architecture and parameter count, trained on the same stream of",
-        "puzzles by `dlmprobe train` on a 2-core CPU (one thread per job; wall times include sharing the",
-        "machine with other jobs). Training steps are per model in the table: the arith twin got fewer",
-        "steps than its denoiser (next-token training converged early), the sudoku twins more (7000 vs 3500:",
-        "on 3500 steps their held-out curves were still rising). `start` says where training began:",
+        "puzzles by `dlmprobe train` on a 2-core CPU (the threads each command names; wall times include",
+        "sharing the machine with other jobs). Training steps are per model in the table: the arith twin got",
+        "fewer steps than its denoiser (next-token training converged early), the sudoku twins more: on 3500",
+        "steps their held-out curves were still rising, so each twin was trained until its curve levelled off",
+        f"by the rule given under the curves ({twin_steps}; a longer schedule stretches the learning-rate",
+        "decay, it does not append steps). `start` says where training began:",
         "a random draw from the seed, or another checkpoint's weights (see the notes below the table).",
         "Accuracy: exact-solve rate on held-out puzzles (hash-based eval split) with the default sampler",
         "(diffusion: steps = target length, one block, max-probability commit order, temperature 0;",

@@ -10,6 +10,7 @@ import pytest
 
 from dlmprobe.models import CHECKPOINT_DIR, load_model, shipped_checkpoints
 from dlmprobe.sampling import evaluate
+from dlmprobe.training import plateau_verdict, read_curve
 
 CARD = CHECKPOINT_DIR / "model_card.json"
 CARDS = json.loads(CARD.read_text()) if CARD.exists() else []
@@ -25,6 +26,14 @@ def test_every_shipped_checkpoint_is_on_the_card():
 def test_checkpoints_fit_the_size_budget():
     total = sum(p.stat().st_size for p in CHECKPOINT_DIR.glob("*/model.safetensors"))
     assert total < 30e6, f"shipped checkpoints take {total / 1e6:.1f} MB"
+
+
+@pytest.mark.parametrize("name", shipped_checkpoints())
+def test_every_shipped_model_was_trained_to_its_plateau(name):
+    """The card's rule: held-out exact-solve gained at most 2 points over the last 1000 training steps,
+    or ended within 2 points of 100% (read from the checkpoint's own train_log.jsonl)."""
+    curve = read_curve(CHECKPOINT_DIR / name)
+    assert plateau_verdict(curve) in ("level", "at the ceiling"), (name, curve[-3:])
 
 
 @pytest.mark.slow
